@@ -1,0 +1,62 @@
+"""The engine's own settings. A plain dataclass: the deployment YAML (tasks/config.py) is
+validated there and mapped onto this, so the engine does not depend on the config schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DType = Literal["float32", "float16", "bfloat16", "int8"]
+Backend = Literal["auto", "native", "hf"]
+ShardStrategy = Literal["none", "tensor", "layer"]
+
+
+@dataclass
+class EngineConfig:
+    """Args:
+    model_path: a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files).
+    dtype: weight/activation dtype; "int8" is weight-only int8 with bfloat16 activations.
+    max_model_len: prompt + output tokens a sequence may hold.
+    backend: "native" (paged KV cache, own scheduler), "hf" (transformers), "auto" (native
+        where the architecture is supported).
+    device: "cpu", "cuda" or "auto" (cuda when available).
+    max_num_seqs: sequences running at once (the deployment's batch_size_per_gpu x group size).
+    max_num_batched_tokens: tokens one step may process; longer prompts are prefilled in chunks.
+    block_size: tokens per KV-cache block.
+    kv_cache_memory_fraction: share of the device memory left after the weights given to the
+        KV cache (GPU only).
+    num_kv_blocks: an explicit KV-cache size in blocks; overrides the fraction (tests use it
+        to force preemption; on CPU the default is enough blocks for max_num_seqs full sequences).
+    reserved_high_slots: running slots only `high` requests may take (priority allocation).
+    enforce_eager: no CUDA graphs / compilation (debugging).
+    """
+
+    model_path: str
+    dtype: DType = "bfloat16"
+    max_model_len: int = 2048
+    backend: Backend = "auto"
+    device: str = "auto"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory_fraction: float = 0.9
+    num_kv_blocks: int | None = None
+    reserved_high_slots: int = 0
+    enforce_eager: bool = False
+    # Sharding over a GPU group (the multi-GPU part is built by a later change; group size 1 now).
+    shard_strategy: ShardStrategy = "none"
+    group_size: int = 1
+    distributed_backend: Literal["nccl", "gloo"] = "nccl"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
+        if self.reserved_high_slots >= self.max_num_seqs:
+            raise ValueError("reserved_high_slots must leave at least one slot for low work")
