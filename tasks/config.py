@@ -1,0 +1,203 @@
+"""The deployment configuration: one YAML file, validated by pydantic.
+
+Chosen by `--config`, else the environment variable TIDEQ_CONFIG, else the built-in defaults
+(the CPU demo, the same as configs/default.yaml). TIDEQ_REDIS_URL overrides the Redis URL.
+Imports no torch: the producer reads this too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV = "TIDEQ_CONFIG"
+REDIS_URL_ENV = "TIDEQ_REDIS_URL"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file, the key and why."""
+
+
+class _Strict(BaseModel):
+    # A misspelled key must be an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RedisSettings(_Strict):
+    url: str = "redis://127.0.0.1:6379/0"
+    # How long job records and results stay in Redis after they were last written (7 days:
+    # long enough to collect the results of a weekend's batch).
+    result_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    # A message taken but not acknowledged (worker died) is redelivered after this. Must exceed
+    # the longest job, or a slow job is run twice.
+    visibility_timeout_s: int = Field(default=3600, gt=0)
+
+
+class ModelSettings(_Strict):
+    # A Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files).
+    path: str = ".tideq/models/tiny-llama"
+    # Build a small random checkpoint there when the folder is empty (the demo's default).
+    build_if_missing: bool = True
+    dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float32"
+    max_model_len: int = Field(default=1024, ge=2)
+    backend: Literal["auto", "native", "hf"] = "auto"
+
+
+class EngineSettings(_Strict):
+    # Tokens one engine step may process; longer prompts are prefilled in chunks.
+    max_num_batched_tokens: int = Field(default=2048, ge=16)
+    block_size: int = Field(default=16, ge=1)
+    kv_cache_memory_fraction: float = Field(default=0.9, gt=0, le=1)
+    num_kv_blocks: int | None = Field(default=None, ge=1)
+    # With gpu_allocation_strategy "priority": share of each engine's running slots that only
+    # high-priority jobs may take.
+    reserved_high_fraction: float = Field(default=0.25, ge=0, lt=1)
+    enforce_eager: bool = False
+
+
+class LimitSettings(_Strict):
+    max_prompt_tokens: int = Field(default=768, ge=1)
+    max_output_tokens: int = Field(default=256, ge=1)
+    # max_tokens of a job that gives none (OpenAI's completions default is 16; chat jobs
+    # usually want more).
+    default_max_tokens: int = Field(default=64, ge=1)
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> LimitSettings:
+        if self.default_max_tokens > self.max_output_tokens:
+            raise ValueError("default_max_tokens: must not exceed max_output_tokens")
+        return self
+
+
+ShardStrategy = Literal["none", "tensor", "layer"]
+_SHARD_ALIASES = {"horizontal": "tensor", "vertical": "layer"}
+
+
+class DeploymentConfig(_Strict):
+    """One deployment. The top-level names are those of the multi-GPU vLLM deployment guide."""
+
+    redis: RedisSettings = RedisSettings()
+    model: ModelSettings = ModelSettings()
+    engine: EngineSettings = EngineSettings()
+    limits: LimitSettings = LimitSettings()
+
+    # GPUs this deployment may use; 0 runs one worker on the CPU.
+    num_gpus: int = Field(default=0, ge=0)
+    # GPUs of one sharded model group (one worker process, one model replica).
+    gpus_per_worker: int = Field(default=1, ge=1)
+    model_shard_strategy: ShardStrategy = "none"
+    distributed_backend: Literal["nccl", "gloo"] = "nccl"
+    # Sequences a GPU runs at once; the engine runs batch_size_per_gpu x gpus_per_worker.
+    batch_size_per_gpu: int = Field(default=32, ge=1)
+    # even: every group serves both queues. priority: capacity is held for high (see
+    # high_only_workers and engine.reserved_high_fraction).
+    gpu_allocation_strategy: Literal["even", "priority"] = "even"
+    # With "priority": how many worker groups consume only the high queue.
+    high_only_workers: int = Field(default=0, ge=0)
+    # Task threads per worker process: how many jobs one worker holds at once. Should be at
+    # least the engine's batch size, or the engine cannot fill its batch.
+    num_workers: int = Field(default=32, ge=1)
+
+    # The worker's seconds between checks of its job's batch for cancellation.
+    cancel_poll_s: float = Field(default=0.5, gt=0)
+
+    @field_validator("model_shard_strategy", mode="before")
+    @classmethod
+    def _alias_shard(cls, value: Any) -> Any:
+        return _SHARD_ALIASES.get(value, value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeploymentConfig:
+        if self.num_gpus and self.num_gpus % self.gpus_per_worker:
+            raise ValueError(
+                f"num_gpus: {self.num_gpus} is not divisible by gpus_per_worker"
+                f" ({self.gpus_per_worker})"
+            )
+        if self.gpus_per_worker > 1 and self.model_shard_strategy == "none":
+            raise ValueError(
+                "model_shard_strategy: gpus_per_worker > 1 needs tensor or layer, not none"
+            )
+        if self.high_only_workers and self.gpu_allocation_strategy != "priority":
+            raise ValueError("high_only_workers: needs gpu_allocation_strategy: priority")
+        if self.high_only_workers and self.high_only_workers >= max(self.num_worker_groups, 1):
+            raise ValueError("high_only_workers: must leave at least one worker for low jobs")
+        if self.limits.max_prompt_tokens + 1 > self.model.max_model_len:
+            raise ValueError("limits.max_prompt_tokens: must be below model.max_model_len")
+        return self
+
+    @property
+    def num_worker_groups(self) -> int:
+        return self.num_gpus // self.gpus_per_worker if self.num_gpus else 1
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.batch_size_per_gpu * (self.gpus_per_worker if self.num_gpus else 1)
+
+    def check_hardware(self, gpus_present: int, source: str = "<config>") -> None:
+        """Raise ConfigError if this deployment asks for more GPUs than the machine has."""
+        if self.num_gpus > gpus_present:
+            raise ConfigError(
+                f"{source}: num_gpus: {self.num_gpus} GPUs requested but {gpus_present} present"
+            )
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "value_error":
+            # A cross-field check: its message starts with the key it is about.
+            msg = msg.removeprefix("Value error, ")
+            key = f"{key}.{msg}" if key else msg
+            lines.append(f"{source}: {key}")
+        else:
+            lines.append(f"{source}: {key or '<top level>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> DeploymentConfig:
+    """Validate a mapping; errors name the source, each bad key and the reason."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, not {type(data).__name__}")
+    try:
+        config = DeploymentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+    return config
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> DeploymentConfig:
+    """Load the deployment config: `path`, else $TIDEQ_CONFIG, else the built-in defaults.
+
+    $TIDEQ_REDIS_URL, when set, replaces redis.url.
+    """
+    path = path or os.environ.get(CONFIG_ENV) or None
+    if path is None:
+        config = DeploymentConfig()
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{source}: cannot read config: {err.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: invalid YAML: {err}") from None
+        config = parse_config(data, source)
+    url = os.environ.get(REDIS_URL_ENV)
+    if url:
+        config = config.model_copy(update={"redis": config.redis.model_copy(update={"url": url})})
+    return config
+
+
+def config_source(path: str | os.PathLike[str] | None = None) -> str:
+    """Where load_config(path) reads from, for messages."""
+    return str(path or os.environ.get(CONFIG_ENV) or "<built-in defaults>")
