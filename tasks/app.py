@@ -1,0 +1,58 @@
+"""The Celery app, configured from the deployment config ($TIDEQ_CONFIG or the defaults)."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from tasks import keys
+from tasks.config import DeploymentConfig, load_config
+
+
+def celery_settings(config: DeploymentConfig) -> dict[str, object]:
+    """The Celery settings every tideq worker runs with; the reasons are in the README."""
+    return {
+        "broker_url": config.redis.url,
+        "broker_connection_retry_on_startup": True,
+        # JSON only: pickle would let anyone who can write to Redis run code on the workers.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        # Results go to tideq's own job records (tasks/store.py), not Celery's result backend.
+        "task_ignore_result": True,
+        "task_queues": [Queue(q, routing_key=q) for q in keys.QUEUES],
+        "task_default_queue": keys.QUEUE_LOW,
+        "broker_transport_options": {
+            # Consume high before low, in the order of -Q, instead of kombu's round robin.
+            "queue_order_strategy": "priority",
+            "visibility_timeout": config.redis.visibility_timeout_s,
+        },
+        # A job is acknowledged only once its result is stored; a lost worker's jobs are
+        # redelivered. Prefetch no more than the threads can run, so a worker does not hoard
+        # low jobs while high ones wait in Redis.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # One process, one engine, num_workers task threads blocked on the engine's futures
+        # (CUDA does not survive fork).
+        "worker_pool": "threads",
+        "worker_concurrency": config.num_workers,
+        "worker_send_task_events": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def create_app(config: DeploymentConfig | None = None) -> Celery:
+    config = config or load_config()
+    celery_app = Celery("tideq")
+    celery_app.conf.update(celery_settings(config))
+    celery_app.tideq_config = config  # type: ignore[attr-defined]
+    # Registers the task and the worker's start-up and shutdown hooks.
+    from tasks import jobs, worker
+
+    jobs.register(celery_app)
+    worker.connect_signals(celery_app)
+    return celery_app
+
+
+app = create_app()
