@@ -1,0 +1,248 @@
+"""Continuous batching with priorities over a paged KV cache. Pure Python: imports no torch.
+
+Every step the scheduler builds one flat batch of token chunks:
+
+1. Running sequences, highest priority and oldest first, each get their next chunk (one token
+   in decode, up to the rest of the prompt in a chunked prefill) while the token budget lasts.
+   When the cache has no block for one, the newest lowest-priority running sequence is
+   preempted: its blocks are freed and it waits to be re-prefilled from its prompt and output.
+2. Waiting sequences are admitted, high before low and FIFO within a priority, while the token
+   budget, the running slots (low work may not take the `reserved_high_slots`) and the cache
+   allow. A waiting sequence may preempt running ones of strictly lower priority for blocks.
+
+A chunk that reaches the end of its sequence's tokens samples the next token; `postprocess`
+appends it and retires finished sequences at once.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from engine.backend import StepOutput
+from engine.kv_cache import BlockManager
+from engine.request import FinishReason
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens [start, start + num_tokens) of `seq` are computed this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    # Whether the chunk reaches the sequence's last token, so a new token is sampled after it.
+    samples: bool
+    first_time: bool
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def sampling_chunks(self) -> list[ScheduledChunk]:
+        return [c for c in self.chunks if c.samples]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    """Decides, each step, which sequences compute which tokens.
+
+    Args:
+        block_manager: the KV-cache block pool.
+        max_num_seqs: sequences running at once.
+        max_num_batched_tokens: tokens one step may compute.
+        reserved_high_slots: running slots that only priority-0 sequences may take.
+        max_model_len: a sequence finishes ("length") once it holds this many tokens.
+        eos_token_ids: tokens that finish a sequence ("stop") unless it ignores EOS.
+    """
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        reserved_high_slots: int,
+        max_model_len: int,
+        eos_token_ids: Iterable[int],
+    ) -> None:
+        if max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if reserved_high_slots >= max_num_seqs:
+            raise ValueError("reserved_high_slots must leave at least one slot for low work")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.reserved_high_slots = reserved_high_slots
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: list[Sequence] = []  # kept sorted by Sequence.sort_key
+        self.running: list[Sequence] = []
+        self.seqs: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+        self.num_generated_tokens = 0
+        self._arrivals = 0
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        if seq.seq_id in self.seqs:
+            raise ValueError(f"request {seq.seq_id} is already queued")
+        seq.status = SequenceStatus.WAITING
+        self.seqs[seq.seq_id] = seq
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    def next_arrival(self) -> int:
+        """A monotonically increasing admission stamp for a new sequence."""
+        self._arrivals += 1
+        return self._arrivals
+
+    def abort(self, seq_id: str) -> Sequence | None:
+        """Forget a sequence wherever it is; return it, or None if unknown. Idempotent."""
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
+            return None
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "cancelled"
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- scheduling ----------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks; may preempt running sequences to make room."""
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        queue = sorted(self.running, key=lambda s: s.sort_key)
+        kept: list[Sequence] = []
+        while queue:
+            seq = queue.pop(0)
+            if budget == 0:
+                kept.append(seq)
+                continue
+            num = min(seq.num_uncomputed_tokens, budget)
+            target = seq.num_computed_tokens + num
+            while not self.block_manager.can_grow(seq, target) and queue:
+                self._preempt(queue.pop(), out)
+            if not self.block_manager.can_grow(seq, target):
+                self._preempt(seq, out)
+                continue
+            self._schedule(seq, num, out)
+            budget -= num
+            kept.append(seq)
+        self.running = kept
+
+        # Admitting while preempting would only thrash: the preempted would evict the admitted.
+        if not out.preempted:
+            self._admit(budget, out)
+        return out
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> None:
+        low_slots = self.max_num_seqs - self.reserved_high_slots
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            slots = self.max_num_seqs if seq.priority == 0 else low_slots
+            if len(self.running) >= slots:
+                break  # waiting is sorted, so nothing behind it may take a slot either
+            num = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_grow(seq, num):
+                budget += self._evict_lower(seq, num, out)
+                if not self.block_manager.can_grow(seq, num):
+                    break  # FIFO: nothing overtakes the head of the queue
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._schedule(seq, num, out)
+            budget -= num
+
+    def _evict_lower(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> int:
+        """Preempt running sequences of lower priority than `seq` (newest lowest first) until
+        `seq` can have blocks for `num_tokens`; return the token budget freed by doing so."""
+        victims = sorted(
+            (s for s in self.running if s.priority > seq.priority),
+            key=lambda s: s.sort_key,
+        )
+        freed = 0
+        while victims and not self.block_manager.can_grow(seq, num_tokens):
+            victim = victims.pop()
+            self.running.remove(victim)
+            for i, chunk in enumerate(out.chunks):
+                if chunk.seq is victim:
+                    freed += chunk.num_tokens
+                    del out.chunks[i]
+                    break
+            self._preempt(victim, out)
+        return freed
+
+    def _schedule(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> None:
+        self.block_manager.grow(seq, seq.num_computed_tokens + num_tokens)
+        start = seq.num_computed_tokens
+        samples = start + num_tokens == seq.num_tokens
+        out.chunks.append(ScheduledChunk(seq, start, num_tokens, samples, not seq.ever_scheduled))
+        seq.ever_scheduled = True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+
+    # ---- after the model ran -------------------------------------------------------------
+
+    def postprocess(self, out: SchedulerOutput, sampled: list[int]) -> list[StepOutput]:
+        """Record a step's results. `sampled` holds one token per `out.sampling_chunks`."""
+        tokens = iter(sampled)
+        results: list[StepOutput] = []
+        for chunk in out.chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            if not chunk.samples:
+                if chunk.first_time:
+                    results.append(StepOutput(seq.seq_id, [], False, None, True))
+                continue
+            token = next(tokens)
+            seq.token_ids.append(token)
+            self.num_generated_tokens += 1
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self._finish(seq, reason)
+            results.append(StepOutput(seq.seq_id, [token], reason is not None, reason,
+                                      chunk.first_time))
+        return results
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        if not seq.sampling.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= seq.sampling.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        del self.seqs[seq.seq_id]

@@ -1,0 +1,82 @@
+"""One request's life inside the native backend: its tokens, its KV-cache blocks and its state.
+
+Pure Python (the scheduler and its tests import it without torch).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from engine.request import FinishReason, SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """A request's tokens and cache state.
+
+    The KV cache holds the first `num_computed_tokens` of `token_ids`. A sequence whose cache
+    is freed by preemption drops back to 0 computed tokens and is re-prefilled (prompt and the
+    output so far) when it is scheduled again, so no output is lost or emitted twice.
+    """
+
+    def __init__(
+        self,
+        seq_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        priority: int,
+        arrival: int,
+    ) -> None:
+        if not prompt_token_ids:
+            raise ValueError(f"request {seq_id}: empty prompt")
+        self.seq_id = seq_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling = sampling
+        self.priority = priority
+        # Admission order; FIFO within a priority, and a preempted sequence keeps its place.
+        self.arrival = arrival
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0
+        self.finish_reason: FinishReason | None = None
+        self.num_preemptions = 0
+        self.ever_scheduled = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose KV is not in the cache yet (1 for a sequence in decode)."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Scheduling order: higher priority (lower rank) first, then older first."""
+        return (self.priority, self.arrival)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.seq_id!r}, {self.status.value}, prio={self.priority}, "
+            f"tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+            f"blocks={len(self.block_table)})"
+        )

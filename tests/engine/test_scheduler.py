@@ -1,0 +1,218 @@
+"""Scheduler logic without a model: admission, chunking, priorities, preemption. No torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from engine.kv_cache import BlockManager
+from engine.request import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import Sequence, SequenceStatus
+
+EOS = 1
+TOKEN = 7  # any non-EOS token the fake model "samples"
+
+
+def make_scheduler(
+    num_blocks: int = 64,
+    block_size: int = 4,
+    max_num_seqs: int = 8,
+    max_num_batched_tokens: int = 64,
+    reserved_high_slots: int = 0,
+    max_model_len: int = 128,
+) -> Scheduler:
+    return Scheduler(
+        BlockManager(num_blocks, block_size),
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        reserved_high_slots=reserved_high_slots,
+        max_model_len=max_model_len,
+        eos_token_ids=[EOS],
+    )
+
+
+def add(
+    sched: Scheduler, seq_id: str, prompt_len: int, priority: int = 1, max_tokens: int = 16,
+    ignore_eos: bool = False,
+) -> Sequence:
+    seq = Sequence(
+        seq_id,
+        list(range(2, 2 + prompt_len)),
+        SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos),
+        priority,
+        sched.next_arrival(),
+    )
+    sched.add(seq)
+    return seq
+
+
+def step(sched: Scheduler, token: int = TOKEN) -> SchedulerOutput:
+    out = sched.schedule()
+    sched.postprocess(out, [token] * len(out.sampling_chunks))
+    return out
+
+
+def scheduled(out: SchedulerOutput) -> dict[str, int]:
+    return {c.seq.seq_id: c.num_tokens for c in out.chunks}
+
+
+def test_imports_no_torch() -> None:
+    code = "import sys, engine.scheduler; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_admission_within_token_budget_and_chunking() -> None:
+    sched = make_scheduler(max_num_batched_tokens=10)
+    add(sched, "a", 6)
+    add(sched, "b", 7)
+    out = step(sched)
+    # a fits whole; b gets the 4 tokens left and continues next step.
+    assert scheduled(out) == {"a": 6, "b": 4}
+    assert out.num_tokens == 10
+    assert [c.seq.seq_id for c in out.sampling_chunks] == ["a"]
+    out = step(sched)
+    # a decodes one token, b finishes its prompt and samples.
+    assert scheduled(out) == {"a": 1, "b": 3}
+    assert {c.seq.seq_id for c in out.sampling_chunks} == {"a", "b"}
+
+
+def test_long_prompt_prefilled_in_chunks() -> None:
+    sched = make_scheduler(max_num_batched_tokens=8)
+    seq = add(sched, "long", 30, max_tokens=2)
+    sizes = []
+    while sched.has_unfinished():
+        sizes.append(scheduled(step(sched))["long"])
+    assert sizes == [8, 8, 8, 6, 1]
+    assert seq.output_token_ids == [TOKEN, TOKEN]
+    assert seq.finish_reason == "length"
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+
+
+def test_max_num_seqs_and_retire_at_once() -> None:
+    sched = make_scheduler(max_num_seqs=2)
+    add(sched, "a", 3, max_tokens=1)
+    add(sched, "b", 3, max_tokens=5)
+    add(sched, "c", 3)
+    out = step(sched)
+    assert set(scheduled(out)) == {"a", "b"}
+    # a finished with its first token, so c is admitted the very next step.
+    out = step(sched)
+    assert set(scheduled(out)) == {"b", "c"}
+
+
+def test_priority_order_in_admission() -> None:
+    sched = make_scheduler(max_num_seqs=2)
+    add(sched, "low1", 3, priority=1)
+    add(sched, "low2", 3, priority=1)
+    add(sched, "high", 3, priority=0)
+    out = step(sched)
+    assert [c.seq.seq_id for c in out.chunks] == ["high", "low1"]
+
+
+def test_reserved_high_slots() -> None:
+    sched = make_scheduler(max_num_seqs=3, reserved_high_slots=1)
+    for i in range(4):
+        add(sched, f"low{i}", 3)
+    out = step(sched)
+    assert set(scheduled(out)) == {"low0", "low1"}  # the third slot is held for high work
+    add(sched, "high", 3, priority=0)
+    out = step(sched)
+    assert set(scheduled(out)) == {"low0", "low1", "high"}
+    assert [s.seq_id for s in sched.waiting] == ["low2", "low3"]
+
+
+def test_eos_and_max_tokens_and_max_model_len() -> None:
+    sched = make_scheduler(max_model_len=6)
+    eos = add(sched, "eos", 3)
+    ignore = add(sched, "ignore", 2, max_tokens=2, ignore_eos=True)
+    fills = add(sched, "fills", 4, ignore_eos=True)
+    step(sched, token=EOS)
+    assert eos.finish_reason == "stop" and eos.output_token_ids == [EOS]
+    assert not ignore.is_finished
+    step(sched, token=EOS)
+    assert ignore.finish_reason == "length" and ignore.output_token_ids == [EOS, EOS]
+    assert fills.finish_reason == "length" and fills.num_tokens == 6
+    assert not sched.has_unfinished()
+
+
+def test_preempts_newest_lowest_priority() -> None:
+    # 6 blocks of 4 tokens; three 8-token prompts take 2 blocks each, so growing needs room.
+    sched = make_scheduler(num_blocks=6, block_size=4, max_model_len=32)
+    old_low = add(sched, "old_low", 8, max_tokens=8)
+    high = add(sched, "high", 8, priority=0, max_tokens=8)
+    new_low = add(sched, "new_low", 8, max_tokens=8)
+    step(sched)  # all three prefill: 6 blocks in use, each full
+    assert sched.block_manager.num_free_blocks == 0
+    out = step(sched)  # every one of them now needs a third block: one must go
+    assert [s.seq_id for s in out.preempted] == ["new_low"]
+    assert high.status is SequenceStatus.RUNNING and old_low.status is SequenceStatus.RUNNING
+    assert new_low.num_computed_tokens == 0 and new_low.block_table == []
+    assert new_low.output_token_ids == [TOKEN]  # output kept across preemption
+    assert sched.num_preemptions == 1
+    # The preempted resume later, oldest first, recomputing prompt + output.
+    while sched.has_unfinished():
+        step(sched)
+    for seq in (old_low, high, new_low):
+        assert seq.output_token_ids == [TOKEN] * 8
+    assert sched.block_manager.num_free_blocks == 6
+
+
+def test_waiting_high_preempts_running_low_for_blocks() -> None:
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    low = add(sched, "low", 12, max_tokens=4)
+    step(sched)
+    assert sched.block_manager.num_free_blocks == 1
+    add(sched, "high", 8, priority=0, max_tokens=2)
+    out = step(sched)
+    assert [s.seq_id for s in out.preempted] == ["low"]
+    assert set(scheduled(out)) == {"high"}
+    assert low.status is SequenceStatus.WAITING
+
+
+def test_no_starvation_of_low_fifo() -> None:
+    sched = make_scheduler(max_num_seqs=1)
+    add(sched, "low_a", 2, max_tokens=2)
+    add(sched, "low_b", 2, max_tokens=2)
+    add(sched, "high", 2, priority=0, max_tokens=2)
+    order = []
+    while sched.has_unfinished():
+        for chunk in step(sched).chunks:
+            if chunk.first_time:
+                order.append(chunk.seq.seq_id)
+    assert order == ["high", "low_a", "low_b"]
+
+
+def test_abort_frees_blocks_and_is_idempotent() -> None:
+    sched = make_scheduler()
+    add(sched, "a", 9)
+    add(sched, "b", 3)
+    step(sched)
+    assert sched.abort("a") is not None
+    assert sched.abort("a") is None
+    assert sched.abort("unknown") is None
+    assert [s.seq_id for s in sched.running] == ["b"]
+    sched.abort("b")
+    assert not sched.has_unfinished()
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+
+
+def test_duplicate_request_id_rejected() -> None:
+    sched = make_scheduler()
+    add(sched, "a", 3)
+    with pytest.raises(ValueError, match="already queued"):
+        add(sched, "a", 3)
+
+
+def test_first_time_reported_once_for_chunked_prompt() -> None:
+    sched = make_scheduler(max_num_batched_tokens=4)
+    add(sched, "a", 10, max_tokens=1)
+    results = []
+    while sched.has_unfinished():
+        out = sched.schedule()
+        results += sched.postprocess(out, [TOKEN] * len(out.sampling_chunks))
+    assert [r.scheduled_first_time for r in results] == [True, False]
+    assert results[0].new_token_ids == [] and results[-1].new_token_ids == [TOKEN]
+    assert results[-1].finished and results[-1].finish_reason == "length"
