@@ -1,0 +1,178 @@
+"""Paged attention over a flat batch of decode tokens and prefill chunks, in plain PyTorch.
+
+Each layer's cache is a pair of tensors [num_blocks, block_size, kv_heads, head_dim]; token
+position p of a sequence lives in block `block_table[p // block_size]`, offset
+`p % block_size`. A step's batch concatenates every scheduled chunk's tokens; a chunk may start
+mid-sequence (decode, later prefill chunks) and attends to everything cached before it.
+
+The runner picks an attention implementation object; this one runs anywhere (CPU CI). A faster
+GPU kernel plugs in by providing the same two methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ChunkSpec:
+    """One sequence's part of the batch: tokens [start, start + num_tokens) of the sequence."""
+
+    start: int
+    num_tokens: int
+    block_table: list[int]
+
+
+@dataclass
+class PrefillItem:
+    """A chunk of more than one token, attended to on its own."""
+
+    token_start: int  # first row of the chunk in the flat batch
+    num_tokens: int
+    context_len: int  # tokens it attends to: cached history plus itself
+    block_ids: torch.Tensor  # [ceil(context_len / block_size)] long
+
+
+@dataclass
+class AttentionMetadata:
+    """Where every token of a step goes in the cache, and what each chunk attends to."""
+
+    slot_mapping: torch.Tensor  # [T] long: flat cache slot of each token's key/value
+    decode_rows: torch.Tensor  # [Nd] long: batch rows of the one-token chunks
+    decode_block_tables: torch.Tensor  # [Nd, max_blocks] long (padded with block 0)
+    decode_context_lens: torch.Tensor  # [Nd] long
+    prefills: list[PrefillItem]
+    # Masks of multi-token chunks, built once per step and shared by the layers:
+    # (chunk index, sliding window or 0) -> [num_tokens, context_len] bool.
+    masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+
+class PagedAttention(Protocol):
+    """What the model's attention layers call; the runner chooses the implementation."""
+
+    def build_metadata(self, chunks: list[ChunkSpec], block_size: int,
+                       device: torch.device) -> AttentionMetadata: ...
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                 scale: float, sliding_window: int | None) -> torch.Tensor: ...
+
+
+class TorchPagedAttention:
+    """Gathers each chunk's keys and values by block table and calls SDPA.
+
+    One-token chunks (decode) are batched into a single call; longer chunks run one call each.
+    Grouped-query attention folds the query heads that share a key/value head into the query
+    length, so keys and values are never repeated.
+    """
+
+    def build_metadata(self, chunks: list[ChunkSpec], block_size: int,
+                       device: torch.device) -> AttentionMetadata:
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillItem] = []
+        row = 0
+        for chunk in chunks:
+            end = chunk.start + chunk.num_tokens
+            table = chunk.block_table
+            slots.extend(table[p // block_size] * block_size + p % block_size
+                         for p in range(chunk.start, end))
+            num_blocks = -(-end // block_size)
+            if chunk.num_tokens == 1:
+                decode_rows.append(row)
+                decode_tables.append(table[:num_blocks])
+                decode_lens.append(end)
+            else:
+                ids = torch.tensor(table[:num_blocks], dtype=torch.long, device=device)
+                prefills.append(PrefillItem(row, chunk.num_tokens, end, ids))
+            row += chunk.num_tokens
+        width = max((len(t) for t in decode_tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in decode_tables]
+
+        def long(values: list[int] | list[list[int]]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return AttentionMetadata(
+            slot_mapping=long(slots),
+            decode_rows=long(decode_rows),
+            decode_block_tables=long(padded).reshape(len(padded), width),
+            decode_context_lens=long(decode_lens),
+            prefills=prefills,
+        )
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                 scale: float, sliding_window: int | None) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D].
+
+        Writes k, v into the caches, then returns the attention output [T, H, D].
+        """
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        if meta.decode_rows.numel():
+            out[meta.decode_rows] = self._decode(q, k_cache, v_cache, meta, scale,
+                                                 sliding_window)
+        for i, item in enumerate(meta.prefills):
+            rows = slice(item.token_start, item.token_start + item.num_tokens)
+            out[rows] = self._prefill(i, item, q[rows], k_cache, v_cache, meta, scale,
+                                      sliding_window)
+        return out
+
+    @staticmethod
+    def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float,
+                sliding_window: int | None) -> torch.Tensor:
+        """Returns [Nd, H, D] for the one-token chunks."""
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        lens = meta.decode_context_lens  # [Nd]
+        tables = meta.decode_block_tables  # [Nd, MB]
+        n = tables.shape[0]
+        keys = k_cache[tables].reshape(n, -1, num_kv_heads, head_dim)  # [Nd, S, Hkv, D]
+        values = v_cache[tables].reshape(n, -1, num_kv_heads, head_dim)
+        positions = torch.arange(keys.shape[1], device=q.device)  # [S]
+        mask = positions.unsqueeze(0) < lens.unsqueeze(1)  # [Nd, S]
+        if sliding_window:
+            mask &= positions.unsqueeze(0) > (lens - 1 - sliding_window).unsqueeze(1)
+        qd = q[meta.decode_rows].reshape(n, num_kv_heads, -1, head_dim)  # [Nd, Hkv, G, D]
+        o = F.scaled_dot_product_attention(
+            qd, keys.transpose(1, 2), values.transpose(1, 2),  # [Nd, Hkv, S, D]
+            attn_mask=mask[:, None, None, :], scale=scale,
+        )  # [Nd, Hkv, G, D]
+        return o.reshape(n, -1, head_dim)
+
+    @staticmethod
+    def _prefill(index: int, item: PrefillItem, q: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                 sliding_window: int | None) -> torch.Tensor:
+        """q: [n, H, D] of one chunk; returns [n, H, D]."""
+        n, ctx = item.num_tokens, item.context_len
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        group = q.shape[1] // num_kv_heads
+        keys = k_cache[item.block_ids].reshape(-1, num_kv_heads, head_dim)[:ctx]  # [C, Hkv, D]
+        values = v_cache[item.block_ids].reshape(-1, num_kv_heads, head_dim)[:ctx]
+        key = (index, sliding_window or 0)
+        mask = meta.masks.get(key)
+        if mask is None:
+            q_pos = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(1)  # [n, 1]
+            k_pos = torch.arange(ctx, device=q.device).unsqueeze(0)  # [1, C]
+            mask = k_pos <= q_pos
+            if sliding_window:
+                mask &= k_pos > q_pos - sliding_window
+            mask = mask.repeat(group, 1)  # [G * n, C], row g * n + i is query i
+            meta.masks[key] = mask
+        # [n, Hkv, G, D] -> [Hkv, G * n, D]
+        qg = q.reshape(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        qg = qg.reshape(num_kv_heads, group * n, head_dim)
+        o = F.scaled_dot_product_attention(
+            qg, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, scale=scale,
+        )  # [Hkv, G * n, D]
+        o = o.reshape(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3)  # [n, Hkv, G, D]
+        return o.reshape(n, -1, head_dim)

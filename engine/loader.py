@@ -1,0 +1,132 @@
+"""Builds a native model from a Hugging Face folder: config.json plus one or many *.safetensors.
+
+The model is built on the meta device (no memory), its parameters are then allocated empty on
+the target device in the target dtype, and every checkpoint tensor is read through a memory-map
+(safetensors `safe_open`) slice by slice by the owning layer's `weight_loader`, which takes only
+its rank's part. No second full copy of the weights is ever held in host memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from engine.attention import PagedAttention
+from engine.models import model_class
+from engine.parallel import ParallelGroup, load_slice
+
+log = logging.getLogger(__name__)
+
+# Checkpoint tensors that are recomputed here rather than loaded.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(model_path: str | Path) -> list[Path]:
+    """The checkpoint's safetensors files (from the shard index when there is one)."""
+    root = Path(model_path)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [root / name for name in sorted(set(weight_map.values()))]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {root}")
+    return files
+
+
+def build_model(hf_config: Any, group: ParallelGroup, attention: PagedAttention,
+                max_positions: int) -> nn.Module:
+    """The architecture's module on the meta device (parameters have shapes, no storage)."""
+    architectures = getattr(hf_config, "architectures", None) or []
+    if not architectures:
+        raise ValueError("config.json names no architecture")
+    if getattr(hf_config, "quantization_config", None):
+        raise ValueError("quantised checkpoints are not supported by the native backend")
+    cls = model_class(architectures[0])
+    args = cls.args_class.from_hf(hf_config)
+    with torch.device("meta"):
+        model: nn.Module = cls(args, group, attention, max_positions)
+    model.tie_weights()
+    return model
+
+
+def materialise(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every meta parameter (in dtype) and buffer (in its own dtype) empty storage on
+    device; tied parameters stay tied."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            if id(param) not in made:
+                empty = torch.empty(param.shape, dtype=dtype, device=device)
+                made[id(param)] = nn.Parameter(empty, requires_grad=False)
+            module._parameters[name] = made[id(param)]
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
+
+
+@torch.inference_mode()
+def load_weights(model: nn.Module, model_path: str | Path) -> None:
+    """Copy every checkpoint tensor into its (possibly fused, possibly sharded) parameter."""
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules", {})
+    shards_of = Counter(target for target, _ in packed.values())
+    tied = bool(getattr(getattr(model, "args", None), "tie_word_embeddings", False))
+    loaded: Counter[str] = Counter()
+    for file in checkpoint_files(model_path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if key.endswith(IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
+                    continue
+                name, shard = key, None
+                for ckpt_module, (module_name, shard_id) in packed.items():
+                    if f".{ckpt_module}." in key:
+                        name = key.replace(f".{ckpt_module}.", f".{module_name}.")
+                        shard = shard_id
+                        break
+                if name not in params:
+                    raise ValueError(f"{file.name}: tensor {key} has no place in the model")
+                module = model.get_submodule(name.rsplit(".", 1)[0])
+                weight_loader = getattr(module, "weight_loader", None)
+                tensor = f.get_slice(key)
+                if weight_loader is None:
+                    load_slice(params[name], tensor, None, 0, 0)
+                else:
+                    weight_loader(params[name], tensor, shard)
+                loaded[name] += 1
+    missing = []
+    for name in params:
+        module_name = name.rsplit(".", 2)[-2]
+        if loaded[name] < shards_of.get(module_name, 1):
+            missing.append(name)
+    if missing:
+        raise ValueError(f"checkpoint {model_path} lacks tensors for: {missing[:8]}"
+                         + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+
+
+def load_model(hf_config: Any, model_path: str | Path, dtype: torch.dtype,
+               device: torch.device, group: ParallelGroup, attention: PagedAttention,
+               max_positions: int) -> nn.Module:
+    """Build, allocate and load the model for this rank; returns it in eval mode.
+
+    Args:
+        hf_config: the transformers config of the checkpoint.
+        max_positions: longest sequence the position tables must cover.
+    """
+    model = build_model(hf_config, group, attention, max_positions)
+    materialise(model, device, dtype)
+    load_weights(model, model_path)
+    model.init_buffers()
+    n = sum(p.numel() for p in model.parameters())
+    log.info("loaded %s: %.1fM parameters (this rank) as %s on %s",
+             model_path, n / 1e6, dtype, device)
+    return model.eval()

@@ -1,0 +1,293 @@
+"""Llama-family decoder (Llama, Qwen2, Mistral): RMSNorm, RoPE, grouped-query attention with
+optional QKV bias and sliding window, SwiGLU MLP, tied or untied embeddings.
+
+Works on a flat token batch ([T] ids and positions, no padding) over a paged KV cache, with
+tensor-parallel layers from engine.parallel. Module names follow the Hugging Face checkpoint,
+except the fused `qkv_proj` and `gate_up_proj` (see `packed_modules`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata, PagedAttention
+from engine.parallel import (
+    MergedColumnParallelLinear,
+    ParallelGroup,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: [num_blocks, block_size, Hkv, D]
+
+
+@dataclass
+class LlamaArgs:
+    """The architecture's hyper-parameters, read from a transformers config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_parameters: dict[str, Any]
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_windows: list[int | None]  # per layer; None is full attention
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, config: Any) -> LlamaArgs:
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r} (the Llama family uses silu)")
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        num_layers = config.num_hidden_layers
+        qwen2 = config.model_type == "qwen2"
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            rope_parameters=rope_parameters(config),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=qwen2 or attention_bias,
+            o_bias=attention_bias and not qwen2,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            sliding_windows=sliding_windows(config, num_layers),
+            max_position_embeddings=config.max_position_embeddings,
+        )
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """RoPE settings: transformers >= 5 keeps them in `rope_parameters`; older configs in
+    `rope_theta` plus an optional `rope_scaling`."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if not params:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
+        params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+    return params
+
+
+def sliding_windows(config: Any, num_layers: int) -> list[int | None]:
+    """Each layer's attention window: Qwen2 marks layers in `layer_types` (and only when
+    `use_sliding_window`); Mistral applies `sliding_window` to every layer."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return [None] * num_layers
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    return [window] * num_layers
+
+
+def rope_inv_freq(params: dict[str, Any], head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] for the checkpoint's RoPE type (float32, CPU)."""
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial rotary embeddings are not supported")
+    base = float(params["rope_theta"])
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim
+    inv_freq = 1.0 / (base**exponents)
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / params["factor"]
+    if rope_type == "llama3":
+        factor = params["factor"]
+        low, high = params["low_freq_factor"], params["high_freq_factor"]
+        old_len = params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"RoPE type {rope_type!r} is not supported by the native backend")
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position up to max_positions, applied in the rotate-half form."""
+
+    def __init__(self, head_dim: int, max_positions: int, params: dict[str, Any]) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.params = params
+        self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
+
+    def init_buffers(self) -> None:
+        """(Re)compute the tables in place, on whatever device the buffers now live."""
+        inv_freq = rope_inv_freq(self.params, self.head_dim).to(self.cos.device)
+        t = torch.arange(self.max_positions, device=self.cos.device, dtype=torch.float)
+        freqs = torch.outer(t, inv_freq)  # [P, D / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.cos = emb.cos()
+        self.sin = emb.sin()
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T] -> cos, sin: [T, 1, D]
+        return (self.cos[positions].unsqueeze(1).to(dtype),
+                self.sin[positions].unsqueeze(1).to(dtype))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, H, D]; cos, sin: [T, 1, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, D]; normalised in float32, scaled in the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, args: LlamaArgs, layer: int, group: ParallelGroup,
+                 attention: PagedAttention) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(args.hidden_size, args.head_dim, args.num_heads,
+                                          args.num_kv_heads, args.qkv_bias, group)
+        self.o_proj = RowParallelLinear(args.num_heads * args.head_dim, args.hidden_size,
+                                        args.o_bias, group)
+        self.num_heads = self.qkv_proj.num_heads  # this rank's heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = args.head_dim
+        self.scale = args.head_dim**-0.5
+        self.sliding_window = args.sliding_windows[layer]
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # x: [T, D] -> [T, D]
+        t = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)  # [T, H, Dh]
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, Dh]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        o = self.attention(q, k, v, cache[0], cache[1], meta, self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(t, q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, args: LlamaArgs, group: ParallelGroup) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            args.hidden_size, [args.intermediate_size] * 2, args.mlp_bias, group)
+        self.down_proj = RowParallelLinear(args.intermediate_size, args.hidden_size,
+                                           args.mlp_bias, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, D] -> [T, D]
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I / world] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, args: LlamaArgs, layer: int, group: ParallelGroup,
+                 attention: PagedAttention) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(args, layer, group, attention)
+        self.mlp = LlamaMLP(args, group)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # x: [T, D] -> [T, D]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: LlamaArgs, group: ParallelGroup, attention: PagedAttention,
+                 max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, group)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(args, i, group, attention) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(args.head_dim, max_positions, args.rope_parameters)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+        # input_ids, positions: [T] -> hidden: [T, D]
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, cache, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder plus the vocabulary head. Build on the meta device; see engine.loader."""
+
+    args_class = LlamaArgs
+    # checkpoint module -> (module here, shard id) for the projections fused here.
+    packed_modules: dict[str, tuple[str, Any]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, args: LlamaArgs, group: ParallelGroup, attention: PagedAttention,
+                 max_positions: int) -> None:
+        super().__init__()
+        self.args = args
+        self.model = LlamaModel(args, group, attention, max_positions)
+        self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, group)
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_buffers(self) -> None:
+        self.model.rotary_emb.init_buffers()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+        # input_ids, positions: [T] -> hidden: [T, D]
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [N, D] -> logits: [N, V]
+        return self.lm_head(hidden)
+
+
+MODEL_CLASS = LlamaForCausalLM

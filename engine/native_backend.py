@@ -1,0 +1,163 @@
+"""The native generation backend: this project's scheduler, paged KV cache and model code.
+
+    backend = NativeBackend(EngineConfig(model_path=..., dtype="float32", device="cpu"))
+    backend.add_request("r1", prompt_token_ids, SamplingParams(max_tokens=32), priority=1)
+    while backend.has_unfinished():
+        for output in backend.step():
+            ...  # output.new_token_ids, output.finished, output.finish_reason
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.backend import GenerationBackend, StepOutput
+from engine.config import EngineConfig
+from engine.kv_cache import BlockManager
+from engine.models import ARCHITECTURES
+from engine.parallel import ParallelGroup
+from engine.request import EngineError, EngineOutOfMemoryError, PromptTooLongError, SamplingParams
+from engine.runner import ModelRunner
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def supports(model_path: str | Path) -> bool:
+    """Whether the checkpoint's config.json names an architecture the native backend runs."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(arch in ARCHITECTURES for arch in config.get("architectures") or [])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "int8":
+        raise EngineError("dtype int8 (weight-only) is not implemented by the native backend"
+                          " yet; use float16 or bfloat16")
+    if name not in DTYPES:
+        raise EngineError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def eos_token_ids(model_path: str | Path, hf_config: Any) -> frozenset[int]:
+    """EOS ids from config.json and generation_config.json (chat models often add one there)."""
+    ids: set[int] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(getattr(hf_config, "eos_token_id", None))
+    generation = Path(model_path) / "generation_config.json"
+    if generation.exists():
+        add(json.loads(generation.read_text()).get("eos_token_id"))
+    return frozenset(ids)
+
+
+class NativeBackend(GenerationBackend):
+    """Continuous batching with priorities and preemption over a paged KV cache.
+
+    Args:
+        config: engine settings; model_path must hold a supported architecture.
+        group: the ranks the model is sharded over (a group of one when None).
+    """
+
+    def __init__(self, config: EngineConfig, group: ParallelGroup | None = None) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.config = config
+        self.group = group or ParallelGroup()
+        if config.group_size != self.group.world_size:
+            raise EngineError(f"group_size {config.group_size} is not implemented by the "
+                              f"native backend yet (group of {self.group.world_size})")
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype)
+        hf_config = AutoConfig.from_pretrained(config.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+        self.eos_token_ids = eos_token_ids(config.model_path, hf_config)
+        self.max_model_len = config.max_model_len
+        limit = getattr(hf_config, "max_position_embeddings", None)
+        if limit is not None and limit < self.max_model_len:
+            log.warning("max_model_len %d exceeds the model's %d positions; using %d",
+                        self.max_model_len, limit, limit)
+            self.max_model_len = limit
+        self.runner = ModelRunner(config, hf_config, self.device, dtype, self.max_model_len,
+                                  self.group)
+        self.scheduler = Scheduler(
+            BlockManager(self.runner.num_blocks, config.block_size),
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            reserved_high_slots=config.reserved_high_slots,
+            max_model_len=self.max_model_len,
+            eos_token_ids=self.eos_token_ids,
+        )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    sampling: SamplingParams, priority: int) -> None:
+        if not prompt_token_ids:
+            raise EngineError(f"request {request_id}: empty prompt")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"request {request_id}: prompt of {len(prompt_token_ids)} tokens leaves no room"
+                f" to generate within max_model_len={self.max_model_len}")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.runner.vocab_size:
+            raise EngineError(f"request {request_id}: token id outside the vocabulary")
+        if request_id in self.scheduler.seqs:
+            raise EngineError(f"request {request_id} is already queued")
+        seq = Sequence(request_id, prompt_token_ids, sampling, priority,
+                       self.scheduler.next_arrival())
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+
+    def step(self) -> list[StepOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        try:
+            tokens = self.runner.execute(out)
+        except torch.OutOfMemoryError as exc:
+            raise EngineOutOfMemoryError(
+                "the device ran out of memory running a step; lower max_num_seqs "
+                "(batch_size_per_gpu), max_num_batched_tokens or the KV-cache share") from exc
+        return self.scheduler.postprocess(out, tokens)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> dict[str, Any]:
+        blocks = self.scheduler.block_manager
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "kv_blocks_total": blocks.num_blocks,
+            "kv_blocks_free": blocks.num_free_blocks,
+            "tokens_generated": self.scheduler.num_generated_tokens,
+        }

@@ -1,0 +1,196 @@
+"""Tensor-parallel building blocks: a process-group wrapper and layers that hold their slice.
+
+Each layer knows which part of the full checkpoint tensor belongs to its rank and loads just
+that part through `weight_loader`. At group size 1 every collective is a no-op, so the same
+model code serves one GPU, CPU tests and (later) a sharded group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# A checkpoint tensor as the loader hands it over: a torch.Tensor, or a lazily read
+# safetensors slice (anything indexable by a tuple of slices that yields a torch.Tensor).
+CheckpointTensor = Any
+
+
+@dataclass(frozen=True)
+class ParallelGroup:
+    """The ranks one model is sharded over. `process_group` is None for a group of one."""
+
+    rank: int = 0
+    world_size: int = 1
+    process_group: Any = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside a group of {self.world_size}")
+        if self.world_size > 1 and self.process_group is None:
+            raise ValueError("a group of several ranks needs a torch.distributed process group")
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the group, in place."""
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.process_group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's x along dim."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.process_group)
+        return torch.cat(parts, dim=dim)
+
+    def split(self, size: int, what: str) -> int:
+        """This rank's share of `size`, which must divide evenly."""
+        if size % self.world_size:
+            raise ValueError(f"{what} ({size}) does not divide over {self.world_size} ranks")
+        return size // self.world_size
+
+
+def load_slice(param: torch.Tensor, loaded: CheckpointTensor, dim: int | None, start: int,
+               size: int, offset: int = 0) -> None:
+    """Copy loaded[start:start+size] along dim into param[offset:offset+size] along dim.
+
+    dim None copies the whole tensor into param.
+    """
+    if dim is None:
+        param.copy_(loaded[:])
+        return
+    index: list[slice] = [slice(None)] * param.dim()
+    index[dim] = slice(start, start + size)
+    part = loaded[tuple(index)]  # reads only this slice from the file
+    param.narrow(dim, offset, part.shape[dim]).copy_(part)
+
+
+class LinearBase(nn.Module):
+    """y = x W^T + b with W: [output_size, input_size] as stored locally."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, in] -> [T, out]
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split over ranks; no communication (the next layer takes the slice)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, group: ParallelGroup):
+        self.group = group
+        super().__init__(input_size, group.split(output_size, "output features"), bias)
+
+    def weight_loader(self, param: torch.Tensor, loaded: CheckpointTensor,
+                      shard_id: Any = None) -> None:
+        size = param.shape[0]
+        load_slice(param, loaded, 0, self.group.rank * size, size)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input in one matmul (gate and up).
+
+    The checkpoint stores them apart; shard_id i is the i-th of `output_sizes`.
+    """
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool,
+                 group: ParallelGroup):
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias, group)
+
+    def weight_loader(self, param: torch.Tensor, loaded: CheckpointTensor,
+                      shard_id: Any = None) -> None:
+        world = self.group.world_size
+        offset = sum(self.output_sizes[:shard_id]) // world
+        size = self.output_sizes[shard_id] // world
+        load_slice(param, loaded, 0, self.group.rank * size, size, offset)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Query, key and value projections in one matmul, split by heads over ranks."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool, group: ParallelGroup):
+        self.num_heads = group.split(num_heads, "attention heads")
+        self.num_kv_heads = group.split(num_kv_heads, "key/value heads")
+        self.head_dim = head_dim
+        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias, group)
+
+    def weight_loader(self, param: torch.Tensor, loaded: CheckpointTensor,
+                      shard_id: Any = None) -> None:
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
+        load_slice(param, loaded, 0, self.group.rank * size, size, offset)
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split over ranks; partial outputs summed over the group."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, group: ParallelGroup):
+        self.group = group
+        super().__init__(group.split(input_size, "input features"), output_size, bias)
+
+    def weight_loader(self, param: torch.Tensor, loaded: CheckpointTensor,
+                      shard_id: Any = None) -> None:
+        if param.dim() == 1:  # the bias is whole on every rank, added once after the sum
+            load_slice(param, loaded, None, 0, 0)
+            return
+        size = param.shape[1]
+        load_slice(param, loaded, 1, self.group.rank * size, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, in / world] -> [T, out]
+        y = self.group.all_reduce(F.linear(x, self.weight))
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split over ranks (the last rank's share may be padded)."""
+
+    def __init__(self, vocab_size: int, dim: int, group: ParallelGroup):
+        super().__init__()
+        self.group = group
+        self.vocab_size = vocab_size
+        self.rows_per_rank = -(-vocab_size // group.world_size)
+        self.vocab_start = group.rank * self.rows_per_rank
+        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, dim), requires_grad=False)
+
+    def weight_loader(self, param: torch.Tensor, loaded: CheckpointTensor,
+                      shard_id: Any = None) -> None:
+        size = max(0, min(self.rows_per_rank, self.vocab_size - self.vocab_start))
+        if size < self.rows_per_rank:
+            param[size:].zero_()
+        if size:
+            load_slice(param, loaded, 0, self.vocab_start, size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: [T] -> [T, D]
+        if self.group.world_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.rows_per_rank)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        x = x.masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.group.all_reduce(x)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection to vocabulary logits, split by vocabulary rows like the embedding
+    (so the two can share one weight when the checkpoint ties them)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, D] -> logits [N, V]
+        logits = F.linear(x, self.weight)  # [N, V / world]
+        return self.group.all_gather(logits, dim=-1)[:, : self.vocab_size]

@@ -1,0 +1,134 @@
+"""Runs the model for one scheduled step: builds the flat token batch, runs the forward pass
+over the paged KV cache and samples the next token of every sequence whose chunk completed.
+
+The runner owns the model and the cache tensors of its rank. Rank 0 builds the step's inputs
+from the scheduler's output; in a sharded group the same inputs would be broadcast to the other
+ranks, each of which runs `forward` on its slice (only group size 1 is wired up for now).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.attention import ChunkSpec, PagedAttention, TorchPagedAttention
+from engine.config import EngineConfig
+from engine.kv_cache import block_bytes, blocks_for_sequences
+from engine.loader import load_model
+from engine.parallel import ParallelGroup
+from engine.request import EngineError
+from engine.sampler import sample
+from engine.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+# splitmix64 constants: a seeded request's noise for output position i is drawn from a
+# generator seeded with mix(seed, i), so it is the same whether or not the request was
+# preempted and recomputed, and whatever else shares the batch.
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_MASK64 = (1 << 64) - 1
+
+
+def token_seed(seed: int, position: int) -> int:
+    """A well-mixed 63-bit seed for the noise of one output position of a seeded request."""
+    z = (seed * _GOLDEN + (position + 1) * _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+class ModelRunner:
+    """One rank's model and KV cache.
+
+    Args:
+        config: engine settings (cache sizing, block size, max_num_seqs).
+        hf_config: the checkpoint's transformers config.
+        max_model_len: longest sequence served (sizes the position tables and the cache).
+        attention: the paged-attention implementation; plain PyTorch when None.
+    """
+
+    def __init__(self, config: EngineConfig, hf_config: Any, device: torch.device,
+                 dtype: torch.dtype, max_model_len: int, group: ParallelGroup,
+                 attention: PagedAttention | None = None) -> None:
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.group = group
+        self.block_size = config.block_size
+        self.attention: PagedAttention = attention or TorchPagedAttention()
+        self.model: nn.Module = load_model(hf_config, config.model_path, dtype, device, group,
+                                           self.attention, max_model_len)
+        args = self.model.args
+        self.num_layers: int = args.num_layers
+        self.num_kv_heads: int = group.split(args.num_kv_heads, "key/value heads")
+        self.head_dim: int = args.head_dim
+        self.vocab_size: int = args.vocab_size
+        self.num_blocks = self._decide_num_blocks(max_model_len)
+        # [layers, keys/values, blocks, block_size, Hkv, Dh]
+        self.kv_cache = torch.zeros(self.num_layers, 2, self.num_blocks, self.block_size,
+                                    self.num_kv_heads, self.head_dim, dtype=dtype,
+                                    device=device)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1])
+                          for i in range(self.num_layers)]
+        log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB",
+                 self.num_blocks, self.block_size, self.num_blocks * self.block_size,
+                 self.kv_cache.numel() * self.kv_cache.element_size() / MIB)
+
+    def _decide_num_blocks(self, max_model_len: int) -> int:
+        per_block = block_bytes(self.num_layers, self.block_size, self.num_kv_heads,
+                                self.head_dim, torch.empty((), dtype=self.dtype).element_size())
+        if self.config.num_kv_blocks is not None:
+            num_blocks = self.config.num_kv_blocks
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            num_blocks = int(free * self.config.kv_cache_memory_fraction) // per_block
+        else:
+            num_blocks = blocks_for_sequences(self.config.max_num_seqs, max_model_len,
+                                              self.block_size)
+        if num_blocks * self.block_size < max_model_len:
+            raise EngineError(
+                f"the KV cache ({num_blocks} blocks x {self.block_size} tokens) cannot hold one"
+                f" sequence of max_model_len={max_model_len} tokens: lower max_model_len or"
+                f" give the cache more memory (num_kv_blocks, kv_cache_memory_fraction)")
+        return num_blocks
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[int]:
+        """Run one step; return the sampled token of each of `out.sampling_chunks`."""
+        ids: list[int] = []
+        positions: list[int] = []
+        specs: list[ChunkSpec] = []
+        last_rows: list[int] = []
+        for chunk in out.chunks:
+            end = chunk.start + chunk.num_tokens
+            ids.extend(chunk.seq.token_ids[chunk.start:end])
+            positions.extend(range(chunk.start, end))
+            specs.append(ChunkSpec(chunk.start, chunk.num_tokens, chunk.seq.block_table))
+            if chunk.samples:
+                last_rows.append(len(ids) - 1)
+        meta = self.attention.build_metadata(specs, self.block_size, self.device)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [T]
+        hidden = self.model(input_ids, pos, self.kv_caches, meta)  # [T, D]
+        if not last_rows:
+            return []
+        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])  # [N, V]
+        chunks = out.sampling_chunks
+        params = [c.seq.sampling for c in chunks]
+        generators = [None if c.seq.sampling.greedy
+                      else self._generator(c.seq.sampling.seed, c.seq.num_output_tokens)
+                      for c in chunks]
+        return sample(logits, params, generators).tolist()
+
+    def _generator(self, seed: int | None, position: int) -> torch.Generator | None:
+        if seed is None:
+            return None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(token_seed(seed, position))
+        return generator
