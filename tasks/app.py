@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from tasks import keys
 from tasks.config import DeploymentConfig, load_config
@@ -20,7 +20,7 @@ def celery_settings(config: DeploymentConfig) -> dict[str, object]:
         "result_serializer": "json",
         # Results go to tideq's own job records (tasks/store.py), not Celery's result backend.
         "task_ignore_result": True,
-        "task_queues": [Queue(q, routing_key=q) for q in keys.QUEUES],
+        "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in keys.QUEUES],
         "task_default_queue": keys.QUEUE_LOW,
         "broker_transport_options": {
             # Consume high before low, in the order of -Q, instead of kombu's round robin.
@@ -38,7 +38,6 @@ def celery_settings(config: DeploymentConfig) -> dict[str, object]:
         "worker_pool": "threads",
         "worker_concurrency": config.num_workers,
         "worker_send_task_events": True,
-        "worker_hijack_root_logger": False,
     }
 
 

@@ -1,0 +1,142 @@
+"""Worker start-up and shutdown: pin the process to its GPU group before CUDA is touched, build
+ONE engine, and hang it (with the job store) on the app for the task threads.
+
+Hooks are `worker_init` / `worker_shutdown`: `worker_process_init` does not fire in the threads
+pool, and the engine must exist before the consumer takes its first message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, signals
+
+from tasks.config import ConfigError, DeploymentConfig, config_source
+from tasks.store import JobStore
+
+log = logging.getLogger(__name__)
+
+# Set by the launcher: the physical GPU ids of this worker's group, e.g. "2,3".
+GPUS_ENV = "TIDEQ_GPUS"
+# Pools that keep the engine in this process (module names of celery.concurrency). prefork
+# would fork after CUDA is initialised.
+_POOLS_OK = ("thread", "solo")
+
+
+@dataclass
+class WorkerRuntime:
+    """What the task threads share: the config, the engine, the job store, who we are."""
+
+    config: DeploymentConfig
+    engine: Any
+    store: JobStore
+    worker_name: str
+    gpu_label: str
+    model_name: str
+
+
+def pin_gpu_group(config: DeploymentConfig) -> str:
+    """Restrict this process to its GPU group; returns the group's label ("cpu" or "0,1").
+
+    Must run before CUDA is initialised: a process sees the devices that CUDA_VISIBLE_DEVICES
+    names at that moment, for good.
+    """
+    if config.num_gpus == 0:
+        return "cpu"
+    group = os.environ.get(GPUS_ENV)
+    if group:
+        torch_mod = sys.modules.get("torch")
+        if torch_mod is not None and torch_mod.cuda.is_initialized():
+            raise RuntimeError("CUDA was initialised before the worker pinned its GPU group")
+        os.environ["CUDA_VISIBLE_DEVICES"] = group
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+
+
+def engine_config_for(config: DeploymentConfig) -> Any:
+    """Map the deployment's settings onto the engine's own."""
+    from engine.config import EngineConfig
+
+    reserved = 0
+    if config.gpu_allocation_strategy == "priority":
+        reserved = int(config.engine.reserved_high_fraction * config.max_num_seqs)
+    return EngineConfig(
+        model_path=config.model.path,
+        dtype=config.model.dtype,
+        max_model_len=config.model.max_model_len,
+        backend=config.model.backend,
+        device="cpu" if config.num_gpus == 0 else "cuda",
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.engine.max_num_batched_tokens,
+        block_size=config.engine.block_size,
+        kv_cache_memory_fraction=config.engine.kv_cache_memory_fraction,
+        num_kv_blocks=config.engine.num_kv_blocks,
+        reserved_high_slots=min(reserved, config.max_num_seqs - 1),
+        enforce_eager=config.engine.enforce_eager,
+        shard_strategy=config.model_shard_strategy,
+        group_size=config.gpus_per_worker if config.num_gpus else 1,
+        distributed_backend=config.distributed_backend,
+    )
+
+
+def build_runtime(config: DeploymentConfig, worker_name: str) -> WorkerRuntime:
+    """Pin, build the checkpoint if the demo asks for it, load the engine."""
+    gpu_label = pin_gpu_group(config)
+    import torch
+
+    if config.num_gpus:
+        visible = torch.cuda.device_count()
+        if visible < config.gpus_per_worker:
+            raise ConfigError(
+                f"{config_source()}: gpus_per_worker: {config.gpus_per_worker} GPUs per worker"
+                f" but this worker sees {visible} (CUDA_VISIBLE_DEVICES={gpu_label})"
+            )
+        if config.gpus_per_worker > 1:
+            raise ConfigError(
+                f"{config_source()}: model_shard_strategy: sharding a model over"
+                f" {config.gpus_per_worker} GPUs is not available in this version"
+            )
+    if config.model.build_if_missing:
+        from engine.random_checkpoint import ensure_checkpoint
+
+        ensure_checkpoint(config.model.path)
+    from engine.engine import Engine
+
+    engine = Engine(engine_config_for(config))
+    store = JobStore.from_url(config.redis.url, config.redis.result_ttl_s)
+    log.info("worker %s ready: model %s on %s, backend stats %s", worker_name,
+             config.model.path, gpu_label, engine.backend.stats())
+    return WorkerRuntime(config, engine, store, worker_name, gpu_label,
+                         os.path.basename(os.path.normpath(config.model.path)))
+
+
+def connect_signals(app: Celery) -> None:
+    @signals.worker_init.connect(weak=False)
+    def _start(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not app:
+            return
+        pool = getattr(sender, "pool_cls", "")
+        pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+        if not any(name in pool_name for name in _POOLS_OK):
+            raise SystemExit(
+                f"tideq workers run with -P threads (or solo), not {pool_name}: CUDA does not"
+                " survive fork, and one process must hold the one engine"
+            )
+        name = getattr(sender, "hostname", None) or socket.gethostname()
+        try:
+            app.tideq_runtime = build_runtime(app.tideq_config, name)  # type: ignore[attr-defined]
+        except Exception as err:
+            # Celery logs and swallows a signal handler's exception; a worker without an engine
+            # must not start consuming, so end the process here with the reason.
+            log.exception("worker start-up failed")
+            raise SystemExit(f"tideq worker start-up failed: {err}") from err
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _stop(sender: Any = None, **_: Any) -> None:
+        runtime = getattr(app, "tideq_runtime", None)
+        if runtime is not None and getattr(sender, "app", None) is app:
+            runtime.engine.shutdown()
