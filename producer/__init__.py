@@ -1,0 +1,34 @@
+"""tideq's producer: validate prompt files, enqueue them as batches, follow their results.
+
+    from producer import Producer
+    from tasks.config import load_config
+
+    with Producer(load_config()) as p:
+        report = p.submit("prompts.jsonl", priority="high")
+        p.wait(report.batch_id)
+        rows = list(p.results(report.batch_id))
+
+Imports celery, kombu, redis, pydantic and tideq's tasks.keys/config/store; never torch.
+"""
+
+from producer.client import (
+    BatchStatus,
+    FileChangedError,
+    InvalidFileError,
+    LineError,
+    Producer,
+    SubmitReport,
+    UnknownBatchError,
+    WaitTimeoutError,
+)
+
+__all__ = [
+    "BatchStatus",
+    "FileChangedError",
+    "InvalidFileError",
+    "LineError",
+    "Producer",
+    "SubmitReport",
+    "UnknownBatchError",
+    "WaitTimeoutError",
+]
