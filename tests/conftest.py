@@ -1,0 +1,131 @@
+"""Shared fixtures: a real Redis (a database of its own, flushed around each test), tiny real
+checkpoints, and real Celery worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+# A database no one else uses, so the suite never touches real work on the same server.
+TEST_REDIS_HOST = os.environ.get("TIDEQ_TEST_REDIS_HOST", "127.0.0.1")
+TEST_REDIS_PORT = int(os.environ.get("TIDEQ_TEST_REDIS_PORT", "6379"))
+TEST_REDIS_DB = int(os.environ.get("TIDEQ_TEST_REDIS_DB", "15"))
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> redis.Redis:
+    client = redis.Redis(host=TEST_REDIS_HOST, port=TEST_REDIS_PORT, db=TEST_REDIS_DB)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.exit(
+            f"no Redis answers on {TEST_REDIS_HOST}:{TEST_REDIS_PORT}; start one"
+            " (scripts/ensure_redis.sh does) and run again",
+            returncode=3,
+        )
+    return client
+
+
+@pytest.fixture
+def redis_url(redis_server: redis.Redis) -> Iterator[str]:
+    redis_server.flushdb()
+    yield f"redis://{TEST_REDIS_HOST}:{TEST_REDIS_PORT}/{TEST_REDIS_DB}"
+    redis_server.flushdb()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from engine.random_checkpoint import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-llama"), arch="llama", shape="tiny")
+
+
+def write_config(path: Path, redis_url: str, model_path: Path, **overrides: Any) -> Path:
+    """A deployment YAML for tests: CPU, the given model, small limits."""
+    data: dict[str, Any] = {
+        "redis": {"url": redis_url, "visibility_timeout_s": 3600},
+        "model": {"path": str(model_path), "build_if_missing": False, "dtype": "float32",
+                  "max_model_len": 512},
+        "limits": {"max_prompt_tokens": 384, "max_output_tokens": 256, "default_max_tokens": 16},
+        "num_gpus": 0,
+        "batch_size_per_gpu": 8,
+        "num_workers": 8,
+        "cancel_poll_s": 0.1,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+class WorkerProcess:
+    """A real `celery -A tasks worker` process; its log goes to a file for failure reports."""
+
+    def __init__(self, config_path: Path, log_path: Path, queues: str, concurrency: int,
+                 name: str) -> None:
+        env = {**os.environ, "TIDEQ_CONFIG": str(config_path), "PYTHONUNBUFFERED": "1"}
+        env.pop("TIDEQ_REDIS_URL", None)
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", queues,
+             "-c", str(concurrency), "-n", f"{name}@%h", "--without-gossip",
+             "--without-mingle", "--without-heartbeat", "-l", "info"],
+            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.log():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real worker processes: start_worker(config_path, queues="high,low", concurrency=8)."""
+    workers: list[WorkerProcess] = []
+
+    def start(config_path: Path, queues: str = "high,low", concurrency: int = 8,
+              wait: bool = True) -> WorkerProcess:
+        name = f"w{len(workers)}"
+        worker = WorkerProcess(config_path, tmp_path / f"{name}.log", queues, concurrency, name)
+        workers.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
