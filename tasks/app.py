@@ -26,6 +26,9 @@ def celery_settings(config: DeploymentConfig) -> dict[str, object]:
             # Consume high before low, in the order of -Q, instead of kombu's round robin.
             "queue_order_strategy": "priority",
             "visibility_timeout": config.redis.visibility_timeout_s,
+            "unacked_restore_interval": config.redis.restore_interval_s,
+            # Sweep at every interval (kombu's default scans only every 10th).
+            "unacked_restore_throttle": 1,
         },
         # A job is acknowledged only once its result is stored; a lost worker's jobs are
         # redelivered. Prefetch no more than the threads can run, so a worker does not hoard

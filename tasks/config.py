@@ -35,6 +35,8 @@ class RedisSettings(_Strict):
     # A message taken but not acknowledged (worker died) is redelivered after this. Must exceed
     # the longest job, or a slow job is run twice.
     visibility_timeout_s: int = Field(default=3600, gt=0)
+    # Seconds between a worker's sweeps for messages past their visibility timeout.
+    restore_interval_s: int = Field(default=10, gt=0)
 
 
 class ModelSettings(_Strict):
