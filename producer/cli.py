@@ -1,0 +1,260 @@
+"""`producer`: submit prompt files and follow their batches from the shell.
+
+    producer submit FILE [--priority high|low] [--batch-id ID] [--skip-invalid] [--wait]
+    producer status BATCH
+    producer wait BATCH [--timeout S]
+    producer results BATCH [-o out.jsonl]
+    producer cancel BATCH
+
+Every command takes --config PATH (else $TIDEQ_CONFIG, else the built-in defaults).
+Machine-readable output (the batch id of submit, the JSONL of results) goes to stdout, the rest
+to stderr. Exit codes: 0 ok; 1 jobs failed or were cancelled (wait), unknown batch (status,
+results, cancel); 2 invalid file or arguments, unknown batch or timeout (wait); 3 Redis cannot
+be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Final, TextIO
+
+import redis
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from producer.client import (
+    BatchStatus,
+    InvalidFileError,
+    Producer,
+    SubmitReport,
+    UnknownBatchError,
+    WaitTimeoutError,
+)
+from tasks import keys
+from tasks.config import ConfigError, config_source, load_config
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1  # wait: some job failed or was cancelled; others: unknown batch
+EXIT_INVALID: Final = 2  # invalid file/arguments/config; wait: unknown batch or timeout
+EXIT_UNAVAILABLE: Final = 3  # Redis cannot be reached
+
+# Line errors printed for a bad file; the rest are counted ("and N more").
+MAX_PRINTED_ERRORS: Final = 50
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=None,
+                        help="deployment config (default: $TIDEQ_CONFIG or built-in defaults)")
+    parser = argparse.ArgumentParser(
+        prog="producer", description="Submit JSONL prompt files to tideq and follow them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("submit", parents=[common], help="validate a file and enqueue its jobs")
+    p.add_argument("file", help="JSONL: prompt, messages or OpenAI batch request lines")
+    p.add_argument("--priority", choices=keys.QUEUES, default=keys.QUEUE_LOW)
+    p.add_argument("--batch-id", default=None,
+                   help="add to this batch (default: a new id); resubmitting adds no duplicates")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="enqueue the valid lines even if some are invalid")
+    p.add_argument("--wait", action="store_true", help="then wait for the batch to finish")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: seconds at most")
+
+    for name, help_ in (("status", "counts of a batch's jobs by state and priority"),
+                        ("cancel", "cancel a batch's queued and running jobs")):
+        p = sub.add_parser(name, parents=[common], help=help_)
+        p.add_argument("batch")
+    p = sub.add_parser("wait", parents=[common], help="wait for a batch, with a progress bar")
+    p.add_argument("batch")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+    p = sub.add_parser("results", parents=[common],
+                       help="a batch's outputs as JSONL, in input order")
+    p.add_argument("batch")
+    p.add_argument("-o", "--output", default=None, help="write here instead of stdout")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `producer` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    err = Console(stderr=True)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        err.print(str(e), markup=False, highlight=False)
+        return EXIT_INVALID
+    commands: dict[str, Callable[[Producer, argparse.Namespace, Console], int]] = {
+        "submit": _submit,
+        "status": _status,
+        "wait": _wait,
+        "results": _results,
+        "cancel": _cancel,
+    }
+    try:
+        with Producer(config) as producer:
+            return commands[args.command](producer, args, err)
+    except redis.ConnectionError as e:
+        err.print(f"cannot reach Redis at {config.redis.url} (config: "
+                  f"{config_source(args.config)}): {e}", markup=False, highlight=False)
+        return EXIT_UNAVAILABLE
+
+
+def _submit(producer: Producer, args: argparse.Namespace, err: Console) -> int:
+    try:
+        report = producer.submit(args.file, priority=args.priority, batch_id=args.batch_id,
+                                 skip_invalid=args.skip_invalid)
+    except InvalidFileError as e:
+        _print_errors(err, [str(x) for x in e.errors], e.error_count)
+        err.print("nothing was enqueued", highlight=False)
+        return EXIT_INVALID
+    except (OSError, ValueError) as e:
+        err.print(f"producer submit: {e}", markup=False, highlight=False)
+        return EXIT_INVALID
+    if report.skipped:
+        _print_errors(err, [str(x) for x in report.errors], len(report.errors))
+    _print_report(err, report)
+    print(report.batch_id, flush=True)
+    if args.wait:
+        return _wait_for(producer, report.batch_id, args.timeout, err)
+    return EXIT_OK
+
+
+def _print_errors(err: Console, errors: list[str], count: int) -> None:
+    for line in errors[:MAX_PRINTED_ERRORS]:
+        err.print(line, markup=False, highlight=False)
+    if count > MAX_PRINTED_ERRORS:
+        err.print(f"... and {count - MAX_PRINTED_ERRORS} more", highlight=False)
+
+
+def _print_report(err: Console, r: SubmitReport) -> None:
+    skipped = f", {r.skipped} invalid lines skipped" if r.skipped else ""
+    err.print(
+        f"batch [bold]{r.batch_id}[/]: {r.accepted} jobs accepted, {r.new} new, priority"
+        f" {r.priority}{skipped} (validated in {r.validate_s:.2f}s, enqueued in"
+        f" {r.enqueue_s:.2f}s)", highlight=False)
+
+
+def _status(producer: Producer, args: argparse.Namespace, err: Console) -> int:
+    try:
+        status = producer.status(args.batch)
+    except UnknownBatchError:
+        return _unknown(err, args.batch, EXIT_FAILED)
+    Console().print(status_table(status))
+    return EXIT_OK
+
+
+def status_table(status: BatchStatus) -> Table:
+    """A rich table of the batch's jobs: a row per priority, a column per state."""
+    title = f"batch {status.batch_id}" + (" (cancelled)" if status.cancelled else "")
+    table = Table(title=title, caption=f"{status.completion_tokens} completion tokens")
+    table.add_column("priority")
+    for state in keys.STATES:
+        table.add_column(state, justify="right")
+    table.add_column("total", justify="right")
+    for priority in (*keys.QUEUES, *sorted(set(status.by_priority) - set(keys.QUEUES))):
+        states = status.by_priority.get(priority)
+        if states:
+            table.add_row(priority, *(str(states[s]) for s in keys.STATES),
+                          str(sum(states.values())))
+    table.add_row("all", *(str(status.count(s)) for s in keys.STATES), str(status.total),
+                  style="bold")
+    return table
+
+
+def _wait(producer: Producer, args: argparse.Namespace, err: Console) -> int:
+    return _wait_for(producer, args.batch, args.timeout, err)
+
+
+def _wait_for(producer: Producer, batch_id: str, timeout: float | None, err: Console) -> int:
+    started = time.monotonic()
+    first_tokens: list[int] = []
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("done {task.fields[done]}  failed {task.fields[failed]}"
+                   "  cancelled {task.fields[cancelled]}  {task.fields[tps]:.1f} tok/s"),
+        TimeElapsedColumn(),
+        console=err,
+    )
+    task: TaskID = progress.add_task(batch_id, total=None, done=0, failed=0, cancelled=0,
+                                     tps=0.0)
+
+    def update(status: BatchStatus) -> None:
+        if not first_tokens:
+            first_tokens.append(status.completion_tokens)
+        elapsed = max(time.monotonic() - started, 1e-9)
+        progress.update(task, total=status.total, completed=status.finished_count,
+                        done=status.count("done"), failed=status.count("failed"),
+                        cancelled=status.count("cancelled"),
+                        tps=(status.completion_tokens - first_tokens[0]) / elapsed)
+
+    try:
+        with progress:
+            status = producer.wait(batch_id, timeout=timeout, progress=update)
+    except UnknownBatchError:
+        return _unknown(err, batch_id, EXIT_INVALID)
+    except WaitTimeoutError as e:
+        err.print(f"timed out: {e}", markup=False, highlight=False)
+        return EXIT_INVALID
+    if status.succeeded:
+        return EXIT_OK
+    err.print(f"batch {batch_id}: {status.count('failed')} failed,"
+              f" {status.count('cancelled')} cancelled", highlight=False)
+    return EXIT_FAILED
+
+
+def _results(producer: Producer, args: argparse.Namespace, err: Console) -> int:
+    rows = producer.results(args.batch)
+    try:
+        first = next(rows, None)
+    except UnknownBatchError:
+        return _unknown(err, args.batch, EXIT_FAILED)
+    count = 0
+    with _output(args.output) as out:
+        if first is not None:
+            out.write(json.dumps(first, ensure_ascii=False) + "\n")
+            count = 1
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    if args.output:
+        err.print(f"{count} results written to {args.output}", highlight=False)
+    return EXIT_OK
+
+
+def _output(path: str | None) -> AbstractContextManager[TextIO]:
+    return open(path, "w", encoding="utf-8") if path else nullcontext(sys.stdout)
+
+
+def _cancel(producer: Producer, args: argparse.Namespace, err: Console) -> int:
+    try:
+        n = producer.cancel(args.batch)
+    except UnknownBatchError:
+        return _unknown(err, args.batch, EXIT_FAILED)
+    err.print(f"batch {args.batch}: {n} queued jobs cancelled; running jobs stop at their"
+              " next cancellation check", highlight=False)
+    return EXIT_OK
+
+
+def _unknown(err: Console, batch_id: str, code: int) -> int:
+    err.print(f"unknown batch {batch_id!r} (never submitted here, or its records expired)",
+              markup=False, highlight=False)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
