@@ -28,6 +28,7 @@ class EngineConfig:
     num_kv_blocks: an explicit KV-cache size in blocks; overrides the fraction (tests use it
         to force preemption; on CPU the default is enough blocks for max_num_seqs full sequences).
     reserved_high_slots: running slots only `high` requests may take (priority allocation).
+    max_prompt_tokens: the longest prompt accepted; default max_model_len - 1.
     enforce_eager: no CUDA graphs / compilation (debugging).
     """
 
@@ -42,6 +43,8 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.9
     num_kv_blocks: int | None = None
     reserved_high_slots: int = 0
+    # Longest prompt accepted (None: max_model_len - 1); the deployment's limit.
+    max_prompt_tokens: int | None = None
     enforce_eager: bool = False
     # Sharding over a GPU group (the multi-GPU part is built by a later change; group size 1 now).
     shard_strategy: ShardStrategy = "none"

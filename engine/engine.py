@@ -147,10 +147,13 @@ class Engine:
         if not ids:
             raise EngineError(f"request {request.request_id}: the prompt is empty")
         limit = self.backend.max_model_len - 1
+        if self.config.max_prompt_tokens is not None:
+            limit = min(limit, self.config.max_prompt_tokens)
         if len(ids) > limit:
             raise PromptTooLongError(
-                f"request {request.request_id}: prompt has {len(ids)} tokens, the model takes"
-                f" at most {limit} (max_model_len {self.backend.max_model_len} minus one output)"
+                f"request {request.request_id}: prompt has {len(ids)} tokens, at most {limit}"
+                f" are accepted (max_model_len {self.backend.max_model_len},"
+                f" max_prompt_tokens {self.config.max_prompt_tokens})"
             )
         return ids
 

@@ -76,6 +76,7 @@ def engine_config_for(config: DeploymentConfig) -> Any:
         kv_cache_memory_fraction=config.engine.kv_cache_memory_fraction,
         num_kv_blocks=config.engine.num_kv_blocks,
         reserved_high_slots=min(reserved, config.max_num_seqs - 1),
+        max_prompt_tokens=config.limits.max_prompt_tokens,
         enforce_eager=config.engine.enforce_eager,
         shard_strategy=config.model_shard_strategy,
         group_size=config.gpus_per_worker if config.num_gpus else 1,
