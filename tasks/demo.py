@@ -10,6 +10,7 @@ what it started.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -17,8 +18,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from tasks.config import ConfigError, load_config
 from tasks.redis_server import RedisUnavailableError, ensure_redis
@@ -52,6 +55,34 @@ def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path) -> None:
     raise RuntimeError(f"the worker was not ready after {_WORKER_READY_TIMEOUT_S:.0f}s")
 
 
+def _print_results(console: Console, results: list[dict[str, Any]], prompts_path: str) -> None:
+    """One row per job: what was asked, what came back."""
+    asked = {}
+    with open(prompts_path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                row = json.loads(line)
+                body = row.get("body", row)
+                asked[number] = body.get("prompt") or body["messages"][-1]["content"]
+    table = Table(title="results", show_lines=True)
+    for column in ("line", "prompt", "output", "finish", "tokens", "seconds"):
+        table.add_column(column)
+    for r in results:
+        text = r.get("text")
+        if text is None and r.get("response"):
+            choice = r["response"]["body"]["choices"][0]
+            text = choice.get("text") or choice.get("message", {}).get("content")
+        usage = r.get("usage") or {}
+        table.add_row(
+            str(r.get("line", "")), str(asked.get(r.get("line", 0), ""))[:40],
+            repr(text if text is not None else r.get("error")),
+            str(r.get("finish_reason", r.get("state"))),
+            f"{usage.get('prompt_tokens', '')}+{usage.get('completion_tokens', '')}",
+            f"{r.get('total_s', 0):.3f}",
+        )
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -67,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO)  # the default model path is relative to the repository
 
     from producer import Producer
-    from producer.cli import print_results, wait_with_progress
+    from producer import cli as producer_cli
 
     started: list[subprocess.Popen[bytes]] = []
     try:
@@ -97,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             report = producer.submit(args.prompts)
             console.print(f"submitted {report.new} jobs from {args.prompts}:"
                           f" batch [bold]{report.batch_id}[/]")
-            status = wait_with_progress(producer, report.batch_id, console)
-            print_results(producer, report.batch_id, console, prompts_path=args.prompts)
-        return 0 if status.succeeded else 1
+            code = producer_cli.main(["wait", report.batch_id, "--config", args.config])
+            _print_results(console, list(producer.results(report.batch_id)), args.prompts)
+        return code
     finally:
         for proc in reversed(started):
             if proc.poll() is None:
