@@ -1,0 +1,246 @@
+"""Line formats and whole-file validation: every error kind, with its line and field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer import InvalidFileError, Producer
+from producer.formats import LineInvalid, LineParser
+from tests.producer.conftest import DEFAULT_MAX_TOKENS, MAX_OUTPUT_TOKENS
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+USER_HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def parser() -> LineParser:
+    return LineParser(MAX_OUTPUT_TOKENS, DEFAULT_MAX_TOKENS)
+
+
+def batch_line(body: dict[str, Any], url: str = CHAT, **top: Any) -> dict[str, Any]:
+    return {"custom_id": "r1", "method": "POST", "url": url, "body": body, **top}
+
+
+def problems(parser: LineParser, line: dict[str, Any] | str) -> list[tuple[str, str]]:
+    raw = line if isinstance(line, str) else json.dumps(line)
+    with pytest.raises(LineInvalid) as err:
+        parser.parse(raw, 1)
+    return err.value.problems
+
+
+# --- valid lines -----------------------------------------------------------------------------
+
+def test_prompt_line_gets_defaults(parser: LineParser) -> None:
+    p = parser.parse('{"prompt": "Hello"}', 3)
+    assert p.request("low") == {
+        "prompt": "Hello",
+        "sampling": {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": 1.0, "top_p": 1.0,
+                     "top_k": 0, "seed": None, "stop": []},
+        "priority": "low", "endpoint": None, "line": 3, "custom_id": None, "model": None,
+    }
+
+
+def test_messages_line_with_sampling(parser: LineParser) -> None:
+    p = parser.parse(
+        '{"messages": [{"role": "system", "content": "Be brief."},'
+        ' {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],'
+        ' "custom_id": "c1", "max_tokens": 8, "temperature": 0, "top_p": 0.5, "top_k": 4,'
+        ' "seed": 7, "stop": "\\n", "model": "m"}', 1)
+    req = p.request("high")
+    assert req["messages"] == [{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "Hi"}]
+    assert "prompt" not in req
+    assert req["sampling"] == {"max_tokens": 8, "temperature": 0.0, "top_p": 0.5, "top_k": 4,
+                               "seed": 7, "stop": ["\n"]}
+    assert isinstance(req["sampling"]["temperature"], float)
+    assert (req["custom_id"], req["model"], req["priority"]) == ("c1", "m", "high")
+
+
+def test_openai_chat_line(parser: LineParser) -> None:
+    p = parser.parse(json.dumps(batch_line({
+        "model": "gpt-x", "messages": USER_HI, "max_completion_tokens": 12, "temperature": 0.2,
+        "top_p": 0.9, "seed": 1, "stop": ["a", "b"], "top_k": 3, "user": "u1",
+        "metadata": {"k": "v"}, "n": 1, "stream": False, "logprobs": False,
+    })), 5)
+    req = p.request("low")
+    assert req["endpoint"] == CHAT and req["custom_id"] == "r1" and req["model"] == "gpt-x"
+    assert req["messages"] == USER_HI
+    assert req["sampling"] == {"max_tokens": 12, "temperature": 0.2, "top_p": 0.9, "top_k": 3,
+                               "seed": 1, "stop": ["a", "b"]}
+
+
+def test_openai_completions_line(parser: LineParser) -> None:
+    p = parser.parse(json.dumps(
+        batch_line({"model": "m", "prompt": "Once", "max_tokens": 5}, url=COMPLETIONS)), 2)
+    req = p.request("low")
+    assert req["prompt"] == "Once" and req["endpoint"] == COMPLETIONS
+    assert req["sampling"]["max_tokens"] == 5
+
+
+# --- invalid lines ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("line", "field", "reason"), [
+    ("{not json", "<line>", "invalid JSON"),
+    ("[1, 2]", "<line>", "must be a JSON object, not an array"),
+    ('"text"', "<line>", "not a string"),
+    ({"max_tokens": 3}, "prompt", "missing"),
+    ({"prompt": "a", "temprature": 1}, "temprature", "unknown key"),
+    ({"prompt": "a", "temperature": -0.5}, "temperature", "greater than or equal to 0"),
+    ({"prompt": "a", "temperature": "hot"}, "temperature", "must be a number"),
+    ({"prompt": "a", "top_p": 0}, "top_p", "greater than 0"),
+    ({"prompt": "a", "top_p": 1.5}, "top_p", "less than or equal to 1"),
+    ({"prompt": "a", "top_k": -1}, "top_k", "greater than or equal to 0"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"prompt": "a", "max_tokens": MAX_OUTPUT_TOKENS + 1}, "max_tokens",
+     "limits.max_output_tokens"),
+    ({"prompt": "a", "max_tokens": 2.5}, "max_tokens", "must be an integer"),
+    ({"prompt": "a", "max_tokens": "8"}, "max_tokens", "must be an integer"),
+    ({"prompt": "a", "max_tokens": True}, "max_tokens", "must be an integer"),
+    ({"prompt": "a", "seed": 1.5}, "seed", "must be an integer"),
+    ({"prompt": "a", "stop": [""]}, "stop", "must not be empty"),
+    ({"prompt": "a", "stop": [1]}, "stop", "list of strings"),
+    ({"prompt": "a", "custom_id": ""}, "custom_id", "must not be empty"),
+    ({"prompt": ""}, "prompt", "must not be empty"),
+    ({"prompt": "  \n"}, "prompt", "whitespace"),
+    ({"prompt": 5}, "prompt", "must be a string"),
+    ({"prompt": "a", "messages": USER_HI}, "prompt", "not both"),
+    ({"messages": []}, "messages", "must not be empty"),
+    ({"messages": "hi"}, "messages", "must be a list"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role",
+     "'system', 'user' or 'assistant'"),
+    ({"messages": [*USER_HI, {"role": "user"}]}, "messages.1.content", "missing"),
+    ({"messages": [{"role": "user", "content": "x", "name": "n"}]}, "messages.0.name",
+     "unknown key"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages.0.content", "only text content parts"),
+    (batch_line({"messages": USER_HI}, method="GET"), "method", "'POST'"),
+    (batch_line({"input": "x"}, url="/v1/embeddings"), "url", "/v1/chat/completions"),
+    ({"method": "POST", "url": CHAT, "body": {"messages": USER_HI}}, "custom_id", "missing"),
+    (batch_line({"messages": USER_HI}, extra=1), "extra", "unknown key"),
+    (batch_line({"messages": USER_HI}) | {"body": []}, "body", "must be an object"),
+    (batch_line({}), "body.messages", "missing"),
+    (batch_line({"messages": USER_HI, "n": 2}), "body.n", "not supported"),
+    (batch_line({"messages": USER_HI, "logprobs": True}), "body.logprobs", "not supported"),
+    (batch_line({"messages": USER_HI, "stream": True}), "body.stream", "not supported"),
+    (batch_line({"messages": USER_HI, "tools": [{"type": "function"}]}), "body.tools",
+     "not supported"),
+    (batch_line({"messages": USER_HI, "presence_penalty": 0.5}), "body.presence_penalty",
+     "not supported"),
+    (batch_line({"messages": USER_HI, "frobnicate": 1}), "body.frobnicate", "unknown key"),
+    (batch_line({"messages": USER_HI, "temperature": -1}), "body.temperature",
+     "greater than or equal to 0"),
+    (batch_line({"messages": USER_HI, "max_tokens": MAX_OUTPUT_TOKENS + 1}), "body.max_tokens",
+     "limits.max_output_tokens"),
+    (batch_line({"messages": USER_HI, "max_completion_tokens": MAX_OUTPUT_TOKENS + 1}),
+     "body.max_completion_tokens", "limits.max_output_tokens"),
+    (batch_line({"messages": USER_HI, "max_tokens": 4, "max_completion_tokens": 5}),
+     "body.max_completion_tokens", "differs"),
+    (batch_line({"messages": USER_HI, "model": 3}), "body.model", "must be a string"),
+    (batch_line({"prompt": ["a", "b"]}, url=COMPLETIONS), "body.prompt", "single string"),
+    (batch_line({"prompt": ""}, url=COMPLETIONS), "body.prompt", "must not be empty"),
+    (batch_line({"prompt": "a", "echo": True}, url=COMPLETIONS), "body.echo", "not supported"),
+])
+def test_invalid_line(parser: LineParser, line: dict[str, Any] | str, field: str,
+                      reason: str) -> None:
+    found = problems(parser, line)
+    assert any(f == field and reason in r for f, r in found), found
+
+
+def test_every_problem_of_a_line_is_reported(parser: LineParser) -> None:
+    found = problems(parser, {"prompt": "", "temperature": -1, "foo": 1})
+    assert {f for f, _ in found} == {"prompt", "temperature", "foo"}
+
+
+# --- whole files -----------------------------------------------------------------------------
+
+def test_errors_name_file_line_and_field(producer: Producer, rdb: redis.Redis,
+                                         write_jsonl: Callable[..., Path]) -> None:
+    path = write_jsonl([
+        {"prompt": "ok"},
+        "",
+        {"prompt": "ok", "temperature": -1},
+        "   ",
+        "{broken",
+        {"messages": [{"role": "bot", "content": "x"}]},
+        {"prompt": "ok", "max_tokens": MAX_OUTPUT_TOKENS + 1},
+    ])
+    with pytest.raises(InvalidFileError) as err:
+        producer.submit(path)
+    lines = [str(e) for e in err.value.errors]
+    assert [e.line for e in err.value.errors] == [3, 5, 6, 7]
+    assert lines[0] == f"{path}:3: temperature: must be greater than or equal to 0 (got -1)"
+    assert lines[1].startswith(f"{path}:5: <line>: invalid JSON: ")
+    assert lines[2].startswith(f"{path}:6: messages.0.role: ")
+    assert lines[3].startswith(f"{path}:7: max_tokens: {MAX_OUTPUT_TOKENS + 1} exceeds")
+    assert err.value.error_count == 4
+    # Nothing at all was written to Redis.
+    assert rdb.llen("low") == 0 and rdb.llen("high") == 0
+    assert rdb.dbsize() == 0
+
+
+def test_empty_file_is_an_error(producer: Producer, write_jsonl: Callable[..., Path],
+                                tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for path in (empty, write_jsonl(["", "  ", "\t"])):
+        with pytest.raises(InvalidFileError, match="empty"):
+            producer.submit(path, skip_invalid=True)
+
+
+def test_duplicate_custom_id_names_both_lines(producer: Producer,
+                                              write_jsonl: Callable[..., Path]) -> None:
+    path = write_jsonl([
+        {"prompt": "a", "custom_id": "x"},
+        batch_line({"messages": USER_HI}, custom_id="y"),
+        {"prompt": "b", "custom_id": "x"},
+        batch_line({"messages": USER_HI}, custom_id="y"),
+    ])
+    with pytest.raises(InvalidFileError) as err:
+        producer.submit(path)
+    assert [str(e) for e in err.value.errors] == [
+        f"{path}:3: custom_id: 'x' is also the custom_id of line 1",
+        f"{path}:4: custom_id: 'y' is also the custom_id of line 2",
+    ]
+
+
+def test_custom_id_cannot_take_another_lines_job_id(producer: Producer,
+                                                    write_jsonl: Callable[..., Path]) -> None:
+    path = write_jsonl([{"prompt": "a"}, {"prompt": "b", "custom_id": "L1"}])
+    with pytest.raises(InvalidFileError) as err:
+        producer.submit(path)
+    assert [str(e) for e in err.value.errors] == [
+        f"{path}:2: custom_id: 'L1' is the job id of line 1, which has no custom_id"]
+
+
+def test_skip_invalid_enqueues_the_good_lines(producer: Producer, rdb: redis.Redis,
+                                              write_jsonl: Callable[..., Path]) -> None:
+    path = write_jsonl([{"prompt": "a"}, {"prompt": ""}, "", {"prompt": "c"}, "[]"])
+    report = producer.submit(path, skip_invalid=True)
+    assert (report.accepted, report.new, report.skipped) == (2, 2, 2)
+    assert [e.line for e in report.errors] == [2, 5]
+    assert rdb.llen("low") == 2
+    assert [r.line for r in producer.store.iter_jobs(report.batch_id)] == [1, 4]
+
+
+def test_skip_invalid_with_no_valid_line_is_an_error(producer: Producer, rdb: redis.Redis,
+                                                     write_jsonl: Callable[..., Path]) -> None:
+    with pytest.raises(InvalidFileError):
+        producer.submit(write_jsonl([{"prompt": ""}, "{"]), skip_invalid=True)
+    assert rdb.dbsize() == 0
+
+
+def test_error_list_is_capped_but_counted(producer: Producer,
+                                          write_jsonl: Callable[..., Path],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("producer.client.MAX_KEPT_ERRORS", 5)
+    with pytest.raises(InvalidFileError) as err:
+        producer.submit(write_jsonl(["{"] * 12))
+    assert len(err.value.errors) == 5 and err.value.error_count == 12
+    assert "(and 11 more)" in str(err.value)
