@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.attention import PagedAttention
-from engine.models import model_class
+from engine.models import CausalLM, model_class
 from engine.parallel import ParallelGroup, load_slice
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def checkpoint_files(model_path: str | Path) -> list[Path]:
 
 
 def build_model(hf_config: Any, group: ParallelGroup, attention: PagedAttention,
-                max_positions: int) -> nn.Module:
+                max_positions: int) -> CausalLM:
     """The architecture's module on the meta device (parameters have shapes, no storage)."""
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures:
@@ -52,7 +52,7 @@ def build_model(hf_config: Any, group: ParallelGroup, attention: PagedAttention,
     cls = model_class(architectures[0])
     args = cls.args_class.from_hf(hf_config)
     with torch.device("meta"):
-        model: nn.Module = cls(args, group, attention, max_positions)
+        model = cls(args, group, attention, max_positions)
     model.tie_weights()
     return model
 
@@ -75,12 +75,12 @@ def materialise(model: nn.Module, device: torch.device, dtype: torch.dtype) -> N
 
 
 @torch.inference_mode()
-def load_weights(model: nn.Module, model_path: str | Path) -> None:
+def load_weights(model: CausalLM, model_path: str | Path) -> None:
     """Copy every checkpoint tensor into its (possibly fused, possibly sharded) parameter."""
     params = dict(model.named_parameters())
-    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules", {})
+    packed = model.packed_modules
     shards_of = Counter(target for target, _ in packed.values())
-    tied = bool(getattr(getattr(model, "args", None), "tie_word_embeddings", False))
+    tied = model.args.tie_word_embeddings
     loaded: Counter[str] = Counter()
     for file in checkpoint_files(model_path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -115,7 +115,7 @@ def load_weights(model: nn.Module, model_path: str | Path) -> None:
 
 def load_model(hf_config: Any, model_path: str | Path, dtype: torch.dtype,
                device: torch.device, group: ParallelGroup, attention: PagedAttention,
-               max_positions: int) -> nn.Module:
+               max_positions: int) -> CausalLM:
     """Build, allocate and load the model for this rank; returns it in eval mode.
 
     Args:
@@ -129,4 +129,5 @@ def load_model(hf_config: Any, model_path: str | Path, dtype: torch.dtype,
     n = sum(p.numel() for p in model.parameters())
     log.info("loaded %s: %.1fM parameters (this rank) as %s on %s",
              model_path, n / 1e6, dtype, device)
-    return model.eval()
+    model.eval()
+    return model

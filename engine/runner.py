@@ -12,12 +12,12 @@ import logging
 from typing import Any
 
 import torch
-from torch import nn
 
 from engine.attention import ChunkSpec, PagedAttention, TorchPagedAttention
 from engine.config import EngineConfig
 from engine.kv_cache import block_bytes, blocks_for_sequences
 from engine.loader import load_model
+from engine.models import CausalLM
 from engine.parallel import ParallelGroup
 from engine.request import EngineError
 from engine.sampler import sample
@@ -34,12 +34,16 @@ _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _MASK64 = (1 << 64) - 1
 
 
-def token_seed(seed: int, position: int) -> int:
-    """A well-mixed 63-bit seed for the noise of one output position of a seeded request."""
-    z = (seed * _GOLDEN + (position + 1) * _GOLDEN) & _MASK64
+def _splitmix64(x: int) -> int:
+    z = (x + _GOLDEN) & _MASK64
     z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
     z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
-    return (z ^ (z >> 31)) >> 1
+    return z ^ (z >> 31)
+
+
+def token_seed(seed: int, position: int) -> int:
+    """A well-mixed 63-bit seed for the noise of one output position of a seeded request."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ position) >> 1
 
 
 class ModelRunner:
@@ -61,13 +65,13 @@ class ModelRunner:
         self.group = group
         self.block_size = config.block_size
         self.attention: PagedAttention = attention or TorchPagedAttention()
-        self.model: nn.Module = load_model(hf_config, config.model_path, dtype, device, group,
+        self.model: CausalLM = load_model(hf_config, config.model_path, dtype, device, group,
                                            self.attention, max_model_len)
         args = self.model.args
-        self.num_layers: int = args.num_layers
-        self.num_kv_heads: int = group.split(args.num_kv_heads, "key/value heads")
-        self.head_dim: int = args.head_dim
-        self.vocab_size: int = args.vocab_size
+        self.num_layers = args.num_layers
+        self.num_kv_heads = group.split(args.num_kv_heads, "key/value heads")
+        self.head_dim = args.head_dim
+        self.vocab_size = args.vocab_size
         self.num_blocks = self._decide_num_blocks(max_model_len)
         # [layers, keys/values, blocks, block_size, Hkv, Dh]
         self.kv_cache = torch.zeros(self.num_layers, 2, self.num_blocks, self.block_size,
@@ -114,7 +118,7 @@ class ModelRunner:
         meta = self.attention.build_metadata(specs, self.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [T]
-        hidden = self.model(input_ids, pos, self.kv_caches, meta)  # [T, D]
+        hidden: torch.Tensor = self.model(input_ids, pos, self.kv_caches, meta)  # [T, D]
         if not last_rows:
             return []
         rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, PagedAttention
+from engine.models import CausalLM
 from engine.parallel import (
     MergedColumnParallelLinear,
     ParallelGroup,
@@ -130,6 +131,9 @@ def rope_inv_freq(params: dict[str, Any], head_dim: int) -> torch.Tensor:
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position up to max_positions, applied in the rotate-half form."""
+
+    cos: torch.Tensor  # [max_positions, head_dim] float32
+    sin: torch.Tensor
 
     def __init__(self, head_dim: int, max_positions: int, params: dict[str, Any]) -> None:
         super().__init__()
@@ -253,12 +257,11 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """The decoder plus the vocabulary head. Build on the meta device; see engine.loader."""
 
     args_class = LlamaArgs
-    # checkpoint module -> (module here, shard id) for the projections fused here.
-    packed_modules: dict[str, tuple[str, Any]] = {
+    packed_modules = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
@@ -269,7 +272,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, args: LlamaArgs, group: ParallelGroup, attention: PagedAttention,
                  max_positions: int) -> None:
         super().__init__()
-        self.args = args
+        self.args: LlamaArgs = args
         self.model = LlamaModel(args, group, attention, max_positions)
         self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, group)
 
@@ -283,11 +286,13 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, D]
-        return self.model(input_ids, positions, kv_caches, meta)
+        hidden: torch.Tensor = self.model(input_ids, positions, kv_caches, meta)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, D] -> logits: [N, V]
-        return self.lm_head(hidden)
+        logits: torch.Tensor = self.lm_head(hidden)
+        return logits
 
 
 MODEL_CLASS = LlamaForCausalLM

@@ -48,7 +48,8 @@ def check_against_hf(backend: NativeBackend, path: Path, prompts: list[list[int]
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "mistral", "llama3_rope"])
 def test_greedy_matches_hf(variant: str, checkpoint: Callable[[str], Path],
-                           prompts: list[list[int]], hf_greedy: HFGreedy, drive: Callable[..., Any]) -> None:
+                           prompts: list[list[int]], hf_greedy: HFGreedy,
+                           drive: Callable[..., Any]) -> None:
     path = checkpoint(variant)
     check_against_hf(make_backend(path), path, prompts, hf_greedy, drive)
 

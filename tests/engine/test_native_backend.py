@@ -1,0 +1,96 @@
+"""The native backend's contract beyond greedy equality: limits, aborts, errors, stats."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.native_backend import NativeBackend, supports
+from engine.request import EngineError, PromptTooLongError, SamplingParams
+
+
+def make_backend(path: Path, **overrides: object) -> NativeBackend:
+    settings: dict[str, object] = dict(dtype="float32", device="cpu", max_model_len=64,
+                                       max_num_seqs=4, block_size=4)
+    settings.update(overrides)
+    return NativeBackend(EngineConfig(model_path=str(path), **settings))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoint: Callable[[str], Path]) -> Path:
+    return checkpoint("llama")
+
+
+def test_supports(checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    for variant in ("llama", "qwen2", "mistral"):
+        assert supports(checkpoint(variant))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    assert not supports(tmp_path)
+    assert not supports(tmp_path / "missing")
+
+
+def test_max_model_len_finishes_with_length(llama: Path, drive: Callable[..., Any]) -> None:
+    backend = make_backend(llama, max_model_len=40)
+    long = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    result = drive(backend, [("r", list(range(10, 40)), long, 1)])["r"]
+    assert len(result.token_ids) == 10 and result.finish_reason == "length"
+    with pytest.raises(PromptTooLongError):
+        backend.add_request("too-long", list(range(10, 50)), long, 1)
+    with pytest.raises(EngineError, match="vocabulary"):
+        backend.add_request("bad-id", [5, 10**6], long, 1)
+
+
+def test_abort_frees_cache_and_is_idempotent(llama: Path) -> None:
+    backend = make_backend(llama)
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    backend.add_request("a", list(range(10, 30)), params, 1)
+    backend.add_request("b", list(range(10, 15)), params, 0)
+    backend.step()
+    stats = backend.stats()
+    assert stats["running"] == 2 and stats["kv_blocks_free"] < stats["kv_blocks_total"]
+    backend.abort_request("a")
+    backend.abort_request("a")
+    backend.abort_request("never-added")
+    assert backend.stats()["running"] == 1
+    backend.abort_request("b")
+    stats = backend.stats()
+    assert not backend.has_unfinished()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    assert backend.step() == []
+
+
+def test_step_outputs_and_stats(llama: Path) -> None:
+    backend = make_backend(llama, max_num_batched_tokens=8)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    backend.add_request("r", list(range(10, 30)), params, 1)  # 20 tokens: 3 prefill chunks
+    outputs = []
+    while backend.has_unfinished():
+        outputs += backend.step()
+    # The first chunk reports the request scheduled; the second, silent, produces nothing.
+    assert [o.scheduled_first_time for o in outputs] == [True, False, False, False]
+    assert [len(o.new_token_ids) for o in outputs] == [0, 1, 1, 1]
+    assert outputs[-1].finished and outputs[-1].finish_reason == "length"
+    stats = backend.stats()
+    assert stats["tokens_generated"] == 3 and stats["num_preemptions"] == 0
+    assert backend.eos_token_ids >= {backend.tokenizer.eos_token_id}
+
+
+def test_cache_too_small_and_int8_rejected(llama: Path) -> None:
+    with pytest.raises(EngineError, match="cannot hold one sequence"):
+        make_backend(llama, num_kv_blocks=3)
+    with pytest.raises(EngineError, match="int8"):
+        make_backend(llama, dtype="int8")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs(llama: Path, dtype: str, drive: Callable[..., Any]) -> None:
+    backend = make_backend(llama, dtype=dtype)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    results = drive(backend, [("a", list(range(10, 30)), params, 1),
+                              ("b", list(range(40, 45)), params, 1)])
+    assert all(len(r.token_ids) == 8 for r in results.values())
