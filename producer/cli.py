@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `producer` console script; returns the exit code."""
     args = _parser().parse_args(argv)
-    err = Console(stderr=True)
+    # soft_wrap: a long error line stays one line (grep-able), not wrapped at the terminal width.
+    err = Console(stderr=True, soft_wrap=True)
     try:
         config = load_config(args.config)
     except ConfigError as e:

@@ -274,7 +274,8 @@ class LineParser:
         except UnicodeDecodeError as err:
             raise LineInvalid([("<line>", f"not UTF-8: {err.reason}")]) from None
         except json.JSONDecodeError as err:
-            raise LineInvalid([("<line>", f"invalid JSON: {err}")]) from None
+            raise LineInvalid([("<line>", f"invalid JSON: {err.msg} (column {err.pos + 1})")]
+                              ) from None
         if not isinstance(data, dict):
             raise LineInvalid([("<line>", f"must be a JSON object, not {_json_type(data)}")])
         if "body" in data or "url" in data or "method" in data:
