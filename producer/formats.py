@@ -270,7 +270,11 @@ class LineParser:
     def parse(self, raw: bytes | str, line: int) -> ParsedLine:
         """One non-blank line -> ParsedLine; raises LineInvalid with every problem found."""
         try:
-            data = json.loads(raw)
+            # Decoding first spares json.loads its encoding detection; a byte order mark
+            # (some editors write one on the first line) is not an error.
+            text = raw.decode("utf-8-sig" if line == 1 else "utf-8") if isinstance(
+                raw, bytes) else raw
+            data = json.loads(text)
         except UnicodeDecodeError as err:
             raise LineInvalid([("<line>", f"not UTF-8: {err.reason}")]) from None
         except json.JSONDecodeError as err:

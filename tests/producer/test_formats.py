@@ -244,3 +244,11 @@ def test_error_list_is_capped_but_counted(producer: Producer,
         producer.submit(write_jsonl(["{"] * 12))
     assert len(err.value.errors) == 5 and err.value.error_count == 12
     assert "(and 11 more)" in str(err.value)
+
+
+def test_encoding(parser: LineParser) -> None:
+    # A byte order mark on the first line is fine; bytes that are not UTF-8 are an error.
+    assert parser.parse(b'\xef\xbb\xbf{"prompt": "a"}\n', 1).prompt == "a"
+    with pytest.raises(LineInvalid) as err:
+        parser.parse(b'{"prompt": "\xff"}\n', 2)
+    assert err.value.problems == [("<line>", "not UTF-8: invalid start byte")]
