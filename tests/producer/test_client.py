@@ -305,3 +305,10 @@ def test_cli_redis_down(monkeypatch: pytest.MonkeyPatch,
 
 def test_queue_names_are_the_shared_ones() -> None:
     assert keys.QUEUES == ("high", "low")
+
+
+def test_cli_submit_wait_times_out(cli_env: str, mixed: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["submit", str(mixed), "--batch-id", "w1", "--wait", "--timeout", "0.2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "w1\n" and "timed out" in err

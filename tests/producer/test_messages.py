@@ -17,6 +17,7 @@ from celery import Celery
 from kombu import Queue
 
 from producer import Producer
+from producer.cli import main
 from producer.messages import MessageBuilder, decode, job_kwargs
 from tasks import keys
 
@@ -148,3 +149,16 @@ def test_a_real_worker_runs_the_messages(echo_worker: subprocess.Popen[bytes],
     assert rows[2]["response"]["body"]["object"] == "text_completion"
     high_row = next(producer.results(high.batch_id))
     assert json.loads(high_row["text"])["request"]["priority"] == "high"
+
+
+def test_cli_submit_wait_with_a_real_worker(echo_worker: subprocess.Popen[bytes], cli_env: str,
+                                            write_jsonl: Callable[..., Path],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_jsonl([{"prompt": f"p{i}"} for i in range(5)])
+    assert main(["submit", str(path), "--priority", "high", "--batch-id", "cliw", "--wait",
+                 "--timeout", "30"]) == 0
+    assert capsys.readouterr().out == "cliw\n"
+    assert main(["results", "cliw"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [json.loads(r["text"])["request"]["prompt"] for r in rows] == [
+        f"p{i}" for i in range(5)]
