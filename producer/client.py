@@ -61,7 +61,8 @@ _BLANK, _VALID, _VALID_CUSTOM_ID, _INVALID = 0, 1, 2, 3
 
 @dataclass(frozen=True)
 class LineError:
-    """One problem of a file: `FILE:LINE: field: reason` (no LINE for the file as a whole)."""
+    """One problem of a file: `FILE:LINE: field: reason`, or `FILE: reason` for the file as a
+    whole (line None, field empty)."""
 
     path: str
     line: int | None
@@ -70,7 +71,7 @@ class LineError:
 
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}" if self.line is not None else self.path
-        return f"{where}: {self.field}: {self.reason}"
+        return f"{where}: {self.field}: {self.reason}" if self.field else f"{where}: {self.reason}"
 
 
 class InvalidFileError(ValueError):
@@ -234,7 +235,7 @@ class Producer:
         scan = self._validate(name)
         validated = time.perf_counter()
         if scan.valid == 0 and scan.invalid == 0:
-            raise InvalidFileError([LineError(name, None, "<file>", "empty: no JSON lines")])
+            raise InvalidFileError([LineError(name, None, "", "empty file (no JSON lines)")])
         if scan.invalid and (not skip_invalid or scan.valid == 0):
             raise InvalidFileError(scan.errors, scan.error_count)
         new = self._enqueue(name, scan, batch_id, priority)
@@ -308,7 +309,7 @@ class Producer:
         flags = scan.flags
         parse = self.parser.parse
         build = self.messages.job_message
-        new = 0
+        new = enqueued = 0
         pending: Future[int] | None = None
         chunk: list[QueuedJob] = []
         with open(path, "rb") as f, ThreadPoolExecutor(max_workers=1) as pool:
@@ -323,6 +324,7 @@ class Producer:
                     raise FileChangedError(
                         f"{path}:{number}: changed while it was being submitted"
                     ) from None
+                enqueued += 1
                 job_id = keys.job_id_for(batch_id, parsed.custom_id, number)
                 message = build(job_id, batch_id, priority, parsed.request(priority))
                 chunk.append(QueuedJob(job_id, number, parsed.custom_id, message,
@@ -335,6 +337,8 @@ class Producer:
             if pending is not None:
                 new += pending.result()
             new += self.store.enqueue(batch_id, priority, chunk)
+        if enqueued != scan.valid:
+            raise FileChangedError(f"{path}: shrank while it was being submitted")
         return new
 
     # --- follow a batch ------------------------------------------------------------------

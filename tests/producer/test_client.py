@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from producer import Producer, UnknownBatchError, WaitTimeoutError
+from producer import FileChangedError, Producer, UnknownBatchError, WaitTimeoutError
 from producer.cli import main
 from producer.messages import decode
 from tasks import keys
@@ -312,3 +312,18 @@ def test_cli_submit_wait_times_out(cli_env: str, mixed: Path,
     assert main(["submit", str(mixed), "--batch-id", "w1", "--wait", "--timeout", "0.2"]) == 2
     out, err = capsys.readouterr()
     assert out == "w1\n" and "timed out" in err
+
+
+def test_file_changed_between_passes(producer: Producer, write_jsonl: Callable[..., Path],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_jsonl([{"prompt": "a"}, {"prompt": "b"}])
+    validate = Producer._validate
+
+    def validate_then_edit(self: Producer, name: str) -> Any:
+        scan = validate(self, name)
+        path.write_text(json.dumps({"prompt": ""}) + "\n")
+        return scan
+
+    monkeypatch.setattr(Producer, "_validate", validate_then_edit)
+    with pytest.raises(FileChangedError, match=":1: changed"):
+        producer.submit(path)

@@ -252,3 +252,11 @@ def test_encoding(parser: LineParser) -> None:
     with pytest.raises(LineInvalid) as err:
         parser.parse(b'{"prompt": "\xff"}\n', 2)
     assert err.value.problems == [("<line>", "not UTF-8: invalid start byte")]
+
+
+def test_file_level_error_has_no_line(producer: Producer, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(InvalidFileError) as err:
+        producer.submit(empty)
+    assert [str(e) for e in err.value.errors] == [f"{empty}: empty file (no JSON lines)"]
