@@ -1,0 +1,652 @@
+"""The engine alone against Hugging Face transformers, on one card (BENCHMARKS.md):
+
+    W-throughput  512 requests, prompts of 32-512 random tokens, 128 output tokens each, all
+                  submitted at once; output tokens/s. Peers: `generate()` in static batches of
+                  64 and 256, continuous batching `generate_batch()`.
+    W-latency     one request, 128-token prompt, 256 output tokens; decode tokens/s (time to
+                  first token excluded) and its fraction of the card's bandwidth floor. Peers:
+                  `generate()` with a dynamic cache and with a static (compiled) cache.
+
+Greedy, EOS ignored. Order of work, so that a time budget loses the least: every project
+figure first, then the peer each ratio needs, then the other peers; each JSON file is
+rewritten as soon as a contender finishes.
+
+    python bench/bench_engine.py --workload all --model 1b,8b --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script: make `engine` and `bench` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    DEFAULT_RESULTS_DIR,
+    Deadline,
+    Repeated,
+    card_name,
+    free_device_memory,
+    git_commit,
+    log,
+    measure_bandwidth,
+    print_table,
+    repeat,
+    synchronize,
+    today,
+    versions,
+    write_result,
+)
+from engine.config import EngineConfig  # noqa: E402
+from engine.request import Request, SamplingParams  # noqa: E402
+
+MODELS = ("tiny", "1b", "8b")
+WORKLOAD_IDS = {"throughput": "W-throughput", "latency": "W-latency"}
+# BENCHMARKS.md defines W-throughput on `1b` only (its HF peers on `8b` would take most of
+# a device call); `tiny` is for CPU smoke runs. --all-pairs lifts this.
+DEFINED_ON = {"throughput": ("tiny", "1b"), "latency": ("tiny", "1b", "8b")}
+# Peers in the order they run: the one the headline ratio needs first.
+PEERS = {
+    "throughput": ("hf_generate_batch", "hf_generate_static256", "hf_generate_static64"),
+    "latency": ("hf_static_cache", "hf_generate"),
+}
+RATIO_PEER = {"throughput": "hf_generate_batch", "latency": "hf_static_cache"}
+# --peers names that stand for several peers.
+PEER_ALIASES = {
+    "hf_generate": ("hf_generate_static64", "hf_generate_static256", "hf_generate"),
+}
+STATIC_BATCH = {"hf_generate_static64": 64, "hf_generate_static256": 256}
+
+
+@dataclass(frozen=True)
+class ThroughputSpec:
+    num_requests: int = 512
+    prompt_min: int = 32
+    prompt_max: int = 512  # inclusive
+    output_tokens: int = 128
+    seed: int = 0
+    # The HF peers' warm-up: the first requests of the workload, few output tokens (enough to
+    # load kernels and the allocator; each peer still meets new shapes in its timed runs).
+    warmup_requests: int = 64
+    warmup_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class LatencySpec:
+    prompt_tokens: int = 128
+    output_tokens: int = 256
+    seed: int = 0
+
+
+# A project run is never cut by the time budget sooner than this (the budget stops hung runs).
+MIN_RUN_TIMEOUT_S = 60.0
+# Default --time-budget on a GPU: one device command may run 600 s at most; the last
+# contender started may overrun the budget by one warm-up + one run (~1 min for the slowest).
+GPU_TIME_BUDGET_S = 420.0
+
+# --quick: a CPU smoke run of the same code paths in seconds.
+QUICK_THROUGHPUT = ThroughputSpec(num_requests=8, prompt_min=8, prompt_max=32, output_tokens=8,
+                                  warmup_requests=4, warmup_tokens=4)
+QUICK_LATENCY = LatencySpec(prompt_tokens=16, output_tokens=8)
+# Bandwidth copy size: 1 GiB (far past any cache) on a GPU; small on a CPU smoke run.
+BANDWIDTH_BYTES = 1 << 30
+QUICK_BANDWIDTH_BYTES = 64 << 20
+# generate_batch's KV cache on a CPU run: enough blocks (of its default size) for the quick
+# workload, instead of a cache sized from host memory.
+CPU_CB_BLOCKS = 16
+CPU_CB_BATCH_TOKENS = 512
+
+
+@dataclass
+class Pair:
+    """One workload on one model: its inputs and whatever has been measured so far."""
+
+    workload: str  # "throughput" | "latency"
+    model: str
+    checkpoint: Path
+    peers: list[str]
+    prompts: list[list[int]] = field(default_factory=list)
+    pad_id: int = 0
+    params: int = 0
+    param_bytes: int = 0
+    # name -> {"median": ...} | {"error": "..."} | {"skipped": "..."}
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Interrupted(Exception):
+    """SIGTERM (e.g. from `timeout`): stop, keep what was measured."""
+
+
+# --- inputs ----------------------------------------------------------------------------------
+def allowed_token_ids(checkpoint: Path) -> tuple[torch.Tensor, int, int]:
+    """Token ids a random prompt may use ([0, vocab) minus special ids), the pad id, vocab."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    vocab = int(AutoConfig.from_pretrained(checkpoint).vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    keep = torch.ones(vocab, dtype=torch.bool)  # [V]
+    special = [i for i in tokenizer.all_special_ids if 0 <= i < vocab]
+    keep[special] = False
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return keep.nonzero().squeeze(1), int(pad), vocab  # [V']
+
+
+def random_prompts(
+    allowed: torch.Tensor, lengths: list[int], seed: int
+) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        allowed[torch.randint(len(allowed), (n,), generator=gen)].tolist() for n in lengths
+    ]
+
+
+def throughput_prompts(allowed: torch.Tensor, spec: ThroughputSpec) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(spec.seed)
+    lengths = torch.randint(
+        spec.prompt_min, spec.prompt_max + 1, (spec.num_requests,), generator=gen
+    ).tolist()
+    return random_prompts(allowed, lengths, spec.seed + 1)
+
+
+def count_params(checkpoint: Path) -> int:
+    """Parameters of the model as built (tied embeddings once), counted on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint))
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- the project -----------------------------------------------------------------------------
+def engine_config(args: argparse.Namespace, checkpoint: Path) -> EngineConfig:
+    return EngineConfig(
+        model_path=str(checkpoint), dtype=args.dtype, backend=args.backend, device=args.device,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def wait_all(engine: Any, requests: list[Request], deadline: Deadline) -> list[Any]:
+    """engine.generate, but a run that outlives the time budget (a hung engine) fails with
+    TimeoutError instead of holding the device call until it is killed."""
+    futures = [engine.submit(r) for r in requests]
+    left = deadline.remaining()
+    timeout = None if left == float("inf") else max(left, MIN_RUN_TIMEOUT_S)
+    end = time.monotonic() + timeout if timeout is not None else None
+    return [f.result(None if end is None else max(0.0, end - time.monotonic())) for f in futures]
+
+
+def project_throughput(
+    args: argparse.Namespace, pair: Pair, spec: ThroughputSpec, deadline: Deadline
+) -> dict[str, Any]:
+    from engine.engine import Engine
+
+    engine = Engine(engine_config(args, pair.checkpoint))
+    try:
+        counter = iter(range(1 << 30))
+
+        def run() -> tuple[float, dict[str, Any]]:
+            tag = next(counter)
+            requests = [
+                Request(f"t{tag}-{i}", prompt_token_ids=p, sampling=greedy(spec.output_tokens))
+                for i, p in enumerate(pair.prompts)
+            ]
+            t0 = time.perf_counter()
+            done = wait_all(engine, requests, deadline)
+            seconds = time.perf_counter() - t0
+            tokens = sum(c.completion_tokens for c in done)
+            short = sum(c.completion_tokens != spec.output_tokens for c in done)
+            return tokens / seconds, {"seconds": seconds, "output_tokens": tokens,
+                                      "short_outputs": short}
+
+        # Warm-up: the whole workload once (the engine may capture graphs per batch size).
+        rep = repeat(run, args.reps, [run] * args.warmup, deadline, "project")
+        return {**rep.summary(), "engine_stats": engine.stats()}
+    finally:
+        engine.shutdown()
+
+
+def project_latency(
+    args: argparse.Namespace, pair: Pair, spec: LatencySpec, deadline: Deadline
+) -> dict[str, Any]:
+    from engine.engine import Engine
+
+    engine = Engine(engine_config(args, pair.checkpoint))
+    try:
+        counter = iter(range(1 << 30))
+
+        def run() -> tuple[float, dict[str, Any]]:
+            req = Request(f"l{next(counter)}", prompt_token_ids=pair.prompts[0],
+                          sampling=greedy(spec.output_tokens))
+            c = wait_all(engine, [req], deadline)[0]
+            decode_s = c.total_s - c.first_token_s
+            return (c.completion_tokens - 1) / decode_s, {
+                "ttft_s": c.first_token_s, "total_s": c.total_s,
+                "output_tokens": c.completion_tokens,
+            }
+
+        rep = repeat(run, args.reps, [run] * max(2, args.warmup), deadline, "project")
+        return {**rep.summary(), "engine_stats": engine.stats()}
+    finally:
+        engine.shutdown()
+
+
+# --- Hugging Face peers ----------------------------------------------------------------------
+@contextmanager
+def hf_model(args: argparse.Namespace, checkpoint: Path) -> Iterator[Any]:
+    """The checkpoint loaded the way a plain transformers worker would; freed on exit so the
+    next contender has the card to itself."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, args.dtype))
+    model = model.to(args.device).eval()
+    try:
+        yield model
+    finally:
+        if hasattr(model, "destroy_cached_continuous_batching_manager"):
+            model.destroy_cached_continuous_batching_manager()
+        del model
+        free_device_memory(args.device)
+
+
+def left_padded(
+    prompts: list[list[int]], pad_id: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [B, T]
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def hf_static_batches(
+    model: Any, prompts: list[list[int]], batch: int, n_out: int, pad_id: int, device: str
+) -> tuple[float, dict[str, Any]]:
+    """generate() over consecutive static batches, as a worker that batches jobs would."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    tokens = 0
+    for start in range(0, len(prompts), batch):
+        ids, mask = left_padded(prompts[start : start + batch], pad_id, device)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=n_out, min_new_tokens=n_out,
+            do_sample=False, pad_token_id=pad_id,
+        )  # [B, T + n_out]
+        tokens += (out.shape[1] - ids.shape[1]) * out.shape[0]
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    return tokens / seconds, {"seconds": seconds, "output_tokens": tokens}
+
+
+def hf_generate_batch(
+    model: Any, prompts: list[list[int]], n_out: int, device: str
+) -> tuple[float, dict[str, Any]]:
+    """transformers' continuous batching with its defaults. It logs and swallows its own
+    failures, so a short or failed result is turned into an error here."""
+    from transformers import GenerationConfig
+
+    # eos_token_id -1: no EOS, every request decodes n_out tokens.
+    config = GenerationConfig(max_new_tokens=n_out, do_sample=False, eos_token_id=-1)
+    kwargs: dict[str, Any] = {}
+    if not device.startswith("cuda"):
+        # On a CPU its defaults size the KV cache from host memory (tens of seconds and many
+        # GB); the GPU keeps the defaults, as BENCHMARKS.md measured them.
+        from transformers import ContinuousBatchingConfig
+
+        kwargs["continuous_batching_config"] = ContinuousBatchingConfig(
+            num_blocks=CPU_CB_BLOCKS, max_batch_tokens=CPU_CB_BATCH_TOKENS
+        )
+    synchronize(device)
+    t0 = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=config, **kwargs)
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    outputs = list(results.values())
+    failed = [o.error for o in outputs if getattr(o, "error", None)]
+    if len(outputs) != len(prompts) or failed:
+        raise RuntimeError(
+            f"generate_batch returned {len(outputs)}/{len(prompts)} results,"
+            f" {len(failed)} failed{': ' + str(failed[0]) if failed else ''}"
+        )
+    tokens = sum(len(o.generated_tokens) for o in outputs)
+    short = sum(len(o.generated_tokens) != n_out for o in outputs)
+    return tokens / seconds, {"seconds": seconds, "output_tokens": tokens, "short_outputs": short}
+
+
+def hf_latency_run(
+    model: Any, prompt: list[int], n_out: int, pad_id: int, device: str, static: bool
+) -> tuple[float, dict[str, Any]]:
+    """One generate() call; decode tokens/s from the first token's arrival to the end."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstTokenClock(BaseStreamer):  # type: ignore[misc]
+        """generate() puts the prompt first, then each new token; stamp the first token."""
+
+        def __init__(self) -> None:
+            self.puts = 0
+            self.first: float | None = None
+
+        def put(self, value: Any) -> None:
+            self.puts += 1
+            if self.puts == 2:
+                synchronize(device)
+                self.first = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    ids = torch.tensor([prompt], device=device)  # [1, T]
+    extra: dict[str, Any] = {"cache_implementation": "static"} if static else {}
+    clock = FirstTokenClock()
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_out,
+        min_new_tokens=n_out, do_sample=False, pad_token_id=pad_id, streamer=clock, **extra,
+    )  # [1, T + n_out]
+    synchronize(device)
+    t_end = time.perf_counter()
+    n = out.shape[1] - ids.shape[1]
+    first = clock.first if clock.first is not None else t0
+    return (n - 1) / (t_end - first), {
+        "ttft_s": first - t0, "total_s": t_end - t0, "output_tokens": n,
+    }
+
+
+def run_peer(
+    name: str, model: Any, args: argparse.Namespace, pair: Pair, spec: Any, deadline: Deadline
+) -> dict[str, Any]:
+    dev = args.device
+    if pair.workload == "throughput":
+        warm_prompts = pair.prompts[: spec.warmup_requests]
+        if name == "hf_generate_batch":
+            def run() -> tuple[float, dict[str, Any]]:
+                return hf_generate_batch(model, pair.prompts, spec.output_tokens, dev)
+
+            def warm() -> object:
+                return hf_generate_batch(model, warm_prompts, spec.warmup_tokens, dev)
+        else:
+            size = STATIC_BATCH[name]
+
+            def run() -> tuple[float, dict[str, Any]]:
+                return hf_static_batches(model, pair.prompts, size, spec.output_tokens,
+                                         pair.pad_id, dev)
+
+            def warm() -> object:
+                return hf_static_batches(model, warm_prompts, size, spec.warmup_tokens,
+                                         pair.pad_id, dev)
+        rep = repeat(run, args.peer_reps, [warm] * args.warmup, deadline, name)
+        return rep.summary()
+    static = name == "hf_static_cache"
+
+    def one() -> tuple[float, dict[str, Any]]:
+        return hf_latency_run(model, pair.prompts[0], spec.output_tokens, pair.pad_id, dev,
+                              static)
+
+    # The static cache compiles on its first calls: warm it up twice.
+    warmups = 2 if static else max(1, args.warmup)
+    rep: Repeated = repeat(one, args.peer_reps, [one] * warmups, deadline, name)
+    return rep.summary()
+
+
+# --- the record ------------------------------------------------------------------------------
+def build_record(
+    pair: Pair, base: dict[str, Any], floor: dict[str, float] | None, spec: Any
+) -> dict[str, Any]:
+    res = pair.results
+    ok = {k: v["median"] for k, v in res.items() if "median" in v}
+    project = ok.get("project")
+    peers = {k: ok[k] for k in pair.peers if k in ok}
+    ratios: dict[str, float] = {}
+    rec: dict[str, Any] = {
+        "workload": WORKLOAD_IDS[pair.workload], "model": pair.model, **base,
+        "unit": "tokens/s" if pair.workload == "throughput" else "decode tokens/s",
+        "project": project, "peers": peers, "ratios": ratios,
+    }
+    if pair.workload == "latency" and floor is not None:
+        floor_s = pair.param_bytes / floor["bytes_per_s"]  # seconds per token
+        rec["floor"] = {
+            "bandwidth_GBps": floor["GBps"], "params": pair.params,
+            "param_bytes": pair.param_bytes, "ms_per_token": floor_s * 1e3,
+            "tokens_per_s": 1.0 / floor_s,
+        }
+        if project is not None:
+            ratios["fraction_of_floor"] = project * floor_s
+        rec["peer_fraction_of_floor"] = {k: v * floor_s for k, v in peers.items()}
+    if project is not None:
+        for k, v in peers.items():
+            if v > 0:
+                ratios[f"vs_{k}"] = project / v
+    rec["settings"] = {**base.pop("settings"), "workload": asdict(spec)}
+    rec["errors"] = {k: v["error"] for k, v in res.items() if "error" in v}
+    rec["skipped"] = {k: v["skipped"] for k, v in res.items() if "skipped" in v}
+    rec["details"] = res
+    return rec
+
+
+# --- orchestration ---------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=["throughput", "latency", "all"], default="all")
+    p.add_argument("--model", action="append", metavar="NAME[,NAME]",
+                   help=f"one of {', '.join(MODELS)}; repeat or comma-separate (default 1b)")
+    p.add_argument("--out", type=Path, default=DEFAULT_RESULTS_DIR, help="JSON directory")
+    p.add_argument("--model-dir", type=Path, default=Path("/tmp/tideq-bench-models"),
+                   help="where checkpoints are built (reused when present)")
+    p.add_argument("--backend", choices=["native", "hf", "auto"], default="native")
+    p.add_argument("--device", default="cuda", help="cuda or cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed runs of the project (default 3; 2 with --quick)")
+    p.add_argument("--peer-reps", type=int, default=None,
+                   help="timed runs of each HF peer (default 2; 1 with --quick)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up runs before timing")
+    p.add_argument("--peers", default="all",
+                   help="comma list of hf_generate, hf_generate_static64, hf_generate_static256,"
+                        " hf_generate_batch, hf_static_cache; 'all' or 'none'")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="seconds for the whole run; contenders past it are skipped and recorded"
+                        f" (default {GPU_TIME_BUDGET_S:.0f} on a GPU, none on CPU; 0: none)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--all-pairs", action="store_true",
+                   help="also run workloads on models BENCHMARKS.md does not define them on")
+    p.add_argument("--commit", default=None, help="commit to record (default: git / $TIDEQ_COMMIT)")
+    args = p.parse_args(argv)
+    models: list[str] = []
+    for item in args.model or ["1b"]:
+        for m in item.split(","):
+            if m.strip() and m.strip() not in models:
+                models.append(m.strip())
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    args.models = models
+    args.workloads = ["throughput", "latency"] if args.workload == "all" else [args.workload]
+    args.reps = args.reps or (2 if args.quick else 3)
+    args.peer_reps = args.peer_reps or (1 if args.quick else 2)
+    known = {n for names in PEERS.values() for n in names}
+    if args.peers == "all":
+        args.peer_set = known
+    elif args.peers == "none":
+        args.peer_set = set()
+    else:
+        args.peer_set = set()
+        for name in (s.strip() for s in args.peers.split(",") if s.strip()):
+            if name not in known and name not in PEER_ALIASES:
+                p.error(f"unknown peer {name!r}; choose from {sorted(known | set(PEER_ALIASES))}")
+            args.peer_set.update(PEER_ALIASES.get(name, (name,)))
+    if args.time_budget is None and args.device.startswith("cuda"):
+        args.time_budget = GPU_TIME_BUDGET_S
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device (use --device cpu)")
+    return args
+
+
+def prepare_checkpoint(args: argparse.Namespace, model: str) -> Path:
+    from engine.random_checkpoint import ensure_checkpoint
+
+    path = args.model_dir / f"llama-{model}"
+    t0 = time.perf_counter()
+    # Built on the card (fast for 8b) in the benchmark dtype; reused when already there.
+    ensure_checkpoint(path, arch="llama", shape=model, dtype=args.dtype, seed=0,
+                      device=args.device)
+    free_device_memory(args.device)
+    log(f"checkpoint {model}: {path} ({time.perf_counter() - t0:.1f}s)")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Interrupted(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    deadline = Deadline(args.time_budget)
+    tspec = QUICK_THROUGHPUT if args.quick else ThroughputSpec()
+    lspec = QUICK_LATENCY if args.quick else LatencySpec()
+    specs: dict[str, Any] = {"throughput": tspec, "latency": lspec}
+    card = card_name(args.device)
+    base: dict[str, Any] = {
+        "card": card, "gpus": 1 if args.device.startswith("cuda") else 0, "date": today(),
+        "commit": git_commit(args.commit), "backend": args.backend,
+        "reps": {"project": args.reps, "peers": args.peer_reps, "warmup": args.warmup},
+        **{k: v for k, v in versions().items()},
+    }
+    settings = {
+        "device": args.device, "dtype": args.dtype, "quick": args.quick,
+        "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": args.max_model_len, "time_budget_s": args.time_budget,
+        "greedy": True, "ignore_eos": True,
+    }
+    log(f"card {card}; backend {args.backend}; models {args.models}; workloads {args.workloads};"
+        f" reps project {args.reps} / peers {args.peer_reps}; commit {base['commit']}")
+    log(" ".join(f"{k} {v}" for k, v in versions().items()))
+
+    pairs: list[Pair] = []
+    records: dict[int, dict[str, Any]] = {}
+    floor: dict[str, float] | None = None
+
+    def save(pair: Pair) -> None:
+        rec = build_record(pair, {**base, "settings": dict(settings)}, floor,
+                           specs[pair.workload])
+        records[id(pair)] = rec
+        write_result(args.out, rec)
+
+    def contender(pair: Pair, name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        if deadline.expired():
+            pair.results[name] = {"skipped": f"time budget {args.time_budget}s spent"}
+            log(f"{pair.workload}/{pair.model} {name}: skipped (time budget)")
+        else:
+            log(f"{pair.workload}/{pair.model} {name}: start")
+            try:
+                pair.results[name] = fn()
+                log(f"{pair.workload}/{pair.model} {name}: median "
+                    f"{pair.results[name]['median']:,.1f}")
+            except Interrupted:
+                pair.results[name] = {"skipped": "interrupted"}
+                raise
+            except Exception as err:  # any failure is recorded; the run goes on
+                traceback.print_exc()
+                pair.results[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+                log(f"{pair.workload}/{pair.model} {name}: FAILED {pair.results[name]['error']}")
+                free_device_memory(args.device)
+        save(pair)
+
+    try:
+        if "latency" in args.workloads:
+            nbytes = QUICK_BANDWIDTH_BYTES if args.quick else BANDWIDTH_BYTES
+            floor = measure_bandwidth(args.device, nbytes)
+            log(f"bandwidth floor: {floor['GBps']:,.1f} GB/s (copy of {nbytes >> 20} MiB)")
+        for model in args.models:
+            ckpt = prepare_checkpoint(args, model)
+            allowed, pad_id, _ = allowed_token_ids(ckpt)
+            params = count_params(ckpt)
+            for wl in args.workloads:
+                if model not in DEFINED_ON[wl] and not args.all_pairs:
+                    log(f"{WORKLOAD_IDS[wl]} is not defined on {model}: skipped (--all-pairs)")
+                    continue
+                pair = Pair(wl, model, ckpt, [n for n in PEERS[wl] if n in args.peer_set],
+                            pad_id=pad_id, params=params,
+                            param_bytes=params * torch.finfo(getattr(torch, args.dtype)).bits // 8)
+                if wl == "throughput":
+                    pair.prompts = throughput_prompts(allowed, tspec)
+                else:
+                    pair.prompts = random_prompts(allowed, [lspec.prompt_tokens], lspec.seed)
+                pairs.append(pair)
+
+        # Phase 1: every project figure.
+        for pair in pairs:
+            spec = specs[pair.workload]
+            fn = project_throughput if pair.workload == "throughput" else project_latency
+            contender(pair, "project",
+                      lambda fn=fn, pair=pair, spec=spec: fn(args, pair, spec, deadline))
+            free_device_memory(args.device)
+        # Phase 2: the peers the headline ratios need; phase 3: the others, cheapest first
+        # (latency peers take seconds, throughput peers a minute or more each).
+        for headline in (True, False):
+            order = pairs if headline else sorted(pairs, key=lambda p: p.workload != "latency")
+            for pair in order:
+                names = [n for n in pair.peers if (n == RATIO_PEER[pair.workload]) == headline]
+                if not names:
+                    continue
+                if deadline.expired():  # do not even load the model
+                    for n in names:
+                        contender(pair, n, lambda: {})  # records the skip, never called
+                    continue
+                spec = specs[pair.workload]
+                try:
+                    with hf_model(args, pair.checkpoint) as model:
+                        for n in names:
+                            contender(pair, n, lambda n=n, pair=pair, spec=spec, model=model:
+                                      run_peer(n, model, args, pair, spec, deadline))
+                except Interrupted:
+                    raise
+                except Exception as err:  # the model did not load: every peer of it failed
+                    traceback.print_exc()
+                    for n in names:
+                        pair.results.setdefault(n, {"error": f"load: {type(err).__name__}: {err}"})
+                    save(pair)
+    except (Interrupted, KeyboardInterrupt) as err:
+        log(f"interrupted ({err}); writing what was measured")
+        for pair in pairs:
+            for n in ["project", *pair.peers]:
+                pair.results.setdefault(n, {"skipped": "interrupted"})
+            save(pair)
+        print_table([records[id(p)] for p in pairs if id(p) in records])
+        return 130
+
+    for pair in pairs:
+        save(pair)
+    print_table([records[id(p)] for p in pairs])
+    log(f"wrote {len(pairs)} JSON file(s) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
