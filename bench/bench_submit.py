@@ -53,6 +53,8 @@ def run(lines: int, redis_url: str) -> dict[str, Any]:
     if client.dbsize():
         sys.exit(f"{redis_url} is not empty; pick a throwaway database (--redis-url)")
     config = DeploymentConfig(redis=RedisSettings(url=redis_url))
+    # Other work on the machine skews the figure; record how busy it was.
+    load_before = os.getloadavg()[0]
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "prompts.jsonl"
@@ -80,6 +82,7 @@ def run(lines: int, redis_url: str) -> dict[str, Any]:
         "redis_used_memory_bytes": used_memory,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        "load_average_1m_before": round(load_before, 2),
         "machine": platform.machine(),
         "redis_version": redis.Redis.from_url(redis_url).info("server")["redis_version"],
     }
