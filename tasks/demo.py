@@ -78,7 +78,7 @@ def _print_results(console: Console, results: list[dict[str, Any]], prompts_path
             repr(text if text is not None else r.get("error")),
             str(r.get("finish_reason", r.get("state"))),
             f"{usage.get('prompt_tokens', '')}+{usage.get('completion_tokens', '')}",
-            f"{r.get('total_s', 0):.3f}",
+            f"{(r.get('timing') or {}).get('total_s', 0):.3f}",
         )
     console.print(table)
 
