@@ -168,11 +168,12 @@ class TorchPagedAttention:
                 mask &= k_pos > q_pos - sliding_window
             mask = mask.repeat(group, 1)  # [G * n, C], row g * n + i is query i
             meta.masks[key] = mask
-        # [n, Hkv, G, D] -> [Hkv, G * n, D]
+        # [n, Hkv, G, D] -> [1, Hkv, G * n, D] (4-D so that fused SDPA kernels apply on GPU)
         qg = q.reshape(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-        qg = qg.reshape(num_kv_heads, group * n, head_dim)
+        qg = qg.reshape(1, num_kv_heads, group * n, head_dim)
         o = F.scaled_dot_product_attention(
-            qg, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, scale=scale,
-        )  # [Hkv, G * n, D]
+            qg, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, scale=scale,
+        )  # [1, Hkv, G * n, D]
         o = o.reshape(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3)  # [n, Hkv, G, D]
         return o.reshape(n, -1, head_dim)

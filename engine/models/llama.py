@@ -94,13 +94,17 @@ def rope_parameters(config: Any) -> dict[str, Any]:
 
 def sliding_windows(config: Any, num_layers: int) -> list[int | None]:
     """Each layer's attention window: Qwen2 marks layers in `layer_types` (and only when
-    `use_sliding_window`); Mistral applies `sliding_window` to every layer."""
+    `use_sliding_window`); Mistral applies `sliding_window` to every layer; Llama has none
+    (a stray `sliding_window` in a Llama config is ignored, as transformers does)."""
     window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return [None] * num_layers
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return [window if t == "sliding_attention" else None for t in layer_types]
+    full: list[int | None] = [None] * num_layers
+    if not window or config.model_type == "llama":
+        return full
+    if config.model_type == "qwen2":
+        if not getattr(config, "use_sliding_window", False):
+            return full
+        layer_types = getattr(config, "layer_types", None) or []
+        return [window if t == "sliding_attention" else None for t in layer_types] or full
     return [window] * num_layers
 
 
