@@ -1,0 +1,108 @@
+"""The deployment config: errors name the file, the key and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.config import ConfigError, DeploymentConfig, load_config
+from tasks.launch import main as launch_main
+from tasks.launch import plan_workers
+from tasks.worker import engine_config_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "deploy.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    load_config(REPO / "configs" / name)
+
+
+def test_defaults_equal_the_default_yaml():
+    # The CPU demo names gloo (no NCCL without GPUs); every other value is the default.
+    expected = DeploymentConfig().model_copy(update={"distributed_backend": "gloo"})
+    assert load_config(REPO / "configs" / "default.yaml") == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("num_gpuz: 2\n", "deploy.yaml: num_gpuz: Extra inputs are not permitted"),
+        ("model:\n  dtyp: float16\n", "deploy.yaml: model.dtyp: Extra inputs are not permitted"),
+        ("num_gpus: two\n", "deploy.yaml: num_gpus: Input should be a valid integer"),
+        ("model:\n  dtype: int4\n", "deploy.yaml: model.dtype: Input should be 'float32'"),
+        ("batch_size_per_gpu: 0\n", "deploy.yaml: batch_size_per_gpu: Input should be greater"),
+        ("num_gpus: 3\ngpus_per_worker: 2\nmodel_shard_strategy: tensor\n",
+         "deploy.yaml: num_gpus: 3 is not divisible by gpus_per_worker (2)"),
+        ("num_gpus: 2\ngpus_per_worker: 2\n",
+         "deploy.yaml: model_shard_strategy: gpus_per_worker > 1 needs tensor or layer"),
+        ("high_only_workers: 1\n",
+         "deploy.yaml: high_only_workers: needs gpu_allocation_strategy: priority"),
+        ("limits:\n  default_max_tokens: 500\n  max_output_tokens: 100\n",
+         "deploy.yaml: limits.default_max_tokens: must not exceed max_output_tokens"),
+        ("- a\n- b\n", "deploy.yaml: the top level must be a mapping"),
+        ("num_gpus: [\n", "deploy.yaml: invalid YAML"),
+    ],
+)
+def test_bad_configs_name_file_key_and_reason(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert expected in str(err.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_more_gpus_than_present_is_an_error(tmp_path):
+    config = load_config(write(tmp_path, "num_gpus: 8\n"))
+    with pytest.raises(ConfigError, match="num_gpus: 8 GPUs requested but 2 present"):
+        config.check_hardware(2, "deploy.yaml")
+    # The launcher refuses too, with the same message, before starting anything.
+    assert launch_main(["--config", str(tmp_path / "deploy.yaml"), "--dry-run"]) == 2
+
+
+def test_environment_chooses_config_and_redis(tmp_path, monkeypatch):
+    path = write(tmp_path, "num_workers: 3\nredis:\n  url: redis://h:1/0\n")
+    monkeypatch.setenv("TIDEQ_CONFIG", str(path))
+    assert load_config().num_workers == 3
+    assert load_config().redis.url == "redis://h:1/0"
+    monkeypatch.setenv("TIDEQ_REDIS_URL", "redis://other:2/5")
+    assert load_config().redis.url == "redis://other:2/5"
+
+
+def test_seed_aliases_and_derived_sizes(tmp_path):
+    config = load_config(write(tmp_path, (
+        "num_gpus: 4\ngpus_per_worker: 2\nmodel_shard_strategy: horizontal\n"
+        "batch_size_per_gpu: 16\ngpu_allocation_strategy: priority\nhigh_only_workers: 1\n"
+        "engine:\n  reserved_high_fraction: 0.25\n"
+    )))
+    assert config.model_shard_strategy == "tensor"
+    assert config.num_worker_groups == 2
+    assert config.max_num_seqs == 32
+    engine_config = engine_config_for(config)
+    assert engine_config.max_num_seqs == 32 and engine_config.reserved_high_slots == 8
+    assert engine_config.group_size == 2 and engine_config.device == "cuda"
+
+
+def test_launcher_pins_each_group_and_reserves_high_only_workers(tmp_path):
+    config = load_config(write(tmp_path, (
+        "num_gpus: 4\ngpu_allocation_strategy: priority\nhigh_only_workers: 1\n"
+    )))
+    plan = plan_workers(config)
+    assert [w.gpus for w in plan] == [[0], [1], [2], [3]]
+    assert [w.queues for w in plan] == [("high",), ("high", "low"), ("high", "low"),
+                                        ("high", "low")]
+    env = plan[2].env("x.yaml")
+    assert env["CUDA_VISIBLE_DEVICES"] == "2" and env["TIDEQ_CONFIG"] == "x.yaml"
+    command = plan[0].command(32, "info")
+    assert command[command.index("-Q") + 1] == "high"
+    assert command[command.index("-P") + 1] == "threads"
