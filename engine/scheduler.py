@@ -8,7 +8,8 @@ Every step the scheduler builds one flat batch of token chunks:
    preempted: its blocks are freed and it waits to be re-prefilled from its prompt and output.
 2. Waiting sequences are admitted, high before low and FIFO within a priority, while the token
    budget, the running slots (low work may not take the `reserved_high_slots`) and the cache
-   allow. A waiting sequence may preempt running ones of strictly lower priority for blocks.
+   allow, leaving the running sequences the blocks of their next decode step. A waiting
+   sequence may preempt running ones of strictly lower priority for blocks.
 
 A chunk that reaches the end of its sequence's tokens samples the next token; `postprocess`
 appends it and retires finished sequences at once.
@@ -163,15 +164,23 @@ class Scheduler:
             if len(self.running) >= slots:
                 break  # waiting is sorted, so nothing behind it may take a slot either
             num = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_grow(seq, num):
+            if not self._can_admit(seq, num):
                 budget += self._evict_lower(seq, num, out)
-                if not self.block_manager.can_grow(seq, num):
+                if not self._can_admit(seq, num):
                     break  # FIFO: nothing overtakes the head of the queue
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._schedule(seq, num, out)
             budget -= num
+
+    def _can_admit(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `seq` can take blocks for `num_tokens` and still leave the running sequences
+        the blocks their next decode step needs (else admitting it would only get it, or them,
+        preempted at once and its prefill thrown away)."""
+        reserve = sum(self.block_manager.blocks_needed(s, s.num_tokens + 1) for s in self.running)
+        return self.block_manager.blocks_needed(seq, num_tokens) + reserve <= (
+            self.block_manager.num_free_blocks)
 
     def _evict_lower(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> int:
         """Preempt running sequences of lower priority than `seq` (newest lowest first) until
@@ -181,7 +190,7 @@ class Scheduler:
             key=lambda s: s.sort_key,
         )
         freed = 0
-        while victims and not self.block_manager.can_grow(seq, num_tokens):
+        while victims and not self._can_admit(seq, num_tokens):
             victim = victims.pop()
             self.running.remove(victim)
             for i, chunk in enumerate(out.chunks):

@@ -139,25 +139,36 @@ def test_eos_and_max_tokens_and_max_model_len() -> None:
 
 
 def test_preempts_newest_lowest_priority() -> None:
-    # 6 blocks of 4 tokens; three 8-token prompts take 2 blocks each, so growing needs room.
-    sched = make_scheduler(num_blocks=6, block_size=4, max_model_len=32)
-    old_low = add(sched, "old_low", 8, max_tokens=8)
-    high = add(sched, "high", 8, priority=0, max_tokens=8)
-    new_low = add(sched, "new_low", 8, max_tokens=8)
-    step(sched)  # all three prefill: 6 blocks in use, each full
-    assert sched.block_manager.num_free_blocks == 0
-    out = step(sched)  # every one of them now needs a third block: one must go
+    # 8 blocks of 4 tokens: three growing sequences fit 2 blocks each, not 3.
+    sched = make_scheduler(num_blocks=8, block_size=4, max_model_len=32)
+    old_low = add(sched, "old_low", 4, max_tokens=12)
+    high = add(sched, "high", 4, priority=0, max_tokens=12)
+    new_low = add(sched, "new_low", 4, max_tokens=12)
+    out = step(sched)
+    assert set(scheduled(out)) == {"old_low", "high", "new_low"}
+    while not out.preempted:
+        out = step(sched)
     assert [s.seq_id for s in out.preempted] == ["new_low"]
     assert high.status is SequenceStatus.RUNNING and old_low.status is SequenceStatus.RUNNING
     assert new_low.num_computed_tokens == 0 and new_low.block_table == []
-    assert new_low.output_token_ids == [TOKEN]  # output kept across preemption
+    assert new_low.output_token_ids == [TOKEN] * 5  # output kept across preemption
     assert sched.num_preemptions == 1
-    # The preempted resume later, oldest first, recomputing prompt + output.
+    # It resumes once there is room, recomputing prompt + output, and loses nothing.
     while sched.has_unfinished():
         step(sched)
     for seq in (old_low, high, new_low):
-        assert seq.output_token_ids == [TOKEN] * 8
-    assert sched.block_manager.num_free_blocks == 6
+        assert seq.output_token_ids == [TOKEN] * 12
+    assert sched.block_manager.num_free_blocks == 8
+
+
+def test_admission_leaves_running_sequences_room_to_grow() -> None:
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    add(sched, "a", 3, max_tokens=8)
+    step(sched)
+    add(sched, "b", 12, max_tokens=8)  # would take the 3 free blocks...
+    out = step(sched)  # ...that a, filling its first block now, needs one of next step
+    assert set(scheduled(out)) == {"a"} and not out.preempted
+    assert [s.seq_id for s in sched.waiting] == ["b"]
 
 
 def test_waiting_high_preempts_running_low_for_blocks() -> None:
