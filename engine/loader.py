@@ -20,7 +20,7 @@ from torch import nn
 
 from engine.attention import PagedAttention
 from engine.models import CausalLM, model_class
-from engine.parallel import ParallelGroup, load_slice
+from engine.parallel import LinearBase, ParallelGroup, load_slice
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,26 @@ def build_model(hf_config: Any, group: ParallelGroup, attention: PagedAttention,
     return model
 
 
+def quantize_int8(model: nn.Module) -> None:
+    """Make every linear layer weight-only int8 (on the meta device, before loading); the
+    embeddings and the vocabulary head stay in the model dtype."""
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.quantize_int8()
+
+
 def materialise(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Give every meta parameter (in dtype) and buffer (in its own dtype) empty storage on
-    device; tied parameters stay tied."""
+    """Give every meta parameter and buffer empty storage on device: floating-point
+    parameters in dtype, the rest (int8 weights) and buffers in their own dtype; tied
+    parameters stay tied."""
     made: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name, param in module._parameters.items():
             if param is None:
                 continue
             if id(param) not in made:
-                empty = torch.empty(param.shape, dtype=dtype, device=device)
+                kind = dtype if param.is_floating_point() else param.dtype
+                empty = torch.empty(param.shape, dtype=kind, device=device)
                 made[id(param)] = nn.Parameter(empty, requires_grad=False)
             module._parameters[name] = made[id(param)]
         for name, buf in module._buffers.items():
@@ -105,6 +115,8 @@ def load_weights(model: CausalLM, model_path: str | Path) -> None:
                 loaded[name] += 1
     missing = []
     for name in params:
+        if name.endswith(".weight_scale"):
+            continue  # filled with its int8 weight
         module_name = name.rsplit(".", 2)[-2]
         if loaded[name] < shards_of.get(module_name, 1):
             missing.append(name)
@@ -115,19 +127,23 @@ def load_weights(model: CausalLM, model_path: str | Path) -> None:
 
 def load_model(hf_config: Any, model_path: str | Path, dtype: torch.dtype,
                device: torch.device, group: ParallelGroup, attention: PagedAttention,
-               max_positions: int) -> CausalLM:
+               max_positions: int, int8: bool = False) -> CausalLM:
     """Build, allocate and load the model for this rank; returns it in eval mode.
 
     Args:
         hf_config: the transformers config of the checkpoint.
+        dtype: of the activations and the unquantised weights.
         max_positions: longest sequence the position tables must cover.
+        int8: weight-only int8 linear layers (quantised per output row while loading).
     """
     model = build_model(hf_config, group, attention, max_positions)
+    if int8:
+        quantize_int8(model)
     materialise(model, device, dtype)
     load_weights(model, model_path)
     model.init_buffers()
     n = sum(p.numel() for p in model.parameters())
-    log.info("loaded %s: %.1fM parameters (this rank) as %s on %s",
-             model_path, n / 1e6, dtype, device)
+    log.info("loaded %s: %.1fM parameters (this rank) as %s%s on %s", model_path, n / 1e6,
+             dtype, " with int8 linear weights" if int8 else "", device)
     model.eval()
     return model

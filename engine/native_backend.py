@@ -54,9 +54,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
+    """The activation dtype: int8 is weight-only, with bfloat16 activations."""
     if name == "int8":
-        raise EngineError("dtype int8 (weight-only) is not implemented by the native backend"
-                          " yet; use float16 or bfloat16")
+        return torch.bfloat16
     if name not in DTYPES:
         raise EngineError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
     return DTYPES[name]

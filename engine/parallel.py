@@ -55,32 +55,84 @@ class ParallelGroup:
         return size // self.world_size
 
 
+def read_slice(loaded: CheckpointTensor, ndim: int, dim: int | None, start: int,
+               size: int) -> torch.Tensor:
+    """loaded[start:start+size] along dim (the whole tensor when dim is None), reading only
+    that part from the file."""
+    if dim is None:
+        return loaded[:]
+    index: list[slice] = [slice(None)] * ndim
+    index[dim] = slice(start, start + size)
+    part: torch.Tensor = loaded[tuple(index)]
+    return part
+
+
 def load_slice(param: torch.Tensor, loaded: CheckpointTensor, dim: int | None, start: int,
                size: int, offset: int = 0) -> None:
     """Copy loaded[start:start+size] along dim into param[offset:offset+size] along dim.
 
     dim None copies the whole tensor into param.
     """
-    if dim is None:
-        param.copy_(loaded[:])
-        return
-    index: list[slice] = [slice(None)] * param.dim()
-    index[dim] = slice(start, start + size)
-    part = loaded[tuple(index)]  # reads only this slice from the file
-    param.narrow(dim, offset, part.shape[dim]).copy_(part)
+    part = read_slice(loaded, param.dim(), dim, start, size)
+    target = param if dim is None else param.narrow(dim, offset, part.shape[dim])
+    target.copy_(part)
+
+
+INT8_MAX = torch.iinfo(torch.int8).max
 
 
 class LinearBase(nn.Module):
-    """y = x W^T + b with W: [output_size, input_size] as stored locally."""
+    """y = x W^T + b with W: [output_size, input_size] as stored locally.
+
+    After `quantize_int8` the weight is int8 with one scale per output row (weight-only
+    quantisation: activations stay in the model dtype).
+    """
+
+    weight_scale: nn.Parameter | None
 
     def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
+        self.register_parameter("weight_scale", None)
+
+    def quantize_int8(self) -> None:
+        """Hold the weight as int8 plus per-row scales; call before the weights are loaded."""
+        rows, cols = self.weight.shape
+        device = self.weight.device
+        self.weight = nn.Parameter(torch.empty(rows, cols, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(rows, device=device), requires_grad=False)
+
+    def load_part(self, param: torch.Tensor, loaded: CheckpointTensor, dim: int | None,
+                  start: int, size: int, offset: int = 0) -> None:
+        """load_slice, quantising on the way when param is an int8 weight.
+
+        Each output row is scaled by its own absolute maximum, so a rank's rows (or, for a
+        row-parallel layer, its column slice of every row) quantise on their own.
+        """
+        if param is not self.weight or self.weight_scale is None:
+            load_slice(param, loaded, dim, start, size, offset)
+            return
+        part = read_slice(loaded, 2, dim, start, size).to(param.device, torch.float32)
+        scale = part.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX
+        q = torch.round(part / scale.unsqueeze(1)).clamp(-INT8_MAX, INT8_MAX)
+        first = offset if dim == 0 else 0
+        self.weight.narrow(0, first, q.shape[0]).copy_(q)
+        self.weight_scale.narrow(0, first, q.shape[0]).copy_(scale)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, in] -> [T, out], without the bias
+        if self.weight_scale is None:
+            return F.linear(x, self.weight)
+        return F.linear(x, self.weight.to(x.dtype)) * self.weight_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] -> [T, out]
-        return F.linear(x, self.weight, self.bias)
+        if self.weight_scale is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias
 
 
 class ColumnParallelLinear(LinearBase):
@@ -93,7 +145,7 @@ class ColumnParallelLinear(LinearBase):
     def weight_loader(self, param: torch.Tensor, loaded: CheckpointTensor,
                       shard_id: Any = None) -> None:
         size = param.shape[0]
-        load_slice(param, loaded, 0, self.group.rank * size, size)
+        self.load_part(param, loaded, 0, self.group.rank * size, size)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -112,7 +164,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         world = self.group.world_size
         offset = sum(self.output_sizes[:shard_id]) // world
         size = self.output_sizes[shard_id] // world
-        load_slice(param, loaded, 0, self.group.rank * size, size, offset)
+        self.load_part(param, loaded, 0, self.group.rank * size, size, offset)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -130,7 +182,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
-        load_slice(param, loaded, 0, self.group.rank * size, size, offset)
+        self.load_part(param, loaded, 0, self.group.rank * size, size, offset)
 
 
 class RowParallelLinear(LinearBase):
@@ -142,15 +194,15 @@ class RowParallelLinear(LinearBase):
 
     def weight_loader(self, param: torch.Tensor, loaded: CheckpointTensor,
                       shard_id: Any = None) -> None:
-        if param.dim() == 1:  # the bias is whole on every rank, added once after the sum
+        if param is self.bias:  # whole on every rank, added once after the sum
             load_slice(param, loaded, None, 0, 0)
             return
         size = param.shape[1]
-        load_slice(param, loaded, 1, self.group.rank * size, size)
+        self.load_part(param, loaded, 1, self.group.rank * size, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in / world] -> [T, out]
-        y = self.group.all_reduce(F.linear(x, self.weight))
+        y = self.group.all_reduce(self.matmul(x))
         if self.bias is not None:
             y = y + self.bias
         return y

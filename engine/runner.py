@@ -52,6 +52,7 @@ class ModelRunner:
     Args:
         config: engine settings (cache sizing, block size, max_num_seqs).
         hf_config: the checkpoint's transformers config.
+        dtype: of the activations and the KV cache (bfloat16 for config.dtype "int8").
         max_model_len: longest sequence served (sizes the position tables and the cache).
         attention: the paged-attention implementation; plain PyTorch when None.
     """
@@ -66,7 +67,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.attention: PagedAttention = attention or TorchPagedAttention()
         self.model: CausalLM = load_model(hf_config, config.model_path, dtype, device, group,
-                                           self.attention, max_model_len)
+                                           self.attention, max_model_len,
+                                           int8=config.dtype == "int8")
         args = self.model.args
         self.num_layers = args.num_layers
         self.num_kv_heads = group.split(args.num_kv_heads, "key/value heads")
