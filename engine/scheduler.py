@@ -196,6 +196,7 @@ class Scheduler:
             for i, chunk in enumerate(out.chunks):
                 if chunk.seq is victim:
                     freed += chunk.num_tokens
+                    victim.ever_scheduled = not chunk.first_time
                     del out.chunks[i]
                     break
             self._preempt(victim, out)
