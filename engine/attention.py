@@ -54,12 +54,21 @@ class AttentionMetadata:
 class PagedAttention(Protocol):
     """What the model's attention layers call; the runner chooses the implementation."""
 
-    def build_metadata(self, chunks: list[ChunkSpec], block_size: int,
-                       device: torch.device) -> AttentionMetadata: ...
+    def build_metadata(
+        self, chunks: list[ChunkSpec], block_size: int, device: torch.device
+    ) -> AttentionMetadata: ...
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                 scale: float, sliding_window: int | None) -> torch.Tensor: ...
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor: ...
 
 
 class TorchPagedAttention:
@@ -70,8 +79,9 @@ class TorchPagedAttention:
     length, so keys and values are never repeated.
     """
 
-    def build_metadata(self, chunks: list[ChunkSpec], block_size: int,
-                       device: torch.device) -> AttentionMetadata:
+    def build_metadata(
+        self, chunks: list[ChunkSpec], block_size: int, device: torch.device
+    ) -> AttentionMetadata:
         slots: list[int] = []
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
@@ -81,8 +91,10 @@ class TorchPagedAttention:
         for chunk in chunks:
             end = chunk.start + chunk.num_tokens
             table = chunk.block_table
-            slots.extend(table[p // block_size] * block_size + p % block_size
-                         for p in range(chunk.start, end))
+            slots.extend(
+                table[p // block_size] * block_size + p % block_size
+                for p in range(chunk.start, end)
+            )
             num_blocks = -(-end // block_size)
             if chunk.num_tokens == 1:
                 decode_rows.append(row)
@@ -106,9 +118,17 @@ class TorchPagedAttention:
             prefills=prefills,
         )
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                 scale: float, sliding_window: int | None) -> torch.Tensor:
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D].
 
         Writes k, v into the caches, then returns the attention output [T, H, D].
@@ -118,18 +138,23 @@ class TorchPagedAttention:
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         if meta.decode_rows.numel():
-            out[meta.decode_rows] = self._decode(q, k_cache, v_cache, meta, scale,
-                                                 sliding_window)
+            out[meta.decode_rows] = self._decode(q, k_cache, v_cache, meta, scale, sliding_window)
         for i, item in enumerate(meta.prefills):
             rows = slice(item.token_start, item.token_start + item.num_tokens)
-            out[rows] = self._prefill(i, item, q[rows], k_cache, v_cache, meta, scale,
-                                      sliding_window)
+            out[rows] = self._prefill(
+                i, item, q[rows], k_cache, v_cache, meta, scale, sliding_window
+            )
         return out
 
     @staticmethod
-    def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float,
-                sliding_window: int | None) -> torch.Tensor:
+    def _decode(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
         """Returns [Nd, H, D] for the one-token chunks."""
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         lens = meta.decode_context_lens  # [Nd]
@@ -143,15 +168,25 @@ class TorchPagedAttention:
             mask &= positions.unsqueeze(0) > (lens - 1 - sliding_window).unsqueeze(1)
         qd = q[meta.decode_rows].reshape(n, num_kv_heads, -1, head_dim)  # [Nd, Hkv, G, D]
         o = F.scaled_dot_product_attention(
-            qd, keys.transpose(1, 2), values.transpose(1, 2),  # [Nd, Hkv, S, D]
-            attn_mask=mask[:, None, None, :], scale=scale,
+            qd,
+            keys.transpose(1, 2),
+            values.transpose(1, 2),  # [Nd, Hkv, S, D]
+            attn_mask=mask[:, None, None, :],
+            scale=scale,
         )  # [Nd, Hkv, G, D]
         return o.reshape(n, -1, head_dim)
 
     @staticmethod
-    def _prefill(index: int, item: PrefillItem, q: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                 sliding_window: int | None) -> torch.Tensor:
+    def _prefill(
+        index: int,
+        item: PrefillItem,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
         """q: [n, H, D] of one chunk; returns [n, H, D]."""
         n, ctx = item.num_tokens, item.context_len
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
@@ -172,8 +207,11 @@ class TorchPagedAttention:
         qg = q.reshape(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         qg = qg.reshape(1, num_kv_heads, group * n, head_dim)
         o = F.scaled_dot_product_attention(
-            qg, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask, scale=scale,
+            qg,
+            keys.transpose(0, 1).unsqueeze(0),
+            values.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            scale=scale,
         )  # [1, Hkv, G * n, D]
         o = o.reshape(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3)  # [n, Hkv, G, D]
         return o.reshape(n, -1, head_dim)

@@ -41,8 +41,9 @@ def checkpoint_files(model_path: str | Path) -> list[Path]:
     return files
 
 
-def build_model(hf_config: Any, group: ParallelGroup, attention: PagedAttention,
-                max_positions: int) -> CausalLM:
+def build_model(
+    hf_config: Any, group: ParallelGroup, attention: PagedAttention, max_positions: int
+) -> CausalLM:
     """The architecture's module on the meta device (parameters have shapes, no storage)."""
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures:
@@ -121,13 +122,22 @@ def load_weights(model: CausalLM, model_path: str | Path) -> None:
         if loaded[name] < shards_of.get(module_name, 1):
             missing.append(name)
     if missing:
-        raise ValueError(f"checkpoint {model_path} lacks tensors for: {missing[:8]}"
-                         + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        raise ValueError(
+            f"checkpoint {model_path} lacks tensors for: {missing[:8]}"
+            + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+        )
 
 
-def load_model(hf_config: Any, model_path: str | Path, dtype: torch.dtype,
-               device: torch.device, group: ParallelGroup, attention: PagedAttention,
-               max_positions: int, int8: bool = False) -> CausalLM:
+def load_model(
+    hf_config: Any,
+    model_path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    group: ParallelGroup,
+    attention: PagedAttention,
+    max_positions: int,
+    int8: bool = False,
+) -> CausalLM:
     """Build, allocate and load the model for this rank; returns it in eval mode.
 
     Args:
@@ -143,7 +153,13 @@ def load_model(hf_config: Any, model_path: str | Path, dtype: torch.dtype,
     load_weights(model, model_path)
     model.init_buffers()
     n = sum(p.numel() for p in model.parameters())
-    log.info("loaded %s: %.1fM parameters (this rank) as %s%s on %s", model_path, n / 1e6,
-             dtype, " with int8 linear weights" if int8 else "", device)
+    log.info(
+        "loaded %s: %.1fM parameters (this rank) as %s%s on %s",
+        model_path,
+        n / 1e6,
+        dtype,
+        " with int8 linear weights" if int8 else "",
+        device,
+    )
     model.eval()
     return model

@@ -1,10 +1,10 @@
 """The native generation backend: this project's scheduler, paged KV cache and model code.
 
-    backend = NativeBackend(EngineConfig(model_path=..., dtype="float32", device="cpu"))
-    backend.add_request("r1", prompt_token_ids, SamplingParams(max_tokens=32), priority=1)
-    while backend.has_unfinished():
-        for output in backend.step():
-            ...  # output.new_token_ids, output.finished, output.finish_reason
+backend = NativeBackend(EngineConfig(model_path=..., dtype="float32", device="cpu"))
+backend.add_request("r1", prompt_token_ids, SamplingParams(max_tokens=32), priority=1)
+while backend.has_unfinished():
+    for output in backend.step():
+        ...  # output.new_token_ids, output.finished, output.finish_reason
 """
 
 from __future__ import annotations
@@ -93,8 +93,10 @@ class NativeBackend(GenerationBackend):
         self.config = config
         self.group = group or ParallelGroup()
         if config.group_size != self.group.world_size:
-            raise EngineError(f"group_size {config.group_size} is not implemented by the "
-                              f"native backend yet (group of {self.group.world_size})")
+            raise EngineError(
+                f"group_size {config.group_size} is not implemented by the "
+                f"native backend yet (group of {self.group.world_size})"
+            )
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype)
         hf_config = AutoConfig.from_pretrained(config.model_path)
@@ -103,11 +105,16 @@ class NativeBackend(GenerationBackend):
         self.max_model_len = config.max_model_len
         limit = getattr(hf_config, "max_position_embeddings", None)
         if limit is not None and limit < self.max_model_len:
-            log.warning("max_model_len %d exceeds the model's %d positions; using %d",
-                        self.max_model_len, limit, limit)
+            log.warning(
+                "max_model_len %d exceeds the model's %d positions; using %d",
+                self.max_model_len,
+                limit,
+                limit,
+            )
             self.max_model_len = limit
-        self.runner = ModelRunner(config, hf_config, self.device, dtype, self.max_model_len,
-                                  self.group)
+        self.runner = ModelRunner(
+            config, hf_config, self.device, dtype, self.max_model_len, self.group
+        )
         self.scheduler = Scheduler(
             BlockManager(self.runner.num_blocks, config.block_size),
             max_num_seqs=config.max_num_seqs,
@@ -117,20 +124,23 @@ class NativeBackend(GenerationBackend):
             eos_token_ids=self.eos_token_ids,
         )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    sampling: SamplingParams, priority: int) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, priority: int
+    ) -> None:
         if not prompt_token_ids:
             raise EngineError(f"request {request_id}: empty prompt")
         if len(prompt_token_ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"request {request_id}: prompt of {len(prompt_token_ids)} tokens leaves no room"
-                f" to generate within max_model_len={self.max_model_len}")
+                f" to generate within max_model_len={self.max_model_len}"
+            )
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.runner.vocab_size:
             raise EngineError(f"request {request_id}: token id outside the vocabulary")
         if request_id in self.scheduler.seqs:
             raise EngineError(f"request {request_id} is already queued")
-        seq = Sequence(request_id, prompt_token_ids, sampling, priority,
-                       self.scheduler.next_arrival())
+        seq = Sequence(
+            request_id, prompt_token_ids, sampling, priority, self.scheduler.next_arrival()
+        )
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
@@ -145,7 +155,8 @@ class NativeBackend(GenerationBackend):
         except torch.OutOfMemoryError as exc:
             raise EngineOutOfMemoryError(
                 "the device ran out of memory running a step; lower max_num_seqs "
-                "(batch_size_per_gpu), max_num_batched_tokens or the KV-cache share") from exc
+                "(batch_size_per_gpu), max_num_batched_tokens or the KV-cache share"
+            ) from exc
         return self.scheduler.postprocess(out, tokens)
 
     def has_unfinished(self) -> bool:

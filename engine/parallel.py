@@ -55,8 +55,9 @@ class ParallelGroup:
         return size // self.world_size
 
 
-def read_slice(loaded: CheckpointTensor, ndim: int, dim: int | None, start: int,
-               size: int) -> torch.Tensor:
+def read_slice(
+    loaded: CheckpointTensor, ndim: int, dim: int | None, start: int, size: int
+) -> torch.Tensor:
     """loaded[start:start+size] along dim (the whole tensor when dim is None), reading only
     that part from the file."""
     if dim is None:
@@ -67,8 +68,14 @@ def read_slice(loaded: CheckpointTensor, ndim: int, dim: int | None, start: int,
     return part
 
 
-def load_slice(param: torch.Tensor, loaded: CheckpointTensor, dim: int | None, start: int,
-               size: int, offset: int = 0) -> None:
+def load_slice(
+    param: torch.Tensor,
+    loaded: CheckpointTensor,
+    dim: int | None,
+    start: int,
+    size: int,
+    offset: int = 0,
+) -> None:
     """Copy loaded[start:start+size] along dim into param[offset:offset+size] along dim.
 
     dim None copies the whole tensor into param.
@@ -100,12 +107,20 @@ class LinearBase(nn.Module):
         """Hold the weight as int8 plus per-row scales; call before the weights are loaded."""
         rows, cols = self.weight.shape
         device = self.weight.device
-        self.weight = nn.Parameter(torch.empty(rows, cols, dtype=torch.int8, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(rows, cols, dtype=torch.int8, device=device), requires_grad=False
+        )
         self.weight_scale = nn.Parameter(torch.empty(rows, device=device), requires_grad=False)
 
-    def load_part(self, param: torch.Tensor, loaded: CheckpointTensor, dim: int | None,
-                  start: int, size: int, offset: int = 0) -> None:
+    def load_part(
+        self,
+        param: torch.Tensor,
+        loaded: CheckpointTensor,
+        dim: int | None,
+        start: int,
+        size: int,
+        offset: int = 0,
+    ) -> None:
         """load_slice, quantising on the way when param is an int8 weight.
 
         Each output row is scaled by its own absolute maximum, so a rank's rows (or, for a
@@ -142,8 +157,9 @@ class ColumnParallelLinear(LinearBase):
         self.group = group
         super().__init__(input_size, group.split(output_size, "output features"), bias)
 
-    def weight_loader(self, param: torch.Tensor, loaded: CheckpointTensor,
-                      shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: torch.Tensor, loaded: CheckpointTensor, shard_id: Any = None
+    ) -> None:
         size = param.shape[0]
         self.load_part(param, loaded, 0, self.group.rank * size, size)
 
@@ -154,13 +170,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     The checkpoint stores them apart; shard_id i is the i-th of `output_sizes`.
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool,
-                 group: ParallelGroup):
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, group: ParallelGroup):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias, group)
 
-    def weight_loader(self, param: torch.Tensor, loaded: CheckpointTensor,
-                      shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: torch.Tensor, loaded: CheckpointTensor, shard_id: Any = None
+    ) -> None:
         world = self.group.world_size
         offset = sum(self.output_sizes[:shard_id]) // world
         size = self.output_sizes[shard_id] // world
@@ -170,15 +186,23 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """Query, key and value projections in one matmul, split by heads over ranks."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool, group: ParallelGroup):
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool,
+        group: ParallelGroup,
+    ):
         self.num_heads = group.split(num_heads, "attention heads")
         self.num_kv_heads = group.split(num_kv_heads, "key/value heads")
         self.head_dim = head_dim
         super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias, group)
 
-    def weight_loader(self, param: torch.Tensor, loaded: CheckpointTensor,
-                      shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: torch.Tensor, loaded: CheckpointTensor, shard_id: Any = None
+    ) -> None:
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
@@ -192,8 +216,9 @@ class RowParallelLinear(LinearBase):
         self.group = group
         super().__init__(group.split(input_size, "input features"), output_size, bias)
 
-    def weight_loader(self, param: torch.Tensor, loaded: CheckpointTensor,
-                      shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: torch.Tensor, loaded: CheckpointTensor, shard_id: Any = None
+    ) -> None:
         if param is self.bias:  # whole on every rank, added once after the sum
             load_slice(param, loaded, None, 0, 0)
             return
@@ -219,8 +244,9 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = group.rank * self.rows_per_rank
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, dim), requires_grad=False)
 
-    def weight_loader(self, param: torch.Tensor, loaded: CheckpointTensor,
-                      shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: torch.Tensor, loaded: CheckpointTensor, shard_id: Any = None
+    ) -> None:
         size = max(0, min(self.rows_per_rank, self.vocab_size - self.vocab_start))
         if size < self.rows_per_rank:
             param[size:].zero_()

@@ -57,18 +57,32 @@ class ModelRunner:
         attention: the paged-attention implementation; plain PyTorch when None.
     """
 
-    def __init__(self, config: EngineConfig, hf_config: Any, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int, group: ParallelGroup,
-                 attention: PagedAttention | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        hf_config: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_model_len: int,
+        group: ParallelGroup,
+        attention: PagedAttention | None = None,
+    ) -> None:
         self.config = config
         self.device = device
         self.dtype = dtype
         self.group = group
         self.block_size = config.block_size
         self.attention: PagedAttention = attention or TorchPagedAttention()
-        self.model: CausalLM = load_model(hf_config, config.model_path, dtype, device, group,
-                                           self.attention, max_model_len,
-                                           int8=config.dtype == "int8")
+        self.model: CausalLM = load_model(
+            hf_config,
+            config.model_path,
+            dtype,
+            device,
+            group,
+            self.attention,
+            max_model_len,
+            int8=config.dtype == "int8",
+        )
         args = self.model.args
         self.num_layers = args.num_layers
         self.num_kv_heads = group.split(args.num_kv_heads, "key/value heads")
@@ -76,31 +90,50 @@ class ModelRunner:
         self.vocab_size = args.vocab_size
         self.num_blocks = self._decide_num_blocks(max_model_len)
         # [layers, keys/values, blocks, block_size, Hkv, Dh]
-        self.kv_cache = torch.zeros(self.num_layers, 2, self.num_blocks, self.block_size,
-                                    self.num_kv_heads, self.head_dim, dtype=dtype,
-                                    device=device)
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1])
-                          for i in range(self.num_layers)]
-        log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB",
-                 self.num_blocks, self.block_size, self.num_blocks * self.block_size,
-                 self.kv_cache.numel() * self.kv_cache.element_size() / MIB)
+        self.kv_cache = torch.zeros(
+            self.num_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            self.num_kv_heads,
+            self.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        self.kv_caches = [
+            (self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.num_layers)
+        ]
+        log.info(
+            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB",
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self.block_size,
+            self.kv_cache.numel() * self.kv_cache.element_size() / MIB,
+        )
 
     def _decide_num_blocks(self, max_model_len: int) -> int:
-        per_block = block_bytes(self.num_layers, self.block_size, self.num_kv_heads,
-                                self.head_dim, torch.empty((), dtype=self.dtype).element_size())
+        per_block = block_bytes(
+            self.num_layers,
+            self.block_size,
+            self.num_kv_heads,
+            self.head_dim,
+            torch.empty((), dtype=self.dtype).element_size(),
+        )
         if self.config.num_kv_blocks is not None:
             num_blocks = self.config.num_kv_blocks
         elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             num_blocks = int(free * self.config.kv_cache_memory_fraction) // per_block
         else:
-            num_blocks = blocks_for_sequences(self.config.max_num_seqs, max_model_len,
-                                              self.block_size)
+            num_blocks = blocks_for_sequences(
+                self.config.max_num_seqs, max_model_len, self.block_size
+            )
         if num_blocks * self.block_size < max_model_len:
             raise EngineError(
                 f"the KV cache ({num_blocks} blocks x {self.block_size} tokens) cannot hold one"
                 f" sequence of max_model_len={max_model_len} tokens: lower max_model_len or"
-                f" give the cache more memory (num_kv_blocks, kv_cache_memory_fraction)")
+                f" give the cache more memory (num_kv_blocks, kv_cache_memory_fraction)"
+            )
         return num_blocks
 
     @torch.inference_mode()
@@ -112,7 +145,7 @@ class ModelRunner:
         last_rows: list[int] = []
         for chunk in out.chunks:
             end = chunk.start + chunk.num_tokens
-            ids.extend(chunk.seq.token_ids[chunk.start:end])
+            ids.extend(chunk.seq.token_ids[chunk.start : end])
             positions.extend(range(chunk.start, end))
             specs.append(ChunkSpec(chunk.start, chunk.num_tokens, chunk.seq.block_table))
             if chunk.samples:
@@ -127,9 +160,12 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows])  # [N, V]
         chunks = out.sampling_chunks
         params = [c.seq.sampling for c in chunks]
-        generators = [None if c.seq.sampling.greedy
-                      else self._generator(c.seq.sampling.seed, c.seq.num_output_tokens)
-                      for c in chunks]
+        generators = [
+            None
+            if c.seq.sampling.greedy
+            else self._generator(c.seq.sampling.seed, c.seq.num_output_tokens)
+            for c in chunks
+        ]
         return sample(logits, params, generators).tolist()
 
     def _generator(self, seed: int | None, position: int) -> torch.Generator | None:

@@ -180,7 +180,8 @@ class Scheduler:
         preempted at once and its prefill thrown away)."""
         reserve = sum(self.block_manager.blocks_needed(s, s.num_tokens + 1) for s in self.running)
         return self.block_manager.blocks_needed(seq, num_tokens) + reserve <= (
-            self.block_manager.num_free_blocks)
+            self.block_manager.num_free_blocks
+        )
 
     def _evict_lower(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> int:
         """Preempt running sequences of lower priority than `seq` (newest lowest first) until
@@ -237,8 +238,9 @@ class Scheduler:
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self._finish(seq, reason)
-            results.append(StepOutput(seq.seq_id, [token], reason is not None, reason,
-                                      chunk.first_time))
+            results.append(
+                StepOutput(seq.seq_id, [token], reason is not None, reason, chunk.first_time)
+            )
         return results
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:

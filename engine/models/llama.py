@@ -156,11 +156,14 @@ class RotaryEmbedding(nn.Module):
         self.cos = emb.cos()
         self.sin = emb.sin()
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T] -> cos, sin: [T, 1, D]
-        return (self.cos[positions].unsqueeze(1).to(dtype),
-                self.sin[positions].unsqueeze(1).to(dtype))
+        return (
+            self.cos[positions].unsqueeze(1).to(dtype),
+            self.sin[positions].unsqueeze(1).to(dtype),
+        )
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -184,13 +187,16 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, args: LlamaArgs, layer: int, group: ParallelGroup,
-                 attention: PagedAttention) -> None:
+    def __init__(
+        self, args: LlamaArgs, layer: int, group: ParallelGroup, attention: PagedAttention
+    ) -> None:
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(args.hidden_size, args.head_dim, args.num_heads,
-                                          args.num_kv_heads, args.qkv_bias, group)
-        self.o_proj = RowParallelLinear(args.num_heads * args.head_dim, args.hidden_size,
-                                        args.o_bias, group)
+        self.qkv_proj = QKVParallelLinear(
+            args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads, args.qkv_bias, group
+        )
+        self.o_proj = RowParallelLinear(
+            args.num_heads * args.head_dim, args.hidden_size, args.o_bias, group
+        )
         self.num_heads = self.qkv_proj.num_heads  # this rank's heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = args.head_dim
@@ -198,8 +204,14 @@ class LlamaAttention(nn.Module):
         self.sliding_window = args.sliding_windows[layer]
         self.attention = attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         # x: [T, D] -> [T, D]
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -215,9 +227,11 @@ class LlamaMLP(nn.Module):
     def __init__(self, args: LlamaArgs, group: ParallelGroup) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            args.hidden_size, [args.intermediate_size] * 2, args.mlp_bias, group)
-        self.down_proj = RowParallelLinear(args.intermediate_size, args.hidden_size,
-                                           args.mlp_bias, group)
+            args.hidden_size, [args.intermediate_size] * 2, args.mlp_bias, group
+        )
+        self.down_proj = RowParallelLinear(
+            args.intermediate_size, args.hidden_size, args.mlp_bias, group
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D]
@@ -226,33 +240,47 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, layer: int, group: ParallelGroup,
-                 attention: PagedAttention) -> None:
+    def __init__(
+        self, args: LlamaArgs, layer: int, group: ParallelGroup, attention: PagedAttention
+    ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(args, layer, group, attention)
         self.mlp = LlamaMLP(args, group)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         # x: [T, D] -> [T, D]
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, args: LlamaArgs, group: ParallelGroup, attention: PagedAttention,
-                 max_positions: int) -> None:
+    def __init__(
+        self, args: LlamaArgs, group: ParallelGroup, attention: PagedAttention, max_positions: int
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, group)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(args, i, group, attention) for i in range(args.num_layers))
+            LlamaDecoderLayer(args, i, group, attention) for i in range(args.num_layers)
+        )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args.head_dim, max_positions, args.rope_parameters)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, D]
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, x.dtype)
@@ -273,8 +301,9 @@ class LlamaForCausalLM(CausalLM):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, args: LlamaArgs, group: ParallelGroup, attention: PagedAttention,
-                 max_positions: int) -> None:
+    def __init__(
+        self, args: LlamaArgs, group: ParallelGroup, attention: PagedAttention, max_positions: int
+    ) -> None:
         super().__init__()
         self.args: LlamaArgs = args
         self.model = LlamaModel(args, group, attention, max_positions)
@@ -287,8 +316,13 @@ class LlamaForCausalLM(CausalLM):
     def init_buffers(self) -> None:
         self.model.rotary_emb.init_buffers()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, D]
         hidden: torch.Tensor = self.model(input_ids, positions, kv_caches, meta)
         return hidden

@@ -25,9 +25,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "llama3_rope": dict(
         arch="llama",
         tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
-                             low_freq_factor=1.0, high_freq_factor=4.0,
-                             original_max_position_embeddings=16),
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=16,
+        ),
     ),
 }
 
@@ -49,8 +54,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path
 def make_prompts(count: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
     """Token-id prompts of the given lengths, avoiding the special tokens (ids 0..3)."""
     rng = random.Random(seed)
-    return [[rng.randrange(4, 1000) for _ in range(lengths[i % len(lengths)])]
-            for i in range(count)]
+    return [
+        [rng.randrange(4, 1000) for _ in range(lengths[i % len(lengths)])] for i in range(count)
+    ]
 
 
 # Mixed lengths: shorter and longer than a block, one longer than the small prefill budgets.
@@ -77,9 +83,10 @@ def hf_greedy() -> Callable[[Path, list[list[int]], int], list[list[int]]]:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
             results = []
             for ids in prompt_ids:
-                out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens,
-                                     do_sample=False)
-                results.append(out[0, len(ids):].tolist())
+                out = model.generate(
+                    torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False
+                )
+                results.append(out[0, len(ids) :].tolist())
             cache[key] = results
         return cache[key]
 
@@ -96,8 +103,9 @@ class Finished:
     finish_reason: str | None
 
 
-def drive_backend(backend: GenerationBackend, requests: list[Submitted], stagger: int = 1,
-                  max_steps: int = 10_000) -> dict[str, Finished]:
+def drive_backend(
+    backend: GenerationBackend, requests: list[Submitted], stagger: int = 1, max_steps: int = 10_000
+) -> dict[str, Finished]:
     """Add request i at step i * stagger and step until everything finished."""
     results = {r[0]: Finished([], None) for r in requests}
     pending = list(requests)

@@ -10,8 +10,14 @@ import torch
 from engine.attention import ChunkSpec, TorchPagedAttention
 
 
-def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
-              scale: float, window: int | None) -> torch.Tensor:
+def reference(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    start: int,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
     """Dense causal attention of q ([n, H, D], positions start..start+n-1) over the sequence's
     keys/values ([start + n, Hkv, D])."""
     n, heads, _ = q.shape
@@ -57,10 +63,11 @@ def test_paged_attention_matches_dense(window: int | None) -> None:
         new_v.append(values[cached:])
 
     meta = attention.build_metadata(chunks, block_size, torch.device("cpu"))
-    out = attention(torch.cat(new_q), torch.cat(new_k), torch.cat(new_v), k_cache, v_cache,
-                    meta, scale, window)
+    out = attention(
+        torch.cat(new_q), torch.cat(new_k), torch.cat(new_v), k_cache, v_cache, meta, scale, window
+    )
     row = 0
     for chunk, (keys, values), q in zip(chunks, history, new_q, strict=True):
         want = reference(q, keys, values, chunk.start, scale, window)
-        torch.testing.assert_close(out[row:row + chunk.num_tokens], want)
+        torch.testing.assert_close(out[row : row + chunk.num_tokens], want)
         row += chunk.num_tokens

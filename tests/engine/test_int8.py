@@ -30,16 +30,22 @@ def test_quantised_linear_close_to_full_precision() -> None:
         torch.testing.assert_close(layer(x), F.linear(x, weight, bias), rtol=0.02, atol=0.05)
 
 
-def test_int8_backend_follows_full_precision(checkpoint: Callable[[str], Path],
-                                             prompts: list[list[int]],
-                                             drive: Callable[..., Any]) -> None:
+def test_int8_backend_follows_full_precision(
+    checkpoint: Callable[[str], Path], prompts: list[list[int]], drive: Callable[..., Any]
+) -> None:
     path = checkpoint("qwen2")
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     requests = [(f"r{i}", p, params, 1) for i, p in enumerate(prompts)]
     outputs = {}
     for dtype in ("float32", "int8"):
-        config = EngineConfig(model_path=str(path), dtype=dtype, device="cpu", max_model_len=128,
-                              max_num_seqs=8, block_size=4)
+        config = EngineConfig(
+            model_path=str(path),
+            dtype=dtype,
+            device="cpu",
+            max_model_len=128,
+            max_num_seqs=8,
+            block_size=4,
+        )
         backend = NativeBackend(config)
         if dtype == "int8":
             linear = backend.runner.model.model.layers[0].mlp.down_proj
@@ -47,6 +53,8 @@ def test_int8_backend_follows_full_precision(checkpoint: Callable[[str], Path],
             assert backend.runner.kv_cache.dtype == torch.bfloat16
         outputs[dtype] = drive(backend, requests)
     # Quantisation and bfloat16 shift the logits a little: most first tokens still agree.
-    agree = sum(outputs["int8"][r[0]].token_ids[0] == outputs["float32"][r[0]].token_ids[0]
-                for r in requests)
+    agree = sum(
+        outputs["int8"][r[0]].token_ids[0] == outputs["float32"][r[0]].token_ids[0]
+        for r in requests
+    )
     assert agree >= len(requests) - 2

@@ -21,14 +21,21 @@ from engine.request import SamplingParams
 
 
 def greedy(path: Path, prompt: list[int], drive: Callable[..., Any]) -> list[int]:
-    config = EngineConfig(model_path=str(path), dtype="float32", device="cpu", max_model_len=64,
-                          max_num_seqs=2, block_size=4)
+    config = EngineConfig(
+        model_path=str(path),
+        dtype="float32",
+        device="cpu",
+        max_model_len=64,
+        max_num_seqs=2,
+        block_size=4,
+    )
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     return list(drive(NativeBackend(config), [("r", prompt, params, 1)])["r"].token_ids)
 
 
-def test_multi_file_checkpoint(checkpoint: Callable[[str], Path], tmp_path: Path,
-                               drive: Callable[..., Any]) -> None:
+def test_multi_file_checkpoint(
+    checkpoint: Callable[[str], Path], tmp_path: Path, drive: Callable[..., Any]
+) -> None:
     source = checkpoint("qwen2")
     sharded = tmp_path / "sharded"
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
@@ -64,13 +71,16 @@ def test_tensor_parallel_slices(variant: str, checkpoint: Callable[[str], Path])
         qkv = params[prefix + "self_attn.qkv_proj.weight"]
         q, k = full[prefix + "self_attn.q_proj.weight"], full[prefix + "self_attn.k_proj.weight"]
         q_rows, kv_rows = q.shape[0] // world, k.shape[0] // world
-        torch.testing.assert_close(qkv[:q_rows], q[rank * q_rows:(rank + 1) * q_rows])
-        torch.testing.assert_close(qkv[q_rows:q_rows + kv_rows],
-                                   k[rank * kv_rows:(rank + 1) * kv_rows])
+        torch.testing.assert_close(qkv[:q_rows], q[rank * q_rows : (rank + 1) * q_rows])
+        torch.testing.assert_close(
+            qkv[q_rows : q_rows + kv_rows], k[rank * kv_rows : (rank + 1) * kv_rows]
+        )
         if variant == "qwen2":
             v_bias = full[prefix + "self_attn.v_proj.bias"]
-            torch.testing.assert_close(params[prefix + "self_attn.qkv_proj.bias"][-kv_rows:],
-                                       v_bias[rank * kv_rows:(rank + 1) * kv_rows])
+            torch.testing.assert_close(
+                params[prefix + "self_attn.qkv_proj.bias"][-kv_rows:],
+                v_bias[rank * kv_rows : (rank + 1) * kv_rows],
+            )
     # Row-parallel and vocabulary-parallel weights put back together are the full tensors.
     for ours, theirs, dim in [
         ("self_attn.o_proj.weight", "self_attn.o_proj.weight", 1),

@@ -15,8 +15,9 @@ from engine.request import EngineError, PromptTooLongError, SamplingParams
 
 
 def make_backend(path: Path, **overrides: object) -> NativeBackend:
-    settings: dict[str, object] = dict(dtype="float32", device="cpu", max_model_len=64,
-                                       max_num_seqs=4, block_size=4)
+    settings: dict[str, object] = dict(
+        dtype="float32", device="cpu", max_model_len=64, max_num_seqs=4, block_size=4
+    )
     settings.update(overrides)
     return NativeBackend(EngineConfig(model_path=str(path), **settings))  # type: ignore[arg-type]
 
@@ -89,6 +90,7 @@ def test_cache_too_small_rejected(llama: Path) -> None:
 def test_half_precision_runs(llama: Path, dtype: str, drive: Callable[..., Any]) -> None:
     backend = make_backend(llama, dtype=dtype)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    results = drive(backend, [("a", list(range(10, 30)), params, 1),
-                              ("b", list(range(40, 45)), params, 1)])
+    results = drive(
+        backend, [("a", list(range(10, 30)), params, 1), ("b", list(range(40, 45)), params, 1)]
+    )
     assert all(len(r.token_ids) == 8 for r in results.values())

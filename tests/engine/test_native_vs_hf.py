@@ -21,8 +21,9 @@ HFGreedy = Callable[[Path, list[list[int]], int], list[list[int]]]
 
 
 def make_backend(path: Path, **overrides: object) -> NativeBackend:
-    settings: dict[str, object] = dict(dtype="float32", device="cpu", max_model_len=128,
-                                       max_num_seqs=8, block_size=4)
+    settings: dict[str, object] = dict(
+        dtype="float32", device="cpu", max_model_len=128, max_num_seqs=8, block_size=4
+    )
     settings.update(overrides)
     return NativeBackend(EngineConfig(model_path=str(path), **settings))  # type: ignore[arg-type]
 
@@ -32,8 +33,14 @@ def greedy_requests(prompts: list[list[int]]) -> list[tuple[str, list[int], Samp
     return [(f"r{i}", p, GREEDY, i % 2) for i, p in enumerate(prompts)]
 
 
-def check_against_hf(backend: NativeBackend, path: Path, prompts: list[list[int]],
-                     hf_greedy: HFGreedy, drive: Callable[..., Any], stagger: int = 2) -> None:
+def check_against_hf(
+    backend: NativeBackend,
+    path: Path,
+    prompts: list[list[int]],
+    hf_greedy: HFGreedy,
+    drive: Callable[..., Any],
+    stagger: int = 2,
+) -> None:
     expected = hf_greedy(path, prompts, MAX_TOKENS)
     results = drive(backend, greedy_requests(prompts), stagger=stagger)
     for i, want in enumerate(expected):
@@ -47,18 +54,25 @@ def check_against_hf(backend: NativeBackend, path: Path, prompts: list[list[int]
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "mistral", "llama3_rope"])
-def test_greedy_matches_hf(variant: str, checkpoint: Callable[[str], Path],
-                           prompts: list[list[int]], hf_greedy: HFGreedy,
-                           drive: Callable[..., Any]) -> None:
+def test_greedy_matches_hf(
+    variant: str,
+    checkpoint: Callable[[str], Path],
+    prompts: list[list[int]],
+    hf_greedy: HFGreedy,
+    drive: Callable[..., Any],
+) -> None:
     path = checkpoint(variant)
     check_against_hf(make_backend(path), path, prompts, hf_greedy, drive)
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2"])
-def test_greedy_matches_hf_under_preemption(variant: str, checkpoint: Callable[[str], Path],
-                                            prompts: list[list[int]],
-                                            hf_greedy: HFGreedy,
-                                            drive: Callable[..., Any]) -> None:
+def test_greedy_matches_hf_under_preemption(
+    variant: str,
+    checkpoint: Callable[[str], Path],
+    prompts: list[list[int]],
+    hf_greedy: HFGreedy,
+    drive: Callable[..., Any],
+) -> None:
     path = checkpoint(variant)
     # 34 blocks of 4 tokens: room for one full-length sequence, not for the whole batch.
     backend = make_backend(path, num_kv_blocks=34)
@@ -67,10 +81,13 @@ def test_greedy_matches_hf_under_preemption(variant: str, checkpoint: Callable[[
 
 
 @pytest.mark.parametrize("budget", [1, 7])
-def test_greedy_matches_hf_with_chunked_prefill(budget: int, checkpoint: Callable[[str], Path],
-                                                prompts: list[list[int]],
-                                                hf_greedy: HFGreedy,
-                                            drive: Callable[..., Any]) -> None:
+def test_greedy_matches_hf_with_chunked_prefill(
+    budget: int,
+    checkpoint: Callable[[str], Path],
+    prompts: list[list[int]],
+    hf_greedy: HFGreedy,
+    drive: Callable[..., Any],
+) -> None:
     path = checkpoint("qwen2")
     backend = make_backend(path, max_num_batched_tokens=budget, max_num_seqs=4)
     check_against_hf(backend, path, prompts, hf_greedy, drive)

@@ -35,7 +35,11 @@ def make_scheduler(
 
 
 def add(
-    sched: Scheduler, seq_id: str, prompt_len: int, priority: int = 1, max_tokens: int = 16,
+    sched: Scheduler,
+    seq_id: str,
+    prompt_len: int,
+    priority: int = 1,
+    max_tokens: int = 16,
     ignore_eos: bool = False,
 ) -> Sequence:
     seq = Sequence(
