@@ -84,7 +84,9 @@ class NativeBackend(GenerationBackend):
 
     Args:
         config: engine settings; model_path must hold a supported architecture.
-        group: the ranks the model is sharded over (a group of one when None).
+        group: the ranks the model is sharded over (a group of one when None). Each rank
+            builds its own backend; all ranks must be fed the same requests in the same order,
+            so that their schedulers stay in step.
     """
 
     def __init__(self, config: EngineConfig, group: ParallelGroup | None = None) -> None:
@@ -94,8 +96,9 @@ class NativeBackend(GenerationBackend):
         self.group = group or ParallelGroup()
         if config.group_size != self.group.world_size:
             raise EngineError(
-                f"group_size {config.group_size} is not implemented by the "
-                f"native backend yet (group of {self.group.world_size})"
+                f"group_size {config.group_size} needs a ParallelGroup of that many ranks, one"
+                f" process each (got a group of {self.group.world_size}); launching the ranks of"
+                " a sharded group is not built yet"
             )
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype)
