@@ -67,9 +67,10 @@ class HFBackend(GenerationBackend):
         self.config = config
         self.device = resolve_device(config.device)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             config.model_path, dtype=getattr(torch, config.dtype)
-        ).to(self.device)
+        )
+        self.model = model.to(self.device)  # type: ignore[arg-type]  # transformers' stub
         self.model.eval()
         # transformers renamed the cache argument (past_key_values -> cache) during 5.x.
         params = inspect.signature(self.model.forward).parameters
@@ -167,7 +168,7 @@ class HFBackend(GenerationBackend):
         tokens = sample(logits, [r.sampling for r in self._rows], [r.generator for r in self._rows])
         self._last = tokens
         outputs = []
-        for row, token in zip(self._rows, tokens.tolist()):
+        for row, token in zip(self._rows, tokens.tolist(), strict=False):
             if row.finished:
                 continue
             row.generated += 1

@@ -218,7 +218,7 @@ class JobStore:
             pipe = self.client.pipeline(transaction=False)
             for job_id in ids:
                 pipe.hgetall(keys.job_key(job_id.decode()))
-            for job_id, raw in zip(ids, pipe.execute()):
+            for job_id, raw in zip(ids, pipe.execute(), strict=False):
                 yield _record(job_id.decode(), raw)
             start += len(ids)
 

@@ -129,7 +129,8 @@ def connect_signals(app: Celery) -> None:
             )
         name = getattr(sender, "hostname", None) or socket.gethostname()
         try:
-            app.tideq_runtime = build_runtime(app.tideq_config, name)  # type: ignore[attr-defined]
+            runtime = build_runtime(getattr(app, "tideq_config"), name)  # noqa: B009
+            setattr(app, "tideq_runtime", runtime)  # noqa: B010
         except Exception as err:
             # Celery logs and swallows a signal handler's exception; a worker without an engine
             # must not start consuming, so end the process here with the reason.

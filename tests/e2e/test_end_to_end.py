@@ -54,7 +54,7 @@ def test_all_three_formats_end_to_end_in_input_order(tmp_path, config_path, prod
 
     results = list(producer.results(plain.batch_id))
     assert [r["line"] for r in results] == [1, 2, 3]
-    for row, result in zip(rows, results):
+    for row, result in zip(rows, results, strict=False):
         assert result["state"] == "done"
         assert result["finish_reason"] in ("length", "stop")
         assert 1 <= result["usage"]["completion_tokens"] <= row["max_tokens"]
