@@ -182,9 +182,9 @@ class HFBackend(GenerationBackend):
             ):
                 reason = "length"
             row.finished = reason is not None
-            # An EOS token is not part of the output text; it ends the request.
-            new = [] if reason == "stop" else [token]
-            outputs.append(StepOutput(row.request_id, new, row.finished, reason))  # type: ignore[arg-type]
+            # The EOS token is part of the output ids (as in transformers' generate); the front
+            # leaves it out of the text.
+            outputs.append(StepOutput(row.request_id, [token], row.finished, reason))  # type: ignore[arg-type]
         if all(r.finished for r in self._rows):
             self._rows, self._cache, self._mask, self._last = [], None, None, None
         return outputs

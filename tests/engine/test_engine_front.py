@@ -1,0 +1,211 @@
+"""The engine's front (loop thread, futures, stop strings, failures) over a scripted backend.
+
+The backend here is a stand-in that emits a fixed token script: what is under test is the
+front's logic, not generation (the native and transformers backends have their own tests).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import wait
+from typing import Any
+
+import pytest
+import torch
+
+from engine.backend import GenerationBackend, StepOutput
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.request import (
+    EngineError,
+    EngineOutOfMemoryError,
+    PromptTooLongError,
+    Request,
+    SamplingParams,
+)
+
+
+class CharTokenizer:
+    """One token per character: ids are code points."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tokenize: bool = False,
+                            add_generation_prompt: bool = True) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+class ScriptedBackend(GenerationBackend):
+    """Emits `script` one character per step for every live request, in arrival order."""
+
+    def __init__(self, script: str = "hello world. more", max_model_len: int = 64) -> None:
+        self.tokenizer = CharTokenizer()
+        self.eos_token_ids = frozenset()
+        self.max_model_len = max_model_len
+        self.script = script
+        self.live: dict[str, list[Any]] = {}  # id -> [position, max_tokens, priority]
+        self.added: list[tuple[str, int]] = []
+        self.aborted: list[str] = []
+        self.fail_next: BaseException | None = None
+        self.step_sizes: list[int] = []
+
+    def add_request(self, request_id, prompt_token_ids, sampling, priority):
+        self.live[request_id] = [0, sampling.max_tokens, priority]
+        self.added.append((request_id, len(prompt_token_ids)))
+
+    def abort_request(self, request_id):
+        self.aborted.append(request_id)
+        self.live.pop(request_id, None)
+
+    def has_unfinished(self):
+        return bool(self.live)
+
+    def step(self):
+        if self.fail_next is not None:
+            err, self.fail_next = self.fail_next, None
+            raise err
+        self.step_sizes.append(len(self.live))
+        outs = []
+        for rid, state in list(self.live.items()):
+            pos, max_tokens, _ = state
+            token = ord(self.script[pos % len(self.script)])
+            state[0] += 1
+            done = state[0] >= max_tokens
+            if done:
+                del self.live[rid]
+            outs.append(StepOutput(rid, [token], done, "length" if done else None,
+                                   scheduled_first_time=pos == 0))
+        return outs
+
+
+def make_engine(backend: ScriptedBackend, **kw: Any) -> Engine:
+    return Engine(EngineConfig(model_path="unused", **kw), backend=backend)
+
+
+@pytest.fixture
+def engine_and_backend():
+    backend = ScriptedBackend()
+    engine = make_engine(backend)
+    yield engine, backend
+    engine.shutdown()
+
+
+def req(rid: str, prompt: str = "hi", **sampling: Any) -> Request:
+    return Request(rid, prompt=prompt, sampling=SamplingParams(**sampling))
+
+
+def test_text_tokens_and_counts(engine_and_backend):
+    engine, _ = engine_and_backend
+    out = engine.submit(req("a", "abc", max_tokens=5)).result(5)
+    assert (out.text, out.finish_reason) == ("hello", "length")
+    assert (out.prompt_tokens, out.completion_tokens) == (3, 5)
+    assert 0 <= out.queued_s <= out.first_token_s <= out.total_s
+
+
+def test_stop_string_cuts_text_and_aborts(engine_and_backend):
+    engine, backend = engine_and_backend
+    out = engine.submit(req("a", max_tokens=15, stop=[" wor", "xyz"])).result(5)
+    assert (out.text, out.finish_reason) == ("hello", "stop")
+    assert "a" in backend.aborted
+
+
+def test_chat_messages_use_the_template(engine_and_backend):
+    engine, backend = engine_and_backend
+    messages = [{"role": "user", "content": "hey"}]
+    engine.submit(Request("c", messages=messages, sampling=SamplingParams(max_tokens=1))).result(5)
+    assert backend.added[-1] == ("c", len("<user>hey<assistant>"))
+
+
+def test_prompt_too_long_fails_only_that_request(engine_and_backend):
+    engine, _ = engine_and_backend
+    bad = engine.submit(req("long", "x" * 64))
+    with pytest.raises(PromptTooLongError, match="prompt has 64 tokens, at most 63"):
+        bad.result(5)
+    assert engine.submit(req("ok", max_tokens=2)).result(5).text == "he"
+
+
+def test_requests_live_at_once_share_steps():
+    backend = ScriptedBackend()
+    gate = threading.Event()
+    original = backend.step
+
+    def slow_first_step():
+        gate.wait(5)
+        return original()
+
+    backend.step = slow_first_step  # type: ignore[method-assign]
+    engine = make_engine(backend)
+    try:
+        first = engine.submit(req("r0", max_tokens=3))
+        # Arrive while the first step is held: they must join the next step, not queue behind.
+        rest = [engine.submit(req(f"r{i}", max_tokens=3)) for i in range(1, 6)]
+        gate.set()
+        wait([first, *rest], timeout=5)
+        assert max(backend.step_sizes) == 6
+    finally:
+        engine.shutdown()
+
+
+def test_cancel_resolves_cancelled():
+    backend = ScriptedBackend()
+    engine = make_engine(backend)
+    try:
+        gate = threading.Event()
+        original = backend.step
+        backend.step = lambda: (gate.wait(5), original())[1]  # type: ignore[method-assign]
+        future = engine.submit(req("a", max_tokens=50))
+        engine.cancel("a")
+        gate.set()
+        assert future.result(5).finish_reason == "cancelled"
+        assert "a" in backend.aborted
+    finally:
+        engine.shutdown()
+
+
+def test_out_of_memory_fails_live_requests_and_the_engine_goes_on(engine_and_backend):
+    engine, backend = engine_and_backend
+    backend.fail_next = torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    future = engine.submit(req("a", max_tokens=5))
+    with pytest.raises(EngineOutOfMemoryError, match="out of memory"):
+        future.result(5)
+    assert "a" in backend.aborted
+    assert engine.submit(req("b", max_tokens=2)).result(5).text == "he"
+
+
+def test_a_step_error_is_reported_on_the_futures(engine_and_backend):
+    engine, backend = engine_and_backend
+    backend.fail_next = RuntimeError("boom")
+    with pytest.raises(EngineError, match="RuntimeError: boom"):
+        engine.submit(req("a", max_tokens=5)).result(5)
+
+
+def test_duplicate_live_id_is_refused(engine_and_backend):
+    engine, backend = engine_and_backend
+    gate = threading.Event()
+    original = backend.step
+    backend.step = lambda: (gate.wait(5), original())[1]  # type: ignore[method-assign]
+    first = engine.submit(req("same", max_tokens=3))
+    second = engine.submit(req("same", max_tokens=3))
+    gate.set()
+    with pytest.raises(EngineError, match="already live"):
+        second.result(5)
+    assert first.result(5).text == "hel"
+
+
+def test_shutdown_fails_pending_and_refuses_new():
+    backend = ScriptedBackend()
+    engine = make_engine(backend)
+    gate = threading.Event()
+    original = backend.step
+    backend.step = lambda: (gate.wait(0.5), original())[1]  # type: ignore[method-assign]
+    pending = engine.submit(req("a", max_tokens=1000))
+    engine.shutdown(timeout=0.1)
+    gate.set()
+    with pytest.raises(EngineError, match="shut down"):
+        pending.result(5)
+    with pytest.raises(EngineError, match="shut down"):
+        engine.submit(req("b")).result(1)
