@@ -104,6 +104,9 @@ class DeploymentConfig(_Strict):
     # least the engine's batch size, or the engine cannot fill its batch.
     num_workers: int = Field(default=32, ge=1)
 
+    # Serve Prometheus metrics from each worker on this port (+ its group index); None: off.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+
     # The worker's seconds between checks of its job's batch for cancellation.
     cancel_poll_s: float = Field(default=0.5, gt=0)
 

@@ -50,6 +50,17 @@ def run_job(runtime: Any, job_id: str, batch_id: str, request: dict[str, Any]) -
     from engine.request import EngineError, EngineOutOfMemoryError
 
     store = runtime.store
+    priority = request.get("priority", keys.QUEUE_LOW)
+
+    def finish(state: str, payload: dict[str, Any], tokens: int = 0,
+               seconds: float | None = None) -> str:
+        if store.finish(job_id, batch_id, state, payload, tokens):
+            if runtime.metrics is not None:
+                runtime.metrics.job_finished(state, priority, tokens, seconds)
+        else:
+            log.info("job %s: finished elsewhere first; this outcome is dropped", job_id)
+        return state
+
     previous = store.start(job_id, batch_id, runtime.worker_name, runtime.gpu_label)
     if previous in keys.TERMINAL_STATES:
         # Cancelled while queued, or a redelivery of a job that already finished.
@@ -64,8 +75,7 @@ def run_job(runtime: Any, job_id: str, batch_id: str, request: dict[str, Any]) -
                 f" limit of {limits.max_output_tokens}"
             )
     except InvalidJobError as err:
-        store.finish(job_id, batch_id, "failed", {"type": "invalid_request", "message": str(err)})
-        return "failed"
+        return finish("failed", {"type": "invalid_request", "message": str(err)})
 
     future = runtime.engine.submit(engine_request)
     try:
@@ -77,21 +87,16 @@ def run_job(runtime: Any, job_id: str, batch_id: str, request: dict[str, Any]) -
                 if store.is_cancelled(batch_id):
                     runtime.engine.cancel(job_id)
     except EngineOutOfMemoryError as err:
-        store.finish(job_id, batch_id, "failed", {"type": "out_of_memory", "message": str(err)})
-        return "failed"
+        return finish("failed", {"type": "out_of_memory", "message": str(err)})
     except EngineError as err:
-        store.finish(job_id, batch_id, "failed", {"type": "engine_error", "message": str(err)})
-        return "failed"
+        return finish("failed", {"type": "engine_error", "message": str(err)})
 
     if completion.finish_reason == "cancelled":
-        store.finish(job_id, batch_id, "cancelled",
-                     {"type": "cancelled", "message": "the batch was cancelled while running"})
-        return "cancelled"
+        return finish("cancelled", {"type": "cancelled",
+                                    "message": "the batch was cancelled while the job ran"})
     result = completion.to_dict()
     result.update(worker=runtime.worker_name, gpu=runtime.gpu_label, model=runtime.model_name)
-    if not store.finish(job_id, batch_id, "done", result, completion.completion_tokens):
-        log.info("job %s: finished elsewhere first; this result is dropped", job_id)
-    return "done"
+    return finish("done", result, completion.completion_tokens, completion.total_s)
 
 
 def register(app: Celery) -> None:

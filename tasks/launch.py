@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from tasks import keys
 from tasks.config import ConfigError, DeploymentConfig, config_source, load_config
+from tasks.metrics import WORKER_INDEX_ENV
 from tasks.worker import GPUS_ENV
 
 log = logging.getLogger("tideq.launch")
@@ -37,6 +38,7 @@ class WorkerSpec:
     name: str
     gpus: list[int]
     queues: tuple[str, ...]
+    index: int = 0
 
     def command(self, concurrency: int, loglevel: str) -> list[str]:
         return [sys.executable, "-m", "celery", "-A", "tasks", "worker",
@@ -45,6 +47,7 @@ class WorkerSpec:
 
     def env(self, config_path: str | None) -> dict[str, str]:
         env = dict(os.environ)
+        env[WORKER_INDEX_ENV] = str(self.index)
         if config_path:
             env["TIDEQ_CONFIG"] = config_path
         if self.gpus:
@@ -64,7 +67,7 @@ def plan_workers(config: DeploymentConfig) -> list[WorkerSpec]:
         high_only = (config.gpu_allocation_strategy == "priority"
                      and g < config.high_only_workers)
         queues = (keys.QUEUE_HIGH,) if high_only else keys.QUEUES
-        specs.append(WorkerSpec(f"gpu{g}", list(range(g * k, (g + 1) * k)), queues))
+        specs.append(WorkerSpec(f"gpu{g}", list(range(g * k, (g + 1) * k)), queues, g))
     return specs
 
 

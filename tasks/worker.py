@@ -38,6 +38,7 @@ class WorkerRuntime:
     worker_name: str
     gpu_label: str
     model_name: str
+    metrics: Any = None
 
 
 def pin_gpu_group(config: DeploymentConfig) -> str:
@@ -109,10 +110,15 @@ def build_runtime(config: DeploymentConfig, worker_name: str) -> WorkerRuntime:
 
     engine = Engine(engine_config_for(config))
     store = JobStore.from_url(config.redis.url, config.redis.result_ttl_s)
+    from tasks.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics(engine)
+    if config.metrics_port is not None:
+        metrics.serve(config.metrics_port)
     log.info("worker %s ready: model %s on %s, backend stats %s", worker_name,
              config.model.path, gpu_label, engine.backend.stats())
     return WorkerRuntime(config, engine, store, worker_name, gpu_label,
-                         os.path.basename(os.path.normpath(config.model.path)))
+                         os.path.basename(os.path.normpath(config.model.path)), metrics)
 
 
 def connect_signals(app: Celery) -> None:

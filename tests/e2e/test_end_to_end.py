@@ -144,3 +144,24 @@ def test_invalid_job_is_reported_failed_not_lost(tmp_path, redis_url, tiny_llama
         first, second = producer.results(batch.batch_id)
         assert first["state"] == "failed" and "prompt has" in first["error"]["message"]
         assert second["state"] == "done"
+
+
+def test_worker_serves_prometheus_metrics(tmp_path, redis_url, tiny_llama, start_worker):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config_path = write_config(tmp_path / "d.yaml", redis_url, tiny_llama, metrics_port=port)
+    with Producer(load_config(config_path)) as producer:
+        batch = producer.submit(write_jsonl(tmp_path / "p.jsonl", [
+            {"prompt": "one", "max_tokens": 3, "temperature": 0},
+            {"prompt": "two", "max_tokens": 3, "temperature": 0},
+        ]), priority="high")
+        start_worker(config_path)
+        assert producer.wait(batch.batch_id, timeout=60).succeeded
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'tideq_jobs_total{priority="high",state="done"} 2.0' in text
+    assert "tideq_engine_kv_blocks_free" in text
+    assert "tideq_job_seconds_count" in text
