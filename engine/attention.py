@@ -12,7 +12,7 @@ GPU kernel plugs in by providing the same two methods.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,9 @@ class AttentionMetadata:
     # Masks of multi-token chunks, built once per step and shared by the layers:
     # (chunk index, sliding window or 0) -> [num_tokens, context_len] bool.
     masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    # Multi-token chunks as an implementation lays them out for its own kernel (the Triton
+    # implementation's PrefillTiles); None where `prefills` is used instead.
+    prefill_tiles: Any = None
 
 
 class PagedAttention(Protocol):
