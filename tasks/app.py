@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import click
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -48,6 +49,11 @@ def create_app(config: DeploymentConfig | None = None) -> Celery:
     config = config or load_config()
     celery_app = Celery("tideq")
     celery_app.conf.update(celery_settings(config))
+    # `celery -A tasks worker --gpus 2,3`: this worker's GPU group (else TIDEQ_GPUS, else
+    # CUDA_VISIBLE_DEVICES as inherited).
+    celery_app.user_options["worker"].add(
+        click.Option(["--gpus"], default=None, help="GPU ids of this worker's group, e.g. 2,3")
+    )
     celery_app.tideq_config = config  # type: ignore[attr-defined]
     # Registers the task and the worker's start-up and shutdown hooks.
     from tasks import jobs, worker

@@ -41,15 +41,16 @@ class WorkerRuntime:
     metrics: Any = None
 
 
-def pin_gpu_group(config: DeploymentConfig) -> str:
+def pin_gpu_group(config: DeploymentConfig, gpus: str | None = None) -> str:
     """Restrict this process to its GPU group; returns the group's label ("cpu" or "0,1").
 
-    Must run before CUDA is initialised: a process sees the devices that CUDA_VISIBLE_DEVICES
-    names at that moment, for good.
+    The group is `gpus` (the worker's --gpus option), else $TIDEQ_GPUS (set by the launcher),
+    else CUDA_VISIBLE_DEVICES as inherited. Must run before CUDA is initialised: a process sees
+    the devices that CUDA_VISIBLE_DEVICES names at that moment, for good.
     """
     if config.num_gpus == 0:
         return "cpu"
-    group = os.environ.get(GPUS_ENV)
+    group = gpus or os.environ.get(GPUS_ENV)
     if group:
         torch_mod = sys.modules.get("torch")
         if torch_mod is not None and torch_mod.cuda.is_initialized():
@@ -85,9 +86,10 @@ def engine_config_for(config: DeploymentConfig) -> Any:
     )
 
 
-def build_runtime(config: DeploymentConfig, worker_name: str) -> WorkerRuntime:
+def build_runtime(config: DeploymentConfig, worker_name: str,
+                  gpus: str | None = None) -> WorkerRuntime:
     """Pin, build the checkpoint if the demo asks for it, load the engine."""
-    gpu_label = pin_gpu_group(config)
+    gpu_label = pin_gpu_group(config, gpus)
     import torch
 
     if config.num_gpus:
@@ -135,7 +137,8 @@ def connect_signals(app: Celery) -> None:
             )
         name = getattr(sender, "hostname", None) or socket.gethostname()
         try:
-            runtime = build_runtime(getattr(app, "tideq_config"), name)  # noqa: B009
+            gpus = (getattr(sender, "options", None) or {}).get("gpus")
+            runtime = build_runtime(getattr(app, "tideq_config"), name, gpus)  # noqa: B009
             setattr(app, "tideq_runtime", runtime)  # noqa: B010
         except Exception as err:
             # Celery logs and swallows a signal handler's exception; a worker without an engine

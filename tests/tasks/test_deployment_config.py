@@ -106,3 +106,24 @@ def test_launcher_pins_each_group_and_reserves_high_only_workers(tmp_path):
     command = plan[0].command(32, "info")
     assert command[command.index("-Q") + 1] == "high"
     assert command[command.index("-P") + 1] == "threads"
+
+
+def test_worker_pins_its_group_before_cuda(monkeypatch, tmp_path):
+    from tasks.worker import pin_gpu_group
+
+    config = load_config(write(tmp_path, "num_gpus: 4\n"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setenv("TIDEQ_GPUS", "3")
+    assert pin_gpu_group(config) == "3"
+    assert pin_gpu_group(config, gpus="1,2") == "1,2"  # the worker's --gpus wins
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1,2"
+    assert pin_gpu_group(DeploymentConfig()) == "cpu"
+
+
+def test_celery_worker_accepts_gpus_option():
+    import tasks
+
+    option_names = {name for opt in tasks.app.user_options["worker"] for name in opt.opts}
+    assert "--gpus" in option_names
