@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine.quant import int8_linear
+
 # A checkpoint tensor as the loader hands it over: a torch.Tensor, or a lazily read
 # safetensors slice (anything indexable by a tuple of slices that yields a torch.Tensor).
 CheckpointTensor = Any
@@ -140,14 +142,13 @@ class LinearBase(nn.Module):
         # x: [T, in] -> [T, out], without the bias
         if self.weight_scale is None:
             return F.linear(x, self.weight)
-        return F.linear(x, self.weight.to(x.dtype)) * self.weight_scale
+        return int8_linear(x, self.weight, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] -> [T, out]
         if self.weight_scale is None:
             return F.linear(x, self.weight, self.bias)
-        y = self.matmul(x)
-        return y if self.bias is None else y + self.bias
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
