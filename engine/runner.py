@@ -9,12 +9,14 @@ ranks, each of which runs `forward` on its slice (only group size 1 is wired up 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
 
 from engine.attention import ChunkSpec, PagedAttention, TorchPagedAttention
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import block_bytes, blocks_for_sequences
 from engine.loader import load_model
 from engine.models import CausalLM
@@ -46,6 +48,15 @@ def token_seed(seed: int, position: int) -> int:
     return _splitmix64(_splitmix64(seed & _MASK64) ^ position) >> 1
 
 
+def default_attention(fast: bool) -> PagedAttention:
+    """The Triton kernels when `fast` (a GPU, no enforce_eager), else plain PyTorch."""
+    if fast:
+        from engine.triton_attention import TritonPagedAttention
+
+        return TritonPagedAttention()
+    return TorchPagedAttention()
+
+
 class ModelRunner:
     """One rank's model and KV cache.
 
@@ -54,7 +65,11 @@ class ModelRunner:
         hf_config: the checkpoint's transformers config.
         dtype: of the activations and the KV cache (bfloat16 for config.dtype "int8").
         max_model_len: longest sequence served (sizes the position tables and the cache).
-        attention: the paged-attention implementation; plain PyTorch when None.
+        attention: the paged-attention implementation; when None, the Triton kernels on a GPU
+            (plain PyTorch with config.enforce_eager, or on the CPU).
+
+    On a GPU without enforce_eager, pure decode steps replay CUDA graphs (engine.cuda_graphs)
+    captured once the cache exists; other steps run eagerly.
     """
 
     def __init__(
@@ -72,7 +87,8 @@ class ModelRunner:
         self.dtype = dtype
         self.group = group
         self.block_size = config.block_size
-        self.attention: PagedAttention = attention or TorchPagedAttention()
+        fast = device.type == "cuda" and not config.enforce_eager
+        self.attention: PagedAttention = attention or default_attention(fast)
         self.model: CausalLM = load_model(
             hf_config,
             config.model_path,
@@ -89,11 +105,14 @@ class ModelRunner:
         self.head_dim = args.head_dim
         self.vocab_size = args.vocab_size
         self.num_blocks = self._decide_num_blocks(max_model_len)
-        # [layers, keys/values, blocks, block_size, Hkv, Dh]
+        # One block more than the scheduler hands out: padding rows of a captured decode
+        # step write their keys and values there.
+        self.scratch_block = self.num_blocks
+        # [layers, keys/values, blocks + scratch, block_size, Hkv, Dh]
         self.kv_cache = torch.zeros(
             self.num_layers,
             2,
-            self.num_blocks,
+            self.num_blocks + 1,
             self.block_size,
             self.num_kv_heads,
             self.head_dim,
@@ -110,6 +129,21 @@ class ModelRunner:
             self.num_blocks * self.block_size,
             self.kv_cache.numel() * self.kv_cache.element_size() / MIB,
         )
+        self.max_blocks = -(-max_model_len // self.block_size)
+        self.graphs: DecodeGraphs | None = None
+        if fast and group.world_size == 1:
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv_caches,
+                config.max_num_seqs,
+                self.max_blocks,
+                self.block_size,
+                self.scratch_block,
+                device,
+            )
+            self.graphs.capture()
+        # Per-step timings when a list (set by the benchmark's --profile): see _record.
+        self.profile: list[dict[str, Any]] | None = None
 
     def _decide_num_blocks(self, max_model_len: int) -> int:
         per_block = block_bytes(
@@ -139,6 +173,58 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[int]:
         """Run one step; return the sampled token of each of `out.sampling_chunks`."""
+        t0 = time.perf_counter()
+        start = self._event() if self.profile is not None else None
+        chunks = out.chunks
+        graphs = self.graphs
+        if (
+            graphs is not None
+            and all(c.num_tokens == 1 for c in chunks)
+            and graphs.batch_size_for(len(chunks)) is not None
+        ):
+            logits = self._decode_graph(out, graphs)
+            kind = "graph"
+        else:
+            logits = self._eager(out)
+            kind = "eager"
+        if logits is None:
+            if self.profile is not None:
+                self._record(kind, out, t0, time.perf_counter(), None, None)
+            return []
+        tokens = self._sample(logits, out)
+        t_enqueued = time.perf_counter()
+        end = self._event() if start is not None else None
+        result: list[int] = tokens.tolist()
+        if self.profile is not None:
+            self._record(kind, out, t0, t_enqueued, start, end)
+        return result
+
+    def _decode_graph(self, out: SchedulerOutput, graphs: DecodeGraphs) -> torch.Tensor | None:
+        """A pure decode step through the captured graphs; logits [N, V] of the sampling rows."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        sampling: list[int] = []
+        for i, chunk in enumerate(out.chunks):
+            p = chunk.start
+            table = chunk.seq.block_table
+            ids.append(chunk.seq.token_ids[p])
+            positions.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            tables.append(table[: p // bs + 1])
+            if chunk.samples:
+                sampling.append(i)
+        logits = graphs.run(ids, positions, slots, tables)  # [n, V]
+        if not sampling:
+            return None
+        if len(sampling) < len(ids):
+            logits = logits[torch.tensor(sampling, device=self.device)]
+        return logits
+
+    def _eager(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Any step, run eagerly; logits [N, V] of the sampling rows."""
         ids: list[int] = []
         positions: list[int] = []
         specs: list[ChunkSpec] = []
@@ -151,22 +237,62 @@ class ModelRunner:
             if chunk.samples:
                 last_rows.append(len(ids) - 1)
         meta = self.attention.build_metadata(specs, self.block_size, self.device)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [T]
+        t = len(ids)
+        # ids | positions | sampling rows, in one transfer
+        packed = torch.tensor(ids + positions + last_rows, dtype=torch.long)
+        packed = packed.to(self.device, non_blocking=True)
+        input_ids, pos, rows = packed.split([t, t, len(last_rows)])  # [T], [T], [N]
         hidden: torch.Tensor = self.model(input_ids, pos, self.kv_caches, meta)  # [T, D]
         if not last_rows:
-            return []
-        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])  # [N, V]
+            return None
+        logits: torch.Tensor = self.model.compute_logits(hidden[rows])  # [N, V]
+        return logits
+
+    def _sample(self, logits: torch.Tensor, out: SchedulerOutput) -> torch.Tensor:
+        """The next token of each sampling chunk, on the device ([N] long)."""
         chunks = out.sampling_chunks
         params = [c.seq.sampling for c in chunks]
+        if all(p.greedy for p in params):
+            return logits.argmax(dim=-1)
         generators = [
             None
             if c.seq.sampling.greedy
             else self._generator(c.seq.sampling.seed, c.seq.num_output_tokens)
             for c in chunks
         ]
-        return sample(logits, params, generators).tolist()
+        return sample(logits, params, generators)
+
+    def _event(self) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _record(
+        self,
+        kind: str,
+        out: SchedulerOutput,
+        t0: float,
+        t_enqueued: float,
+        start: torch.cuda.Event | None,
+        end: torch.cuda.Event | None,
+    ) -> None:
+        """One step's timings: host_s from the step's start until its last kernel was queued,
+        wait_s blocked on the sampled tokens, gpu_s between the step's first and last device
+        work (idle gaps, where the device waited for the host, included; None on the CPU)."""
+        assert self.profile is not None
+        now = time.perf_counter()
+        self.profile.append(
+            {
+                "kind": kind,
+                "seqs": len(out.chunks),
+                "tokens": sum(c.num_tokens for c in out.chunks),
+                "host_s": t_enqueued - t0,
+                "wait_s": now - t_enqueued,
+                "gpu_s": None if start is None or end is None else start.elapsed_time(end) / 1e3,
+            }
+        )
 
     def _generator(self, seed: int | None, position: int) -> torch.Generator | None:
         if seed is None:

@@ -69,6 +69,7 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     i = tl.program_id(0)  # which one-token chunk
     kvh = tl.program_id(1)  # which key/value head
@@ -79,8 +80,9 @@ def _decode_kernel(
     dmask = d < HEAD_DIM
     qmask = (g < GROUP)[:, None] & dmask[None, :]
     heads = kvh * GROUP + g
-    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=qmask,
-                other=0.0)  # [BLOCK_G, BLOCK_D]
+    q = tl.load(
+        q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0
+    )  # [BLOCK_G, BLOCK_D]
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     s_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -93,19 +95,24 @@ def _decode_kernel(
         offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
         kvmask = valid[:, None] & dmask[None, :]
         k = tl.load(k_cache_ptr + offs, mask=kvmask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_G, BLOCK_N], log2 units
+        s = (
+            tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        )  # [BLOCK_G, BLOCK_N], log2 units
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         s_sum = s_sum * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + offs, mask=kvmask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     s_sum = tl.where(s_sum == 0.0, 1.0, s_sum)
     o = acc / s_sum[:, None]
-    tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=qmask)
+    tl.store(
+        out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=qmask,
+    )
 
 
 @triton.jit
@@ -134,6 +141,7 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     w = tl.program_id(0)  # which tile of query tokens
     head = tl.program_id(1)  # which query head
@@ -148,8 +156,11 @@ def _prefill_kernel(
     qpos = ctx - n + mi  # absolute positions of the queries
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    q = tl.load(q_ptr + (row0 + mi)[:, None] * stride_qt + head * stride_qh + d[None, :],
-                mask=qvalid[:, None] & dmask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q = tl.load(
+        q_ptr + (row0 + mi)[:, None] * stride_qt + head * stride_qh + d[None, :],
+        mask=qvalid[:, None] & dmask[None, :],
+        other=0.0,
+    )  # [BLOCK_M, BLOCK_D]
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -163,7 +174,7 @@ def _prefill_kernel(
         offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
         kvmask = valid[:, None] & dmask[None, :]
         k = tl.load(k_cache_ptr + offs, mask=kvmask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         allowed = valid[None, :] & (pos[None, :] <= qpos[:, None])
         if window > 0:
             allowed &= pos[None, :] > qpos[:, None] - window
@@ -174,12 +185,15 @@ def _prefill_kernel(
         p = tl.exp2(s - m_safe[:, None])
         s_sum = s_sum * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + offs, mask=kvmask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     s_sum = tl.where(s_sum == 0.0, 1.0, s_sum)
     o = acc / s_sum[:, None]
-    tl.store(out_ptr + (row0 + mi)[:, None] * stride_ot + head * stride_oh + d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=qvalid[:, None] & dmask[None, :])
+    tl.store(
+        out_ptr + (row0 + mi)[:, None] * stride_ot + head * stride_oh + d[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=qvalid[:, None] & dmask[None, :],
+    )
 
 
 def _long(values: list[int], device: torch.device) -> torch.Tensor:
@@ -299,6 +313,8 @@ class TritonPagedAttention:
         window = sliding_window or 0
         slot_stride = num_kv_heads * head_dim  # the caches are contiguous
         scale_log2 = scale * _LOG2E
+        # float32 models (tests) keep full precision; tf32 would round their inputs.
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
         num_decode = meta.decode_rows.shape[0]
         if num_decode:
             tables = meta.decode_block_tables
@@ -308,7 +324,7 @@ class TritonPagedAttention:
                 tables.stride(0), slot_stride,
                 BLOCK_SIZE=block_size, GROUP=group,
                 BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N,
+                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N, PRECISION=precision,
             )  # fmt: skip
         tiles = meta.prefill_tiles
         if tiles is not None:
@@ -318,6 +334,6 @@ class TritonPagedAttention:
                 q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                 tiles.block_tables.stride(0), slot_stride,
                 BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N,
+                BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, PRECISION=precision,
             )  # fmt: skip
         return out

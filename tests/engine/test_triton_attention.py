@@ -72,11 +72,12 @@ def check_against_torch(device: str, dtype: torch.dtype, atol: float) -> None:
 
 def test_triton_matches_torch_on_cpu_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
+    paths = [str(REPO_ROOT), str(Path(__file__).parent)]
     code = (
-        "import sys, torch; sys.path[:0] = [{root!r}, {tests!r}];"
+        f"import sys, torch; sys.path[:0] = {paths!r};"
         "import test_triton_attention as t;"
         "t.check_against_torch('cpu', torch.float32, 1e-4); print('ok')"
-    ).format(root=str(REPO_ROOT), tests=str(Path(__file__).parent))
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
     )
@@ -86,5 +87,5 @@ def test_triton_matches_torch_on_cpu_interpreter() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_matches_torch_on_gpu() -> None:
-    check_against_torch("cuda", torch.float32, 2e-2)  # tl.dot may use tf32
+    check_against_torch("cuda", torch.float32, 1e-4)
     check_against_torch("cuda", torch.bfloat16, 3e-2)

@@ -1,0 +1,116 @@
+"""The fast GPU path of the runner (Triton attention, decode steps through the static buffers of
+engine.cuda_graphs) gives the same greedy tokens as the plain PyTorch path.
+
+On the CPU the decode steps run the graphs' static buffers eagerly (no capture) and the Triton
+kernels in the interpreter, in a subprocess (TRITON_INTERPRET must not leak into other tests).
+On a GPU the graphs are captured and replayed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.native_backend import NativeBackend  # noqa: E402
+from engine.request import SamplingParams  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MAX_TOKENS = 12
+# Lengths around block boundaries and one longer than a prefill tile of the Triton kernel.
+LENGTHS = [3, 17, 40, 9, 70, 25]
+
+
+def prompts() -> list[list[int]]:
+    import random
+
+    rng = random.Random(0)
+    return [[rng.randrange(4, 1000) for _ in range(n)] for n in LENGTHS]
+
+
+def generate(backend: NativeBackend, stagger: int = 2) -> dict[str, list[int]]:
+    """Greedy outputs, request i added at step i * stagger (mixed and pure decode steps)."""
+    sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    pending = [(f"r{i}", p) for i, p in enumerate(prompts())]
+    out: dict[str, list[int]] = {rid: [] for rid, _ in pending}
+    step = 0
+    while pending or backend.has_unfinished():
+        while pending and step >= (len(out) - len(pending)) * stagger:
+            rid, p = pending.pop(0)
+            backend.add_request(rid, p, sampling, 0)
+        for o in backend.step():
+            out[o.request_id].extend(o.new_token_ids)
+        step += 1
+    return out
+
+
+def config(path: Path, device: str, **overrides: object) -> EngineConfig:
+    settings: dict[str, object] = dict(
+        dtype="float32", device=device, max_model_len=128, max_num_seqs=8, block_size=4
+    )
+    settings.update(overrides)
+    return EngineConfig(model_path=str(path), **settings)  # type: ignore[arg-type]
+
+
+def check_static_buffers_on_cpu(path: str) -> None:
+    """Run in the subprocess: Triton attention + the graphs' buffers run eagerly on the CPU."""
+    import engine.runner as runner_module
+    from engine.cuda_graphs import DecodeGraphs
+    from engine.triton_attention import TritonPagedAttention
+
+    want = generate(NativeBackend(config(Path(path), "cpu")))
+    runner_module.default_attention = lambda fast: TritonPagedAttention()
+    backend = NativeBackend(config(Path(path), "cpu"))
+    runner = backend.runner
+    runner.graphs = DecodeGraphs(
+        runner.model,
+        runner.kv_caches,
+        8,
+        runner.max_blocks,
+        runner.block_size,
+        runner.scratch_block,
+        runner.device,
+        replay=False,
+    )
+    runner.profile = []
+    got = generate(backend)
+    kinds = {step["kind"] for step in runner.profile}
+    assert kinds == {"graph", "eager"}, kinds
+    assert got == want, (got, want)
+
+
+def test_static_buffers_match_torch_path_on_cpu(checkpoint) -> None:  # type: ignore[no-untyped-def]
+    path = checkpoint("mistral")  # sliding window shorter than the prompts
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    paths = [str(REPO_ROOT), str(Path(__file__).parent)]
+    code = (
+        f"import sys; sys.path[:0] = {paths!r};"
+        "import test_cuda_graphs as t;"
+        f"t.check_static_buffers_on_cpu({str(path)!r}); print('ok')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=280
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["llama", "mistral"])
+def test_graphs_match_eager_on_gpu(variant: str, checkpoint) -> None:  # type: ignore[no-untyped-def]
+    path = checkpoint(variant)
+    want = generate(NativeBackend(config(path, "cuda", enforce_eager=True)))
+    backend = NativeBackend(config(path, "cuda"))
+    assert backend.runner.graphs is not None
+    backend.runner.profile = []
+    got = generate(backend)
+    assert {s["kind"] for s in backend.runner.profile} == {"graph", "eager"}
+    assert got == want
