@@ -117,6 +117,8 @@ class Pair:
     model: str
     checkpoint: Path
     peers: list[str]
+    # The project's variants, headline first (its figure is "project").
+    variants: list[str] = field(default_factory=lambda: ["fast"])
     prompts: list[list[int]] = field(default_factory=list)
     pad_id: int = 0
     params: int = 0
@@ -170,12 +172,78 @@ def count_params(checkpoint: Path) -> int:
 
 
 # --- the project -----------------------------------------------------------------------------
-def engine_config(args: argparse.Namespace, checkpoint: Path) -> EngineConfig:
+# The project's variants (--variants): `fast` is the default engine (Triton attention and CUDA
+# graphs on a GPU), `eager` the engine before them (enforce_eager: PyTorch attention, no graphs),
+# `int8` the default engine with weight-only int8 linear layers.
+VARIANTS = ("fast", "eager", "int8")
+
+
+def engine_config(
+    args: argparse.Namespace, checkpoint: Path, variant: str = "fast"
+) -> EngineConfig:
     return EngineConfig(
-        model_path=str(checkpoint), dtype=args.dtype, backend=args.backend, device=args.device,
+        model_path=str(checkpoint), dtype="int8" if variant == "int8" else args.dtype,
+        backend=args.backend, device=args.device, enforce_eager=variant == "eager",
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
     )
+
+
+def result_name(variant: str, main: str) -> str:
+    """The results key of a variant: "project" for the headline one."""
+    return "project" if variant == main else f"project_{variant}"
+
+
+def profiled_run(engine: Any, run: Callable[[], tuple[float, dict[str, Any]]]) -> dict[str, Any]:
+    """One more run with the runner's per-step timings on (kept out of the timed runs: the
+    CUDA events cost a little): where a step's time goes, host work or the device."""
+    backend = getattr(engine, "backend", None)
+    runner = getattr(backend, "runner", None)
+    if runner is None:
+        return {"error": "the backend has no runner to profile"}
+    steps: list[dict[str, Any]] = []
+    walls: list[float] = []
+    step = backend.step
+
+    def timed_step() -> Any:
+        t0 = time.perf_counter()
+        try:
+            return step()
+        finally:
+            walls.append(time.perf_counter() - t0)
+
+    runner.profile = steps
+    backend.step = timed_step
+    try:
+        value, _ = run()
+    finally:
+        runner.profile = None
+        del backend.step  # the instance attribute; the class's method shows again
+    out: dict[str, Any] = {"value": value, "steps": len(steps),
+                           "step_wall_s": sum(walls), "execute_s": 0.0, "by_kind": {}}
+    for kind in sorted({s["kind"] for s in steps}):
+        sel = [s for s in steps if s["kind"] == kind]
+        gpu = [s["gpu_s"] for s in sel if s["gpu_s"] is not None]
+        host = sum(s["host_s"] for s in sel)
+        wait = sum(s["wait_s"] for s in sel)
+        out["execute_s"] += host + wait
+        out["by_kind"][kind] = {
+            "steps": len(sel), "tokens": sum(s["tokens"] for s in sel),
+            "mean_seqs": sum(s["seqs"] for s in sel) / len(sel),
+            "host_s": host, "wait_s": wait, "gpu_s": sum(gpu) if gpu else None,
+            "host_ms_per_step": 1e3 * host / len(sel),
+            "wait_ms_per_step": 1e3 * wait / len(sel),
+            "gpu_ms_per_step": 1e3 * sum(gpu) / len(gpu) if gpu else None,
+        }
+    # Outside execute: scheduling, postprocessing, the engine loop's own work.
+    out["outside_execute_s"] = out["step_wall_s"] - out["execute_s"]
+    log("  profile: " + "; ".join(
+        f"{k}: {v['steps']} steps, host {v['host_ms_per_step']:.2f} ms, wait "
+        f"{v['wait_ms_per_step']:.2f} ms, gpu "
+        + (f"{v['gpu_ms_per_step']:.2f} ms" if v["gpu_ms_per_step"] is not None else "-")
+        for k, v in out["by_kind"].items())
+        + f"; outside execute {out['outside_execute_s']:.2f}s of {out['step_wall_s']:.2f}s")
+    return out
 
 
 def greedy(n: int) -> SamplingParams:
@@ -193,11 +261,12 @@ def wait_all(engine: Any, requests: list[Request], deadline: Deadline) -> list[A
 
 
 def project_throughput(
-    args: argparse.Namespace, pair: Pair, spec: ThroughputSpec, deadline: Deadline
+    args: argparse.Namespace, pair: Pair, spec: ThroughputSpec, deadline: Deadline,
+    variant: str = "fast",
 ) -> dict[str, Any]:
     from engine.engine import Engine
 
-    engine = Engine(engine_config(args, pair.checkpoint))
+    engine = Engine(engine_config(args, pair.checkpoint, variant))
     try:
         counter = iter(range(1 << 30))
 
@@ -216,18 +285,20 @@ def project_throughput(
                                       "short_outputs": short}
 
         # Warm-up: the whole workload once (the engine may capture graphs per batch size).
-        rep = repeat(run, args.reps, [run] * args.warmup, deadline, "project")
-        return {**rep.summary(), "engine_stats": engine.stats()}
+        rep = repeat(run, args.reps, [run] * args.warmup, deadline, f"project {variant}")
+        extra = {"profile": profiled_run(engine, run)} if args.profile and variant == "fast" else {}
+        return {**rep.summary(), "engine_stats": engine.stats(), **extra}
     finally:
         engine.shutdown()
 
 
 def project_latency(
-    args: argparse.Namespace, pair: Pair, spec: LatencySpec, deadline: Deadline
+    args: argparse.Namespace, pair: Pair, spec: LatencySpec, deadline: Deadline,
+    variant: str = "fast",
 ) -> dict[str, Any]:
     from engine.engine import Engine
 
-    engine = Engine(engine_config(args, pair.checkpoint))
+    engine = Engine(engine_config(args, pair.checkpoint, variant))
     try:
         counter = iter(range(1 << 30))
 
@@ -241,8 +312,10 @@ def project_latency(
                 "output_tokens": c.completion_tokens,
             }
 
-        rep = repeat(run, args.reps, [run] * max(2, args.warmup), deadline, "project")
-        return {**rep.summary(), "engine_stats": engine.stats()}
+        rep = repeat(run, args.reps, [run] * max(2, args.warmup), deadline,
+                     f"project {variant}")
+        extra = {"profile": profiled_run(engine, run)} if args.profile and variant == "fast" else {}
+        return {**rep.summary(), "engine_stats": engine.stats(), **extra}
     finally:
         engine.shutdown()
 
@@ -416,10 +489,13 @@ def build_record(
     project = ok.get("project")
     peers = {k: ok[k] for k in pair.peers if k in ok}
     ratios: dict[str, float] = {}
+    main = pair.variants[0] if pair.variants else "fast"
+    variants = {v: ok.get(result_name(v, main)) for v in pair.variants}
     rec: dict[str, Any] = {
         "workload": WORKLOAD_IDS[pair.workload], "model": pair.model, **base,
         "unit": "tokens/s" if pair.workload == "throughput" else "decode tokens/s",
-        "project": project, "peers": peers, "ratios": ratios,
+        "project": project, "project_variant": main, "project_variants": variants,
+        "peers": peers, "ratios": ratios,
     }
     if pair.workload == "latency" and floor is not None:
         floor_s = pair.param_bytes / floor["bytes_per_s"]  # seconds per token
@@ -431,6 +507,9 @@ def build_record(
         if project is not None:
             ratios["fraction_of_floor"] = project * floor_s
         rec["peer_fraction_of_floor"] = {k: v * floor_s for k, v in peers.items()}
+        rec["variant_fraction_of_floor"] = {
+            k: v * floor_s for k, v in variants.items() if v is not None
+        }
     if project is not None:
         for k, v in peers.items():
             if v > 0:
@@ -463,6 +542,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peers", default="all",
                    help="comma list of hf_generate, hf_generate_static64, hf_generate_static256,"
                         " hf_generate_batch, hf_static_cache; 'all' or 'none'")
+    p.add_argument("--variants", default="fast",
+                   help=f"comma list of the project's variants to time, of {', '.join(VARIANTS)}"
+                        " (fast: Triton attention + CUDA graphs; eager: enforce_eager, the"
+                        " engine before them; int8: fast with int8 weights); the JSON's"
+                        " `project` is fast (else the first), `project_variants` has each")
+    p.add_argument("--profile", action="store_true",
+                   help="one extra run of the fast variant recording per-step host time,"
+                        " time blocked on the device and device time (JSON details.profile)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="seconds for the whole run; contenders past it are skipped and recorded"
@@ -483,6 +570,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     args.models = models
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        p.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+    # The headline variant first: it is timed first and its figure is `project`.
+    args.variant_list = sorted(dict.fromkeys(variants), key=lambda v: v != "fast")
     args.workloads = ["throughput", "latency"] if args.workload == "all" else [args.workload]
     args.reps = args.reps or (2 if args.quick else 3)
     args.peer_reps = args.peer_reps or (1 if args.quick else 2)
@@ -542,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device, "dtype": args.dtype, "quick": args.quick,
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_model_len": args.max_model_len, "time_budget_s": args.time_budget,
+        "variants": args.variant_list, "profile": args.profile,
         "greedy": True, "ignore_eos": True,
     }
     log(f"card {card}; backend {args.backend}; models {args.models}; workloads {args.workloads};"
@@ -592,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"{WORKLOAD_IDS[wl]} is not defined on {model}: skipped (--all-pairs)")
                     continue
                 pair = Pair(wl, model, ckpt, [n for n in PEERS[wl] if n in args.peer_set],
-                            pad_id=pad_id, params=params,
+                            variants=list(args.variant_list), pad_id=pad_id, params=params,
                             param_bytes=params * torch.finfo(getattr(torch, args.dtype)).bits // 8)
                 if wl == "throughput":
                     pair.prompts = throughput_prompts(allowed, tspec)
@@ -600,13 +694,16 @@ def main(argv: list[str] | None = None) -> int:
                     pair.prompts = random_prompts(allowed, [lspec.prompt_tokens], lspec.seed)
                 pairs.append(pair)
 
-        # Phase 1: every project figure.
-        for pair in pairs:
-            spec = specs[pair.workload]
-            fn = project_throughput if pair.workload == "throughput" else project_latency
-            contender(pair, "project",
-                      lambda fn=fn, pair=pair, spec=spec: fn(args, pair, spec, deadline))
-            free_device_memory(args.device)
+        # Phase 1: every project figure (the headline variant of every pair first).
+        for index in range(len(args.variant_list)):
+            for pair in pairs:
+                spec = specs[pair.workload]
+                fn = project_throughput if pair.workload == "throughput" else project_latency
+                variant = pair.variants[index]
+                contender(pair, result_name(variant, pair.variants[0]),
+                          lambda fn=fn, pair=pair, spec=spec, variant=variant:
+                          fn(args, pair, spec, deadline, variant))
+                free_device_memory(args.device)
         # Phase 2: the peers the headline ratios need; phase 3: the others, cheapest first
         # (latency peers take seconds, throughput peers a minute or more each).
         for headline in (True, False):
@@ -635,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     except (Interrupted, KeyboardInterrupt) as err:
         log(f"interrupted ({err}); writing what was measured")
         for pair in pairs:
-            for n in ["project", *pair.peers]:
+            names = [result_name(v, pair.variants[0]) for v in pair.variants]
+            for n in [*names, *pair.peers]:
                 pair.results.setdefault(n, {"skipped": "interrupted"})
             save(pair)
         print_table([records[id(p)] for p in pairs if id(p) in records])
