@@ -30,6 +30,8 @@ class EngineConfig:
     reserved_high_slots: running slots only `high` requests may take (priority allocation).
     max_prompt_tokens: the longest prompt accepted; default max_model_len - 1.
     enforce_eager: no CUDA graphs / compilation (debugging).
+    enable_prefix_caching: keep computed full KV blocks so that prompts sharing a prefix
+        (one system prompt, many questions) compute it once (native backend).
     """
 
     model_path: str
@@ -46,6 +48,8 @@ class EngineConfig:
     # Longest prompt accepted (None: max_model_len - 1); the deployment's limit.
     max_prompt_tokens: int | None = None
     enforce_eager: bool = False
+    # On by default: greedy outputs are unchanged, and unshared prompts lose nothing.
+    enable_prefix_caching: bool = True
     # Sharding over a GPU group (the multi-GPU part is built by a later change; group size 1 now).
     shard_strategy: ShardStrategy = "none"
     group_size: int = 1

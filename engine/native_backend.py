@@ -119,7 +119,7 @@ class NativeBackend(GenerationBackend):
             config, hf_config, self.device, dtype, self.max_model_len, self.group
         )
         self.scheduler = Scheduler(
-            BlockManager(self.runner.num_blocks, config.block_size),
+            BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching),
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             reserved_high_slots=config.reserved_high_slots,
@@ -173,5 +173,9 @@ class NativeBackend(GenerationBackend):
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_blocks_total": blocks.num_blocks,
             "kv_blocks_free": blocks.num_free_blocks,
+            "kv_blocks_cached": blocks.num_cached_blocks,
+            "kv_blocks_evicted": blocks.num_evictions,
+            "prefix_cache_query_tokens": self.scheduler.prefix_cache_query_tokens,
+            "prefix_cache_hit_tokens": self.scheduler.prefix_cache_hit_tokens,
             "tokens_generated": self.scheduler.num_generated_tokens,
         }

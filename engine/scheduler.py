@@ -9,10 +9,13 @@ Every step the scheduler builds one flat batch of token chunks:
 2. Waiting sequences are admitted, high before low and FIFO within a priority, while the token
    budget, the running slots (low work may not take the `reserved_high_slots`) and the cache
    allow, leaving the running sequences the blocks of their next decode step. A waiting
-   sequence may preempt running ones of strictly lower priority for blocks.
+   sequence may preempt running ones of strictly lower priority for blocks. With prefix
+   caching, an admitted sequence first shares the cached blocks of its longest cached prefix
+   and computes only the rest: the token budget counts only the tokens computed.
 
 A chunk that reaches the end of its sequence's tokens samples the next token; `postprocess`
-appends it and retires finished sequences at once.
+appends it, registers the blocks it completed in the prefix cache and retires finished
+sequences at once.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.backend import StepOutput
-from engine.kv_cache import BlockManager
+from engine.kv_cache import BlockManager, cdiv
 from engine.request import FinishReason
 from engine.sequence import Sequence, SequenceStatus
 
@@ -93,6 +96,9 @@ class Scheduler:
         self.seqs: dict[str, Sequence] = {}
         self.num_preemptions = 0
         self.num_generated_tokens = 0
+        # Prefix caching: tokens of admitted sequences looked up, and those found cached.
+        self.prefix_cache_query_tokens = 0
+        self.prefix_cache_hit_tokens = 0
         self._arrivals = 0
 
     # ---- requests in and out -------------------------------------------------------------
@@ -163,35 +169,46 @@ class Scheduler:
             slots = self.max_num_seqs if seq.priority == 0 else low_slots
             if len(self.running) >= slots:
                 break  # waiting is sorted, so nothing behind it may take a slot either
-            num = min(seq.num_uncomputed_tokens, budget)
-            if not self._can_admit(seq, num):
-                budget += self._evict_lower(seq, num, out)
-                if not self._can_admit(seq, num):
+            # Preempting only lowers reference counts, so the cached prefix stays the same.
+            cached = self.block_manager.match_prefix(seq)
+            num = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
+            if not self._can_admit(seq, cached, num):
+                budget += self._evict_lower(seq, cached, num, out)
+                if not self._can_admit(seq, cached, num):
                     break  # FIFO: nothing overtakes the head of the queue
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self.block_manager.share(seq, cached)
+            seq.num_computed_tokens = len(cached) * self.block_manager.block_size
+            self.prefix_cache_query_tokens += seq.num_tokens
+            self.prefix_cache_hit_tokens += seq.num_computed_tokens
             self._schedule(seq, num, out)
             budget -= num
 
-    def _can_admit(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether `seq` can take blocks for `num_tokens` and still leave the running sequences
-        the blocks their next decode step needs (else admitting it would only get it, or them,
-        preempted at once and its prefill thrown away)."""
-        reserve = sum(self.block_manager.blocks_needed(s, s.num_tokens + 1) for s in self.running)
-        return self.block_manager.blocks_needed(seq, num_tokens) + reserve <= (
-            self.block_manager.num_free_blocks
-        )
+    def _can_admit(self, seq: Sequence, cached: list[int], num_tokens: int) -> bool:
+        """Whether `seq`, sharing the `cached` blocks, can take blocks for `num_tokens` more
+        tokens and still leave the running sequences the blocks their next decode step needs
+        (else admitting it would only get it, or them, preempted at once and its prefill thrown
+        away). Sharing an evictable cached block takes it out of the free pool too."""
+        manager = self.block_manager
+        reserve = sum(manager.blocks_needed(s, s.num_tokens + 1) for s in self.running)
+        tokens = len(cached) * manager.block_size + num_tokens
+        needed = cdiv(tokens, manager.block_size) - len(cached) + manager.share_cost(cached)
+        return needed + reserve <= manager.num_free_blocks
 
-    def _evict_lower(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> int:
+    def _evict_lower(
+        self, seq: Sequence, cached: list[int], num_tokens: int, out: SchedulerOutput
+    ) -> int:
         """Preempt running sequences of lower priority than `seq` (newest lowest first) until
-        `seq` can have blocks for `num_tokens`; return the token budget freed by doing so."""
+        `seq` can share `cached` and have blocks for `num_tokens` more; return the token budget
+        freed by doing so."""
         victims = sorted(
             (s for s in self.running if s.priority > seq.priority),
             key=lambda s: s.sort_key,
         )
         freed = 0
-        while victims and not self._can_admit(seq, num_tokens):
+        while victims and not self._can_admit(seq, cached, num_tokens):
             victim = victims.pop()
             self.running.remove(victim)
             for i, chunk in enumerate(out.chunks):
@@ -228,6 +245,7 @@ class Scheduler:
         for chunk in out.chunks:
             seq = chunk.seq
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.block_manager.register_computed(seq)
             if not chunk.samples:
                 if chunk.first_time:
                     results.append(StepOutput(seq.seq_id, [], False, None, True))

@@ -21,7 +21,9 @@ class Sequence:
 
     The KV cache holds the first `num_computed_tokens` of `token_ids`. A sequence whose cache
     is freed by preemption drops back to 0 computed tokens and is re-prefilled (prompt and the
-    output so far) when it is scheduled again, so no output is lost or emitted twice.
+    output so far) when it is scheduled again, so no output is lost or emitted twice. With
+    prefix caching, a sequence admitted (or re-admitted) whose leading full blocks are cached
+    shares them and starts with those tokens computed.
     """
 
     def __init__(
@@ -43,6 +45,9 @@ class Sequence:
         self.arrival = arrival
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        # The prefix cache's content ids of the leading full blocks whose tokens are computed
+        # (the BlockManager keeps it; one per block, in order).
+        self.block_content_ids: list[int] = []
         self.num_computed_tokens = 0
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
