@@ -99,12 +99,7 @@ def int8_linear(
     -> [..., N] in x.dtype.
     """
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (
-        triton is None
-        or not x.is_cuda
-        or x.dtype not in KERNEL_DTYPES
-        or not 0 < m <= TRITON_MAX_M
-    ):
+    if triton is None or not x.is_cuda or x.dtype not in KERNEL_DTYPES or not 0 < m <= TRITON_MAX_M:
         return int8_linear_reference(x, qweight, scale, bias)
     return int8_linear_triton(x, qweight, scale, bias)
 
