@@ -19,6 +19,7 @@ before capturing.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+@functools.cache
 def default_config(m: int) -> KernelConfig:
     """The block configuration for an input of m rows (chosen for H100/H200; the
     micro-benchmark `bench/bench_int8.py --sweep` times the alternatives)."""
