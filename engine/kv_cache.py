@@ -4,15 +4,15 @@ full blocks are kept for reuse by later sequences with the same prefix (prefix c
 Pure Python so that the scheduler (and its tests) need no torch; the cache tensors themselves
 are allocated by the runner from the block count decided here.
 
-Prefix caching. A full block whose tokens are all computed is registered under a hash chained
-over (its parent's content id, its token ids). A content id names one block's contents in
-context: two blocks share one only if their tokens and their parents' content ids are equal,
-so a content id stands for the whole token prefix up to the block's end. Ids are never reused,
-which makes a match exact whatever the hash: a lookup compares the stored parent id and token
-ids, and a colliding hash only costs a miss. Blocks are reference-counted; a registered block
-whose last holder lets go stays cached (evictable, least recently freed first) until its memory
-is needed. Only full blocks with every token computed are registered, so no block is shared
-while it is being written.
+Prefix caching. A full block whose tokens are all computed is registered under its hash,
+chained over (the parent block's hash, its token ids), and given a content id that names its
+contents in context: two blocks share one only if their token ids and their parents' content
+ids are equal, so a content id stands for the whole token prefix up to the block's end. Ids are
+never reused, which makes a match exact whatever the hash: a hit is checked against the stored
+parent content id and token ids, and a colliding hash only costs a miss. Blocks are
+reference-counted; a registered block whose last holder lets go stays cached (evictable, least
+recently freed first) until its memory is needed. Only full blocks with every token computed
+are registered, so no block is shared while it is being written.
 """
 
 from __future__ import annotations
@@ -22,18 +22,31 @@ from dataclasses import dataclass
 
 from engine.sequence import Sequence
 
-# The content id standing for "no parent" (a sequence's first block); real ids start above it.
+# The content id and hash standing for "no parent" (a sequence's first block).
 ROOT_CONTENT_ID = 0
+ROOT_HASH = 0
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def block_hash(parent_content_id: int, tokens: tuple[int, ...]) -> int:
-    """The cache index of a full block. Python's hash of a tuple of ints is the same in every
-    process, so the ranks of a sharded group index alike; collisions are checked on lookup."""
-    return hash((parent_content_id, tokens))
+def block_hash(parent_hash: int, tokens: tuple[int, ...]) -> int:
+    """A full block's cache index, chained over its parent's. Python's hash of a tuple of ints
+    is the same in every process, so the ranks of a sharded group index alike; collisions are
+    checked on lookup."""
+    return hash((parent_hash, tokens))
+
+
+def block_hashes(seq: Sequence, block_size: int, num_blocks: int) -> list[int]:
+    """The chained hashes of `seq`'s first `num_blocks` full blocks (which it must hold in
+    tokens), kept on the sequence: its tokens are only ever appended to."""
+    hashes = seq.block_hashes
+    while len(hashes) < num_blocks:
+        i = len(hashes)
+        tokens = tuple(seq.token_ids[i * block_size : (i + 1) * block_size])
+        hashes.append(block_hash(hashes[-1] if hashes else ROOT_HASH, tokens))
+    return hashes[:num_blocks]
 
 
 @dataclass(frozen=True)
@@ -60,10 +73,11 @@ class BlockManager:
     Args:
         num_blocks: blocks in the pool.
         block_size: tokens per block.
-        enable_caching: keep full computed blocks for sequences with the same prefix.
+        enable_caching: keep full computed blocks for sequences with the same prefix (the
+            engine sets it from EngineConfig.enable_prefix_caching).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         if block_size < 1:
@@ -159,13 +173,14 @@ class BlockManager:
         blocks: list[int] = []
         parent = ROOT_CONTENT_ID
         size = self.block_size
-        for i in range((seq.num_tokens - 1) // size):
-            tokens = tuple(seq.token_ids[i * size : (i + 1) * size])
-            block = self._index.get(block_hash(parent, tokens))
+        for i, key in enumerate(block_hashes(seq, size, (seq.num_tokens - 1) // size)):
+            block = self._index.get(key)
             if block is None:
                 break
             entry = self._cached[block]
-            if entry.parent != parent or entry.tokens != tokens:
+            if entry.parent != parent or entry.tokens != tuple(
+                seq.token_ids[i * size : (i + 1) * size]
+            ):
                 break  # a hash collision: different contents
             blocks.append(block)
             parent = entry.content_id
@@ -186,6 +201,12 @@ class BlockManager:
         seq.block_table = list(blocks)
         seq.block_content_ids = [self._cached[b].content_id for b in blocks]
 
+    def uncomputed_block_hashes(self, seq: Sequence) -> list[int]:
+        """The hashes of `seq`'s full blocks of tokens not computed yet: what registering it
+        will add to the cache as it goes on."""
+        size = self.block_size
+        return block_hashes(seq, size, seq.num_tokens // size)[seq.num_computed_tokens // size :]
+
     def register_computed(self, seq: Sequence) -> None:
         """Register `seq`'s full blocks whose tokens are all computed now (call once its
         num_computed_tokens has moved on). A block whose contents are already cached in
@@ -193,14 +214,18 @@ class BlockManager:
         if not self.enable_caching:
             return
         size = self.block_size
-        for i in range(len(seq.block_content_ids), seq.num_computed_tokens // size):
+        full = seq.num_computed_tokens // size
+        keys = block_hashes(seq, size, full)
+        for i in range(len(seq.block_content_ids), full):
             parent = seq.block_content_ids[-1] if seq.block_content_ids else ROOT_CONTENT_ID
             tokens = tuple(seq.token_ids[i * size : (i + 1) * size])
-            seq.block_content_ids.append(self._register(seq.block_table[i], parent, tokens))
+            seq.block_content_ids.append(
+                self._register(seq.block_table[i], keys[i], parent, tokens)
+            )
 
-    def _register(self, block: int, parent: int, tokens: tuple[int, ...]) -> int:
-        """Cache `block` as holding `tokens` after `parent`; return its content id."""
-        key = block_hash(parent, tokens)
+    def _register(self, block: int, key: int, parent: int, tokens: tuple[int, ...]) -> int:
+        """Cache `block` (hash `key`) as holding `tokens` after the contents `parent`; return
+        its content id."""
         other = self._index.get(key)
         if other is not None:
             entry = self._cached[other]

@@ -11,7 +11,10 @@ Every step the scheduler builds one flat batch of token chunks:
    allow, leaving the running sequences the blocks of their next decode step. A waiting
    sequence may preempt running ones of strictly lower priority for blocks. With prefix
    caching, an admitted sequence first shares the cached blocks of its longest cached prefix
-   and computes only the rest: the token budget counts only the tokens computed.
+   and computes only the rest: the token budget counts only the tokens computed. A sequence
+   whose next blocks (most of its prompt) a running sequence is about to compute waits for
+   them (a step or so) rather than compute them again, so a batch sharing a prefix that
+   arrives at once computes it once.
 
 A chunk that reaches the end of its sequence's tokens samples the next token; `postprocess`
 appends it, registers the blocks it completed in the prefix cache and retires finished
@@ -25,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.backend import StepOutput
-from engine.kv_cache import BlockManager, cdiv
+from engine.kv_cache import BlockManager, block_hashes, cdiv
 from engine.request import FinishReason
 from engine.sequence import Sequence, SequenceStatus
 
@@ -164,13 +167,21 @@ class Scheduler:
 
     def _admit(self, budget: int, out: SchedulerOutput) -> None:
         low_slots = self.max_num_seqs - self.reserved_high_slots
+        manager = self.block_manager
+        # Hashes of the full blocks running sequences are yet to compute (prefix caching).
+        pending: set[int] | None = None
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             slots = self.max_num_seqs if seq.priority == 0 else low_slots
             if len(self.running) >= slots:
                 break  # waiting is sorted, so nothing behind it may take a slot either
             # Preempting only lowers reference counts, so the cached prefix stays the same.
-            cached = self.block_manager.match_prefix(seq)
+            cached = manager.match_prefix(seq)
+            if manager.enable_caching:
+                if pending is None:
+                    pending = {h for s in self.running for h in manager.uncomputed_block_hashes(s)}
+                if self._awaits_pending(seq, len(cached), pending):
+                    break  # FIFO; whatever shares its prefix behind it would wait too
             num = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
             if not self._can_admit(seq, cached, num):
                 budget += self._evict_lower(seq, cached, num, out)
@@ -179,12 +190,30 @@ class Scheduler:
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self.block_manager.share(seq, cached)
-            seq.num_computed_tokens = len(cached) * self.block_manager.block_size
+            manager.share(seq, cached)
+            seq.num_computed_tokens = len(cached) * manager.block_size
             self.prefix_cache_query_tokens += seq.num_tokens
             self.prefix_cache_hit_tokens += seq.num_computed_tokens
             self._schedule(seq, num, out)
             budget -= num
+            if pending is not None:
+                pending.update(manager.uncomputed_block_hashes(seq))
+
+    def _awaits_pending(self, seq: Sequence, num_cached_blocks: int, pending: set[int]) -> bool:
+        """Whether `seq` should wait for blocks that running sequences are computing now or
+        soon: those following its cached ones that it could share (not the block of its last
+        token), when they are at least as many tokens as it would still compute. Waiting costs
+        it a step or so; sharing a short common start (a chat header) is not worth that. A hash
+        names the tokens from the start, so a collision here only costs a step of waiting."""
+        size = self.block_manager.block_size
+        limit = (seq.num_tokens - 1) // size
+        if num_cached_blocks >= limit:
+            return False
+        hashes = block_hashes(seq, size, limit)
+        shared = num_cached_blocks
+        while shared < limit and hashes[shared] in pending:
+            shared += 1
+        return (shared - num_cached_blocks) * size >= seq.num_tokens - shared * size
 
     def _can_admit(self, seq: Sequence, cached: list[int], num_tokens: int) -> bool:
         """Whether `seq`, sharing the `cached` blocks, can take blocks for `num_tokens` more

@@ -45,8 +45,10 @@ class Sequence:
         self.arrival = arrival
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
-        # The prefix cache's content ids of the leading full blocks whose tokens are computed
-        # (the BlockManager keeps it; one per block, in order).
+        # Prefix caching (kept by the BlockManager): the chained hashes of the full blocks of
+        # token_ids, filled as needed, and the content ids of the leading full blocks whose
+        # tokens are computed, one per block, in order.
+        self.block_hashes: list[int] = []
         self.block_content_ids: list[int] = []
         self.num_computed_tokens = 0
         self.finish_reason: FinishReason | None = None

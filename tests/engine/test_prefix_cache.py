@@ -46,7 +46,7 @@ def admit(manager: BlockManager, seq: Sequence) -> int:
 
 
 def test_full_computed_blocks_are_shared_with_refcounts() -> None:
-    manager = BlockManager(num_blocks=8, block_size=4)
+    manager = BlockManager(num_blocks=8, block_size=4, enable_caching=True)
     a = make_seq("a", list(range(10, 20)))  # 2 full blocks + 2 tokens
     compute(manager, a, 10)
     assert manager.num_cached_blocks == 2  # the partial third block is not cached
@@ -63,7 +63,7 @@ def test_full_computed_blocks_are_shared_with_refcounts() -> None:
 
 
 def test_match_leaves_the_last_token_to_compute() -> None:
-    manager = BlockManager(num_blocks=8, block_size=4)
+    manager = BlockManager(num_blocks=8, block_size=4, enable_caching=True)
     a = make_seq("a", list(range(10, 18)))  # exactly two blocks
     compute(manager, a, 8)
     again = make_seq("again", list(range(10, 18)))
@@ -73,7 +73,7 @@ def test_match_leaves_the_last_token_to_compute() -> None:
 
 
 def test_uncomputed_tokens_are_never_cached() -> None:
-    manager = BlockManager(num_blocks=8, block_size=4)
+    manager = BlockManager(num_blocks=8, block_size=4, enable_caching=True)
     a = make_seq("a", list(range(10, 22)))
     manager.grow(a, 12)  # blocks for the whole prompt, but only 6 tokens computed
     a.num_computed_tokens = 6
@@ -84,7 +84,7 @@ def test_uncomputed_tokens_are_never_cached() -> None:
 
 
 def test_generated_tokens_fill_cached_blocks() -> None:
-    manager = BlockManager(num_blocks=8, block_size=4)
+    manager = BlockManager(num_blocks=8, block_size=4, enable_caching=True)
     a = make_seq("a", [5, 6, 7])
     compute(manager, a, 3)
     assert manager.num_cached_blocks == 0
@@ -96,7 +96,7 @@ def test_generated_tokens_fill_cached_blocks() -> None:
 
 
 def test_freed_blocks_are_evicted_lru_tail_first_only_when_needed() -> None:
-    manager = BlockManager(num_blocks=4, block_size=4)
+    manager = BlockManager(num_blocks=4, block_size=4, enable_caching=True)
     a = make_seq("a", list(range(10, 19)))  # blocks A0 A1 full, A2 partial
     compute(manager, a, 9)
     a0, a1, a2 = a.block_table
@@ -120,7 +120,7 @@ def test_freed_blocks_are_evicted_lru_tail_first_only_when_needed() -> None:
 
 
 def test_a_shared_block_is_never_evicted() -> None:
-    manager = BlockManager(num_blocks=3, block_size=4)
+    manager = BlockManager(num_blocks=3, block_size=4, enable_caching=True)
     a = make_seq("a", list(range(10, 19)))
     compute(manager, a, 9)
     b = make_seq("b", list(range(10, 14)) + [50])
@@ -136,7 +136,7 @@ def test_a_shared_block_is_never_evicted() -> None:
 
 def test_hash_collisions_never_share_wrong_contents(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kv_cache, "block_hash", lambda parent, tokens: 42)
-    manager = BlockManager(num_blocks=16, block_size=4)
+    manager = BlockManager(num_blocks=16, block_size=4, enable_caching=True)
     a = make_seq("a", list(range(10, 19)))
     compute(manager, a, 9)  # A0 takes hash 42; A1 collides with it and stays uncached
     assert manager.num_cached_blocks == 1
@@ -151,7 +151,7 @@ def test_a_hash_blind_to_the_parent_still_never_shares_across_prefixes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(kv_cache, "block_hash", lambda parent, tokens: hash(tokens))
-    manager = BlockManager(num_blocks=16, block_size=4)
+    manager = BlockManager(num_blocks=16, block_size=4, enable_caching=True)
     a = make_seq("a", [1, 2, 3, 4, 7, 7, 7, 7, 0])
     compute(manager, a, 9)
     b = make_seq("b", [7, 7, 7, 7, 7, 7, 7, 7, 0])  # its first block's tokens are a's second
@@ -159,7 +159,7 @@ def test_a_hash_blind_to_the_parent_still_never_shares_across_prefixes(
 
 
 def test_equal_tokens_after_a_different_prefix_are_not_shared() -> None:
-    manager = BlockManager(num_blocks=16, block_size=4)
+    manager = BlockManager(num_blocks=16, block_size=4, enable_caching=True)
     a = make_seq("a", [1, 2, 3, 4, 7, 7, 7, 7, 0])
     compute(manager, a, 9)
     b = make_seq("b", [5, 6, 7, 8, 7, 7, 7, 7, 0])  # the same second block, another first
@@ -169,7 +169,7 @@ def test_equal_tokens_after_a_different_prefix_are_not_shared() -> None:
 def test_content_ids_chain_through_a_duplicate_block() -> None:
     """Two sequences that computed the same prefix in the same step: the second copy stays
     private, and the blocks after it still chain to the cached contents."""
-    manager = BlockManager(num_blocks=16, block_size=4)
+    manager = BlockManager(num_blocks=16, block_size=4, enable_caching=True)
     a = make_seq("a", list(range(10, 19)))
     b = make_seq("b", list(range(10, 19)))
     manager.grow(a, 9)
@@ -265,6 +265,55 @@ def test_without_caching_the_whole_prompt_is_computed() -> None:
         "b": (0, 7),
     }
     assert sched.prefix_cache_hit_tokens == 0
+
+
+def test_a_batch_arriving_at_once_computes_its_prefix_once() -> None:
+    sched = make_scheduler(max_num_batched_tokens=64)
+    other = add(sched, "other", [9, 9, 9, 9, 9])  # ahead of them, nothing to share
+    seqs = [add(sched, f"q{i}", PREFIX + [i + 20, 30]) for i in range(4)]
+    out = step(sched)
+    # q0 computes the prefix; the others wait for it rather than compute it again.
+    assert {ch.seq.seq_id: (ch.start, ch.num_tokens) for ch in out.chunks} == {
+        "other": (0, 5),
+        "q0": (0, 14),
+    }
+    out = step(sched)
+    assert {ch.seq.seq_id: (ch.start, ch.num_tokens) for ch in out.chunks} == {
+        "other": (5, 1),
+        "q0": (14, 1),
+        **{f"q{i}": (12, 2) for i in range(1, 4)},
+    }
+    while sched.has_unfinished():
+        step(sched)
+    assert all(s.output_token_ids == [7] * 8 for s in [other, *seqs])
+    assert sched.prefix_cache_hit_tokens == 3 * 12
+
+
+def test_a_waiting_sequence_waits_only_for_blocks_it_can_share() -> None:
+    sched = make_scheduler(max_num_batched_tokens=64)
+    add(sched, "a", PREFIX + [1, 2, 3, 4])
+    same = add(sched, "same", PREFIX[:4])  # its only block holds its last token: no wait
+    short = add(sched, "short", PREFIX[:5])  # shares a's first block once computed
+    out = step(sched)
+    assert {ch.seq.seq_id: (ch.start, ch.num_tokens) for ch in out.chunks} == {
+        "a": (0, 16),
+        "same": (0, 4),
+    }
+    assert short.status is SequenceStatus.WAITING and same.output_token_ids == [7]
+    out = step(sched)
+    (chunk,) = [ch for ch in out.chunks if ch.seq is short]
+    assert (chunk.start, chunk.num_tokens) == (4, 1)
+
+
+def test_a_short_common_start_is_not_waited_for() -> None:
+    sched = make_scheduler(max_num_batched_tokens=64)
+    add(sched, "a", PREFIX + [1, 2, 3, 4])
+    add(sched, "b", PREFIX[:4] + list(range(50, 60)))  # would share 4 tokens, compute 10
+    out = step(sched)
+    assert {ch.seq.seq_id: (ch.start, ch.num_tokens) for ch in out.chunks} == {
+        "a": (0, 16),
+        "b": (0, 14),
+    }
 
 
 def test_preempted_sequence_resumes_from_its_cached_blocks() -> None:
@@ -392,11 +441,12 @@ def shared_prefix_prompts() -> list[list[int]]:
     "settings",
     [
         dict(stagger=2),
+        dict(stagger=0),  # all at once: later ones wait for the first to compute the prefix
         dict(stagger=1, max_num_batched_tokens=16),  # chunked prefill after the cached part
         # 24 blocks of 4: not enough for the batch, so preemption and eviction happen.
         dict(stagger=0, num_kv_blocks=24, max_num_seqs=4),
     ],
-    ids=["staggered", "chunked", "small_cache"],
+    ids=["staggered", "at_once", "chunked", "small_cache"],
 )
 def test_greedy_outputs_unchanged_with_shared_prefixes(
     settings: dict[str, Any],
@@ -430,3 +480,21 @@ def test_greedy_outputs_unchanged_with_shared_prefixes(
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
     if "num_kv_blocks" in settings:
         assert stats["num_preemptions"] > 0 and stats["kv_blocks_evicted"] > 0
+
+
+def test_bench_prefix_quick_smoke(tmp_path: Path) -> None:
+    """bench/bench_prefix.py end to end on the CPU, at the smallest sizes."""
+    import json
+
+    from bench import bench_prefix
+
+    code = bench_prefix.main(
+        ["--model", "tiny", "--device", "cpu", "--quick", "--num-requests", "4",
+         "--output-tokens", "2", "--reps", "1", "--warmup", "0",
+         "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "models")]
+    )  # fmt: skip
+    assert code == 0
+    (path,) = (tmp_path / "out").glob("*_w-prefix_tiny.json")
+    record = json.loads(path.read_text())
+    assert record["workload"] == "W-prefix" and record["ratios"]["vs_no_prefix_caching"] > 0
+    assert record["details"]["prefix_caching"]["runs"][0]["prefix_cache_hit_tokens"] > 0
