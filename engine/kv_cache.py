@@ -215,6 +215,8 @@ class BlockManager:
             return
         size = self.block_size
         full = seq.num_computed_tokens // size
+        if full <= len(seq.block_content_ids):
+            return  # the usual decode step: no block completed
         keys = block_hashes(seq, size, full)
         for i in range(len(seq.block_content_ids), full):
             parent = seq.block_content_ids[-1] if seq.block_content_ids else ROOT_CONTENT_ID
