@@ -184,6 +184,9 @@ def engine_config(
     return EngineConfig(
         model_path=str(checkpoint), dtype="int8" if variant == "int8" else args.dtype,
         backend=args.backend, device=args.device, enforce_eager=variant == "eager",
+        # Every repetition sends the same prompts: a prefix cache would skip their prefill
+        # from the second run on, which the HF peers cannot do; BENCHMARKS.md times fresh work.
+        enable_prefix_caching=False,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
     )

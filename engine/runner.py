@@ -99,6 +99,10 @@ class ModelRunner:
             max_model_len,
             int8=config.dtype == "int8",
         )
+        if fast:  # fused norm / rotary / activation kernels
+            use_triton = getattr(self.model, "use_triton_kernels", None)
+            if use_triton is not None:
+                use_triton()
         args = self.model.args
         self.num_layers = args.num_layers
         self.num_kv_heads = group.split(args.num_kv_heads, "key/value heads")

@@ -31,6 +31,16 @@ KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: [num_blocks, block_
 
 
 @dataclass
+class Rope:
+    """What the attention layers rotate by: per-token cos/sin [T, 1, D] in the model dtype on
+    the PyTorch path; the whole float32 tables [max_positions, D] on the fused path."""
+
+    positions: torch.Tensor  # [T]
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+@dataclass
 class LlamaArgs:
     """The architecture's hyper-parameters, read from a transformers config."""
 
@@ -173,17 +183,39 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def triton_layers() -> Any:
+    """engine.triton_layers, imported on first use (the CPU path never needs Triton)."""
+    from engine import triton_layers as module
+
+    return module
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
+    fused = False  # the Triton kernel (GPU path); see LlamaForCausalLM.use_triton_kernels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D]; normalised in float32, scaled in the model dtype.
+        if self.fused:
+            return triton_layers().rms_norm(x, self.weight, self.eps)[0]
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual: [T, D] -> (norm(x + residual), x + residual)."""
+        if self.fused:
+            out, summed = triton_layers().rms_norm(x, self.weight, self.eps, residual)
+            assert summed is not None
+            return out, summed
+        summed = residual + x
+        return self.forward(summed), summed
 
 
 class LlamaAttention(nn.Module):
@@ -204,11 +236,12 @@ class LlamaAttention(nn.Module):
         self.sliding_window = args.sliding_windows[layer]
         self.attention = attention
 
+    fused = False  # rotary in place by the Triton kernel (GPU path)
+
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: Rope,
         cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -216,9 +249,14 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)  # [T, H, Dh]
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, Dh]
+        q = q.view(t, self.num_heads, self.head_dim)  # [T, H, Dh]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
         v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.fused:
+            triton_layers().rotary_(q, k, rope.positions, rope.cos, rope.sin)
+        else:
+            q = apply_rotary(q, rope.cos, rope.sin)
+            k = apply_rotary(k, rope.cos, rope.sin)
         o = self.attention(q, k, v, cache[0], cache[1], meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(t, q_size))
 
@@ -233,9 +271,14 @@ class LlamaMLP(nn.Module):
             args.intermediate_size, args.hidden_size, args.mlp_bias, group
         )
 
+    fused = False  # SiLU(gate) * up by the Triton kernel (GPU path)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I / world] each
+        gate_up = self.gate_up_proj(x)  # [T, 2 * I / world]
+        if self.fused:
+            return self.down_proj(triton_layers().silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # [T, I / world] each
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -252,14 +295,22 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: Rope,
         cache: KVCache,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        # x: [T, D] -> [T, D]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [T, D], the last layer's output; residual: [T, D], the stream before it (None at
+        # the first layer). Returns this layer's (output, residual); the stream is their sum,
+        # added in the next norm.
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, rope, cache, meta)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -273,6 +324,7 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args.head_dim, max_positions, args.rope_parameters)
+        self.fused_rope = False
 
     def forward(
         self,
@@ -283,10 +335,16 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, D]
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, x.dtype)
+        if self.fused_rope:  # the kernel reads the float32 tables at each position
+            rope = Rope(positions, self.rotary_emb.cos, self.rotary_emb.sin)
+        else:
+            rope = Rope(positions, *self.rotary_emb(positions, x.dtype))
+        residual: torch.Tensor | None = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, cache, meta)
+        if residual is None:
+            return self.norm(x)
+        return self.norm.add_forward(x, residual)[0]
 
 
 class LlamaForCausalLM(CausalLM):
@@ -315,6 +373,14 @@ class LlamaForCausalLM(CausalLM):
 
     def init_buffers(self) -> None:
         self.model.rotary_emb.init_buffers()
+
+    def use_triton_kernels(self) -> None:
+        """Run norms (with the residual add), rotary embedding and the MLP's activation
+        through engine.triton_layers: the GPU path (or the CPU under TRITON_INTERPRET=1)."""
+        self.model.fused_rope = True
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, LlamaAttention, LlamaMLP)):
+                module.fused = True
 
     def forward(
         self,

@@ -61,7 +61,8 @@ def config(path: Path, device: str, **overrides: object) -> EngineConfig:
 
 
 def check_static_buffers_on_cpu(path: str) -> None:
-    """Run in the subprocess: Triton attention + the graphs' buffers run eagerly on the CPU."""
+    """Run in the subprocess: Triton attention, the fused layers and the graphs' buffers,
+    run eagerly on the CPU."""
     import engine.runner as runner_module
     from engine.cuda_graphs import DecodeGraphs
     from engine.triton_attention import TritonPagedAttention
@@ -70,6 +71,7 @@ def check_static_buffers_on_cpu(path: str) -> None:
     runner_module.default_attention = lambda fast: TritonPagedAttention()
     backend = NativeBackend(config(Path(path), "cpu"))
     runner = backend.runner
+    runner.model.use_triton_kernels()  # the fused layers, as on the GPU
     runner.graphs = DecodeGraphs(
         runner.model,
         runner.kv_caches,
