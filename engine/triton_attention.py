@@ -29,6 +29,10 @@ from engine.attention import AttentionMetadata, ChunkSpec
 DECODE_BLOCK_N = 64
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
+# Decode programs (sequence x key/value head x split) aimed at: about one wave of the GPU's
+# multiprocessors; contexts are split in up to MAX_SPLITS parts to get there.
+SPLIT_TARGET = 128
+MAX_SPLITS = 8
 # tl.dot needs at least 16 rows: the GQA group is padded up to this.
 MIN_DOT_ROWS = 16
 _LOG2E = 1.4426950408889634
@@ -70,9 +74,13 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLITS: tl.constexpr,
+    part_o_ptr,
+    part_lse_ptr,
 ):
     i = tl.program_id(0)  # which one-token chunk
     kvh = tl.program_id(1)  # which key/value head
+    split = tl.program_id(2)  # which part of the context (SPLITS > 1: flash-decoding)
     row = tl.load(rows_ptr + i)
     ctx = tl.load(lens_ptr + i)
     g = tl.arange(0, BLOCK_G)
@@ -87,9 +95,14 @@ def _decode_kernel(
     s_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     lo = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
-    for n0 in range(lo, ctx, BLOCK_N):
+    hi = ctx
+    if SPLITS > 1:
+        part = tl.cdiv(tl.cdiv(ctx - lo, SPLITS), BLOCK_N) * BLOCK_N
+        lo = lo + split * part
+        hi = tl.minimum(ctx, lo + part)
+    for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        valid = pos < ctx
+        valid = pos < hi
         block = tl.load(tables_ptr + i * stride_table + pos // BLOCK_SIZE, mask=valid, other=0)
         slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
@@ -106,12 +119,56 @@ def _decode_kernel(
         v = tl.load(v_cache_ptr + offs, mask=kvmask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    s_sum = tl.where(s_sum == 0.0, 1.0, s_sum)
-    o = acc / s_sum[:, None]
+    if SPLITS > 1:  # this part's normalised output and log2-sum-exp, combined below
+        lse = tl.where(s_sum == 0.0, float("-inf"), m + tl.log2(s_sum))
+        o = acc / tl.where(s_sum == 0.0, 1.0, s_sum)[:, None]
+        base = (i * tl.num_programs(1) + kvh) * SPLITS + split
+        tl.store(part_lse_ptr + base * BLOCK_G + g, lse)
+        tl.store(part_o_ptr + (base * BLOCK_G + g[:, None]) * BLOCK_D + d[None, :], o)
+    else:
+        s_sum = tl.where(s_sum == 0.0, 1.0, s_sum)
+        o = acc / s_sum[:, None]
+        tl.store(
+            out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=qmask,
+        )
+
+
+@triton.jit
+def _combine_kernel(
+    out_ptr,
+    rows_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    i = tl.program_id(0)
+    kvh = tl.program_id(1)
+    row = tl.load(rows_ptr + i)
+    sp = tl.arange(0, SPLITS)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    base = (i * tl.num_programs(1) + kvh) * SPLITS + sp  # [S]
+    lse = tl.load(part_lse_ptr + base[:, None] * BLOCK_G + g[None, :])  # [S, BLOCK_G]
+    top = tl.max(lse, 0)  # [BLOCK_G]; split 0 is never empty
+    w = tl.exp2(lse - top[None, :])  # [S, BLOCK_G]
+    o = tl.load(
+        part_o_ptr + (base[:, None, None] * BLOCK_G + g[None, :, None]) * BLOCK_D + d[None, None, :]
+    )  # [S, BLOCK_G, BLOCK_D]
+    o = tl.sum(o * w[:, :, None], 0) / tl.sum(w, 0)[:, None]
+    heads = kvh * GROUP + g
+    mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
     tl.store(
         out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
         o.to(out_ptr.dtype.element_ty),
-        mask=qmask,
+        mask=mask,
     )
 
 
@@ -318,14 +375,38 @@ class TritonPagedAttention:
         num_decode = meta.decode_rows.shape[0]
         if num_decode:
             tables = meta.decode_block_tables
-            _decode_kernel[(num_decode, num_kv_heads)](
+            block_g = max(MIN_DOT_ROWS, triton.next_power_of_2(group))
+            # Few (sequence, head) programs leave most of the GPU idle on a long context:
+            # split each context into parts and combine them (a static choice per batch size,
+            # so captured graphs keep it).
+            splits = 1
+            while splits < MAX_SPLITS and num_decode * num_kv_heads * splits * 2 <= SPLIT_TARGET:
+                splits *= 2
+            if splits > 1:
+                part_o = torch.empty(
+                    (num_decode, num_kv_heads, splits, block_g, block_d),
+                    dtype=torch.float32, device=q.device,
+                )  # fmt: skip
+                part_lse = torch.empty(
+                    (num_decode, num_kv_heads, splits, block_g), dtype=torch.float32,
+                    device=q.device,
+                )  # fmt: skip
+            else:
+                part_o = part_lse = out  # unused
+            _decode_kernel[(num_decode, num_kv_heads, splits)](
                 q, k_cache, v_cache, out, meta.decode_rows, tables, meta.decode_context_lens,
                 scale_log2, window, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                 tables.stride(0), slot_stride,
-                BLOCK_SIZE=block_size, GROUP=group,
-                BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
+                BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=block_g,
                 HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N, PRECISION=precision,
+                SPLITS=splits, part_o_ptr=part_o, part_lse_ptr=part_lse,
             )  # fmt: skip
+            if splits > 1:
+                _combine_kernel[(num_decode, num_kv_heads)](
+                    out, meta.decode_rows, part_o, part_lse, out.stride(0), out.stride(1),
+                    GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                    SPLITS=splits,
+                )  # fmt: skip
         tiles = meta.prefill_tiles
         if tiles is not None:
             _prefill_kernel[(tiles.tile_chunk.shape[0], q.shape[1])](
