@@ -249,6 +249,42 @@ def profiled_run(engine: Any, run: Callable[[], tuple[float, dict[str, Any]]]) -
     return out
 
 
+# Kernels listed in a kernel profile: enough to see where a decode step's device time goes.
+TOP_KERNELS = 20
+
+
+def kernel_profile(run: Callable[[], tuple[float, dict[str, Any]]]) -> dict[str, Any]:
+    """One more run under torch.profiler: device time per kernel (graph replays included),
+    so a missed target can be explained kernel by kernel, and the share of the wall time the
+    device spent in kernels at all (the rest is launch gaps and host time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return {"error": "no CUDA device"}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        value, detail = run()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = []
+    for e in prof.key_averages():
+        device_us = getattr(e, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(e, "self_cuda_time_total", 0.0)
+        if device_us and getattr(e, "device_type", None) is not None and \
+                str(e.device_type).endswith("CUDA"):
+            kernels.append({"name": e.key[:120], "calls": e.count, "device_ms": device_us / 1e3})
+    kernels.sort(key=lambda k: -k["device_ms"])
+    total = sum(k["device_ms"] for k in kernels)
+    out = {"value": value, "wall_ms": wall * 1e3, "kernel_ms": total,
+           "kernel_share_of_wall": total / (wall * 1e3) if wall else None,
+           "top": kernels[:TOP_KERNELS], "detail": detail}
+    log(f"  kernels: {total:.1f} ms of device time in {wall * 1e3:.1f} ms wall; top: "
+        + "; ".join(f"{k['name'][:40]} {k['device_ms']:.2f} ms x{k['calls']}"
+                    for k in kernels[:6]))
+    return out
+
+
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
@@ -317,7 +353,9 @@ def project_latency(
 
         rep = repeat(run, args.reps, [run] * max(2, args.warmup), deadline,
                      f"project {variant}")
-        extra = {"profile": profiled_run(engine, run)} if args.profile and variant == "fast" else {}
+        extra: dict[str, Any] = {}
+        if args.profile and variant == "fast":
+            extra = {"profile": profiled_run(engine, run), "kernels": kernel_profile(run)}
         return {**rep.summary(), "engine_stats": engine.stats(), **extra}
     finally:
         engine.shutdown()
