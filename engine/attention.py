@@ -11,6 +11,7 @@ GPU kernel plugs in by providing the same two methods.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,6 +55,13 @@ class AttentionMetadata:
     prefill_tiles: Any = None
 
 
+def chunk_slots(chunk: ChunkSpec, block_size: int) -> Iterator[int]:
+    """The flat cache slot of each of the chunk's tokens (block id * block_size + offset)."""
+    table = chunk.block_table
+    return (table[p // block_size] * block_size + p % block_size
+            for p in range(chunk.start, chunk.start + chunk.num_tokens))
+
+
 class PagedAttention(Protocol):
     """What the model's attention layers call; the runner chooses the implementation."""
 
@@ -94,10 +102,7 @@ class TorchPagedAttention:
         for chunk in chunks:
             end = chunk.start + chunk.num_tokens
             table = chunk.block_table
-            slots.extend(
-                table[p // block_size] * block_size + p % block_size
-                for p in range(chunk.start, end)
-            )
+            slots.extend(chunk_slots(chunk, block_size))
             num_blocks = -(-end // block_size)
             if chunk.num_tokens == 1:
                 decode_rows.append(row)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.attention import AttentionMetadata, ChunkSpec
+from engine.attention import AttentionMetadata, ChunkSpec, chunk_slots
 
 # Key/value positions per tile of the loop (several cache blocks when block_size is small).
 DECODE_BLOCK_N = 64
@@ -283,10 +283,7 @@ class TritonPagedAttention:
         for chunk in chunks:
             end = chunk.start + chunk.num_tokens
             table = chunk.block_table
-            slots.extend(
-                table[p // block_size] * block_size + p % block_size
-                for p in range(chunk.start, end)
-            )
+            slots.extend(chunk_slots(chunk, block_size))
             num_blocks = -(-end // block_size)
             if chunk.num_tokens == 1:
                 decode_rows.append(row)
