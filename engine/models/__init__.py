@@ -3,6 +3,7 @@ and the interface (CausalLM) the loader and runner expect of each."""
 
 from __future__ import annotations
 
+import abc
 import importlib
 from typing import Any, ClassVar, Protocol
 
@@ -28,7 +29,7 @@ class ModelShape(Protocol):
     tie_word_embeddings: bool
 
 
-class CausalLM(nn.Module):
+class CausalLM(nn.Module, abc.ABC):
     """A decoder over a flat token batch and a paged KV cache.
 
     Subclasses are built on the meta device (see engine.loader) from `args_class.from_hf`.
@@ -45,9 +46,9 @@ class CausalLM(nn.Module):
     def init_buffers(self) -> None:
         """Compute non-persistent buffers (position tables) once storage exists."""
 
+    @abc.abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] -> logits: [N, V]."""
-        raise NotImplementedError
 
 
 def model_class(architecture: str) -> type[CausalLM]:
