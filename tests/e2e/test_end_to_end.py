@@ -165,3 +165,29 @@ def test_worker_serves_prometheus_metrics(tmp_path, redis_url, tiny_llama, start
     assert 'tideq_jobs_total{priority="high",state="done"} 2.0' in text
     assert "tideq_engine_kv_blocks_free" in text
     assert "tideq_job_seconds_count" in text
+
+
+def test_cancel_stops_running_jobs_too(tmp_path, redis_url, tiny_llama, start_worker):
+    import time
+
+    config_path = write_config(tmp_path / "d.yaml", redis_url, tiny_llama,
+                               limits={"max_output_tokens": 400, "default_max_tokens": 16},
+                               model={"max_model_len": 512})
+    with Producer(load_config(config_path)) as producer:
+        rows = [{"prompt": f"a long answer {i}", "max_tokens": 400, "temperature": 1.0,
+                 "seed": i} for i in range(16)]
+        batch = producer.submit(write_jsonl(tmp_path / "p.jsonl", rows))
+        start_worker(config_path)
+        deadline = time.monotonic() + 60
+        while producer.status(batch.batch_id).count("running") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        producer.cancel(batch.batch_id)
+        status = producer.wait(batch.batch_id, timeout=60)
+        assert status.finished and status.count("cancelled") >= 8
+        records = list(producer.store.iter_jobs(batch.batch_id))
+        stopped_while_running = [r for r in records if r.state == "cancelled" and r.error
+                                 and "while the job ran" in r.error["message"]]
+        assert stopped_while_running, [r.state for r in records]
+        for r in stopped_while_running:
+            assert "started_at" in r.fields
