@@ -62,6 +62,43 @@ def chunk_slots(chunk: ChunkSpec, block_size: int) -> Iterator[int]:
             for p in range(chunk.start, chunk.start + chunk.num_tokens))
 
 
+@dataclass
+class StepLayout:
+    """A step's chunks as rows of the flat batch: where each token's key/value goes, and for
+    one-token (decode) and longer (prefill) chunks, their rows, lengths and block tables."""
+
+    slots: list[int] = field(default_factory=list)  # [T] cache slot per token
+    decode_rows: list[int] = field(default_factory=list)
+    decode_lens: list[int] = field(default_factory=list)  # context length incl. the token
+    decode_tables: list[list[int]] = field(default_factory=list)  # blocks in use, unpadded
+    prefill_rows: list[int] = field(default_factory=list)  # first row of each chunk
+    prefill_lens: list[int] = field(default_factory=list)  # tokens of each chunk
+    prefill_ctx: list[int] = field(default_factory=list)  # cached history + the chunk
+    prefill_tables: list[list[int]] = field(default_factory=list)
+
+
+def layout_chunks(chunks: list[ChunkSpec], block_size: int) -> StepLayout:
+    """Lay a step's chunks out as rows of the flat token batch (the attention
+    implementations turn this into device tensors their own way)."""
+    layout = StepLayout()
+    row = 0
+    for chunk in chunks:
+        end = chunk.start + chunk.num_tokens
+        table = chunk.block_table[: -(-end // block_size)]
+        layout.slots.extend(chunk_slots(chunk, block_size))
+        if chunk.num_tokens == 1:
+            layout.decode_rows.append(row)
+            layout.decode_lens.append(end)
+            layout.decode_tables.append(table)
+        else:
+            layout.prefill_rows.append(row)
+            layout.prefill_lens.append(chunk.num_tokens)
+            layout.prefill_ctx.append(end)
+            layout.prefill_tables.append(table)
+        row += chunk.num_tokens
+    return layout
+
+
 class PagedAttention(Protocol):
     """What the model's attention layers call; the runner chooses the implementation."""
 
@@ -93,25 +130,14 @@ class TorchPagedAttention:
     def build_metadata(
         self, chunks: list[ChunkSpec], block_size: int, device: torch.device
     ) -> AttentionMetadata:
-        slots: list[int] = []
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillItem] = []
-        row = 0
-        for chunk in chunks:
-            end = chunk.start + chunk.num_tokens
-            table = chunk.block_table
-            slots.extend(chunk_slots(chunk, block_size))
-            num_blocks = -(-end // block_size)
-            if chunk.num_tokens == 1:
-                decode_rows.append(row)
-                decode_tables.append(table[:num_blocks])
-                decode_lens.append(end)
-            else:
-                ids = torch.tensor(table[:num_blocks], dtype=torch.long, device=device)
-                prefills.append(PrefillItem(row, chunk.num_tokens, end, ids))
-            row += chunk.num_tokens
+        layout = layout_chunks(chunks, block_size)
+        slots, decode_rows = layout.slots, layout.decode_rows
+        decode_tables, decode_lens = layout.decode_tables, layout.decode_lens
+        prefills = [
+            PrefillItem(row, n, ctx, torch.tensor(table, dtype=torch.long, device=device))
+            for row, n, ctx, table in zip(layout.prefill_rows, layout.prefill_lens,
+                                          layout.prefill_ctx, layout.prefill_tables, strict=True)
+        ]
         width = max((len(t) for t in decode_tables), default=0)
         padded = [t + [0] * (width - len(t)) for t in decode_tables]
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.attention import AttentionMetadata, ChunkSpec, chunk_slots
+from engine.attention import AttentionMetadata, ChunkSpec, layout_chunks
 
 # Key/value positions per tile of the loop (several cache blocks when block_size is small).
 DECODE_BLOCK_N = 64
@@ -269,36 +269,17 @@ class TritonPagedAttention:
     def build_metadata(
         self, chunks: list[ChunkSpec], block_size: int, device: torch.device
     ) -> AttentionMetadata:
-        slots: list[int] = []
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        chunk_row: list[int] = []
-        chunk_len: list[int] = []
-        chunk_ctx: list[int] = []
-        chunk_tables: list[list[int]] = []
+        layout = layout_chunks(chunks, block_size)
+        slots, decode_rows = layout.slots, layout.decode_rows
+        decode_tables, decode_lens = layout.decode_tables, layout.decode_lens
+        chunk_row, chunk_len = layout.prefill_rows, layout.prefill_lens
+        chunk_ctx, chunk_tables = layout.prefill_ctx, layout.prefill_tables
         tile_chunk: list[int] = []
         tile_start: list[int] = []
-        row = 0
-        for chunk in chunks:
-            end = chunk.start + chunk.num_tokens
-            table = chunk.block_table
-            slots.extend(chunk_slots(chunk, block_size))
-            num_blocks = -(-end // block_size)
-            if chunk.num_tokens == 1:
-                decode_rows.append(row)
-                decode_tables.append(table[:num_blocks])
-                decode_lens.append(end)
-            else:
-                index = len(chunk_row)
-                chunk_row.append(row)
-                chunk_len.append(chunk.num_tokens)
-                chunk_ctx.append(end)
-                chunk_tables.append(table[:num_blocks])
-                for start in range(0, chunk.num_tokens, PREFILL_BLOCK_M):
-                    tile_chunk.append(index)
-                    tile_start.append(start)
-            row += chunk.num_tokens
+        for index, num_tokens in enumerate(chunk_len):
+            for start in range(0, num_tokens, PREFILL_BLOCK_M):
+                tile_chunk.append(index)
+                tile_start.append(start)
         d_width = max((len(t) for t in decode_tables), default=0)
         p_width = max((len(t) for t in chunk_tables), default=0)
         flat: list[int] = [*slots, *decode_rows, *decode_lens]
