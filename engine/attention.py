@@ -62,6 +62,17 @@ def chunk_slots(chunk: ChunkSpec, block_size: int) -> Iterator[int]:
             for p in range(chunk.start, chunk.start + chunk.num_tokens))
 
 
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store a step's keys and values at their cache slots.
+
+    caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T] long; k, v: [T, Hkv, D].
+    """
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
 @dataclass
 class StepLayout:
     """A step's chunks as rows of the flat batch: where each token's key/value goes, and for
@@ -167,9 +178,7 @@ class TorchPagedAttention:
 
         Writes k, v into the caches, then returns the attention output [T, H, D].
         """
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         out = torch.empty_like(q)
         if meta.decode_rows.numel():
             out[meta.decode_rows] = self._decode(q, k_cache, v_cache, meta, scale, sliding_window)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.attention import AttentionMetadata, ChunkSpec, layout_chunks
+from engine.attention import AttentionMetadata, ChunkSpec, layout_chunks, write_kv
 
 # Key/value positions per tile of the loop (several cache blocks when block_size is small).
 DECODE_BLOCK_N = 64
@@ -340,8 +340,7 @@ class TritonPagedAttention:
         """
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         block_size = k_cache.shape[1]
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         out = torch.empty_like(q)
         group = q.shape[1] // num_kv_heads
         block_d = triton.next_power_of_2(head_dim)
