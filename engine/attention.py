@@ -58,16 +58,27 @@ class AttentionMetadata:
 def chunk_slots(chunk: ChunkSpec, block_size: int) -> Iterator[int]:
     """The flat cache slot of each of the chunk's tokens (block id * block_size + offset)."""
     table = chunk.block_table
-    return (table[p // block_size] * block_size + p % block_size
-            for p in range(chunk.start, chunk.start + chunk.num_tokens))
+    return (
+        table[p // block_size] * block_size + p % block_size
+        for p in range(chunk.start, chunk.start + chunk.num_tokens)
+    )
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-             k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store a step's keys and values at their cache slots.
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+) -> None:
+    """Store a step's keys and values at their cache slots. k = v = None: a fused kernel
+    (engine.triton_layers.rotary_and_cache_) has already stored them; nothing to do.
 
     caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T] long; k, v: [T, Hkv, D].
     """
+    if k is None or v is None:
+        assert k is None and v is None, "keys and values are written together"
+        return
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
@@ -111,7 +122,13 @@ def layout_chunks(chunks: list[ChunkSpec], block_size: int) -> StepLayout:
 
 
 class PagedAttention(Protocol):
-    """What the model's attention layers call; the runner chooses the implementation."""
+    """What the model's attention layers call; the runner chooses the implementation.
+
+    __call__(q, k, v, k_cache, v_cache, meta, scale, sliding_window) stores the step's keys
+    and values k, v: [T, Hkv, D] at `meta.slot_mapping`, then returns the output [T, H, D] of
+    q: [T, H, D]. k = v = None means they are already in the cache at those slots (written by
+    a fused kernel such as engine.triton_layers.rotary_and_cache_).
+    """
 
     def build_metadata(
         self, chunks: list[ChunkSpec], block_size: int, device: torch.device
@@ -120,8 +137,8 @@ class PagedAttention(Protocol):
     def __call__(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
@@ -146,8 +163,13 @@ class TorchPagedAttention:
         decode_tables, decode_lens = layout.decode_tables, layout.decode_lens
         prefills = [
             PrefillItem(row, n, ctx, torch.tensor(table, dtype=torch.long, device=device))
-            for row, n, ctx, table in zip(layout.prefill_rows, layout.prefill_lens,
-                                          layout.prefill_ctx, layout.prefill_tables, strict=True)
+            for row, n, ctx, table in zip(
+                layout.prefill_rows,
+                layout.prefill_lens,
+                layout.prefill_ctx,
+                layout.prefill_tables,
+                strict=True,
+            )
         ]
         width = max((len(t) for t in decode_tables), default=0)
         padded = [t + [0] * (width - len(t)) for t in decode_tables]
@@ -166,17 +188,18 @@ class TorchPagedAttention:
     def __call__(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D].
+        """q: [T, H, D]; k, v: [T, Hkv, D], or both None when already in the caches;
+        caches: [num_blocks, block_size, Hkv, D].
 
-        Writes k, v into the caches, then returns the attention output [T, H, D].
+        Writes k, v into the caches (unless None), then returns the attention output [T, H, D].
         """
         write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         out = torch.empty_like(q)

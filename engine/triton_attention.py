@@ -11,8 +11,9 @@ an online softmax, so nothing is gathered or padded:
   chunk's history plus itself, causally masked. Every multi-token chunk of the step runs in the
   same launch (varlen), whether or not it has cached history.
 
-New keys and values are written with index_copy_ before the kernels run. Both kernels run in
-Triton's interpreter on the CPU (TRITON_INTERPRET=1), which is how CI checks them.
+The step's new keys and values are in the cache before the kernels run: written here with
+index_copy_, or already by engine.triton_layers.rotary_and_cache_ (k = v = None). Both kernels
+run in Triton's interpreter on the CPU (TRITON_INTERPRET=1), which is how CI checks them.
 """
 
 from __future__ import annotations
@@ -326,17 +327,18 @@ class TritonPagedAttention:
     def __call__(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D].
+        """q: [T, H, D]; k, v: [T, Hkv, D], or both None when already in the caches;
+        caches: [num_blocks, block_size, Hkv, D].
 
-        Writes k, v into the caches, then returns the attention output [T, H, D].
+        Writes k, v into the caches (unless None), then returns the attention output [T, H, D].
         """
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         block_size = k_cache.shape[1]

@@ -1,5 +1,6 @@
 """Fused elementwise layers in Triton for the GPU path: residual add + RMSNorm, rotary embedding
-applied in place to queries and keys, SiLU(gate) * up. Each replaces several PyTorch kernels
+applied in place to queries and keys (or to queries in place and keys into the KV cache, with
+the values, in the same kernel), SiLU(gate) * up. Each replaces several PyTorch kernels
 with one; at small batch a decode step is mostly kernel launches and their tails, so the count
 matters even inside a CUDA graph. They round where the PyTorch layers round (the sum to the
 model dtype, the normalised value before the weight). The model's PyTorch code stays the CPU
@@ -62,6 +63,31 @@ def rms_norm(
 
 
 @triton.jit
+def _rotate_heads(src_ptr, dst_ptr, src_offs, dst_offs, mask, cos, sin, HALF: tl.constexpr):
+    # offs: [BLOCK_H, BLOCK_HALF] first half of each head; cos, sin: [1, BLOCK_HALF].
+    # The one rounding of every rotary kernel here, so their results agree bit for bit.
+    x1 = tl.load(src_ptr + src_offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src_ptr + src_offs + HALF, mask=mask, other=0.0).to(tl.float32)
+    y1 = (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty)
+    y2 = (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty)
+    tl.store(dst_ptr + dst_offs, y1, mask=mask)
+    tl.store(dst_ptr + dst_offs + HALF, y2, mask=mask)
+
+
+@triton.jit
+def _cos_sin(
+    pos_ptr, cos_ptr, sin_ptr, t, stride_table, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr
+):
+    # -> cos, sin: [1, BLOCK_HALF] at token t's position (the tables' halves are equal)
+    pos = tl.load(pos_ptr + t)
+    i = tl.arange(0, BLOCK_HALF)
+    imask = i < HALF
+    cos = tl.load(cos_ptr + pos * stride_table + i, mask=imask, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_table + i, mask=imask, other=0.0)[None, :]
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr,
     k_ptr,
@@ -81,25 +107,17 @@ def _rotary_kernel(
     BLOCK_HALF: tl.constexpr,
 ):
     t = tl.program_id(0)
-    pos = tl.load(pos_ptr + t)
+    cos, sin = _cos_sin(pos_ptr, cos_ptr, sin_ptr, t, stride_table, HALF, BLOCK_HALF)
     i = tl.arange(0, BLOCK_HALF)
     imask = i < HALF
-    cos = tl.load(cos_ptr + pos * stride_table + i, mask=imask, other=0.0)[None, :]
-    sin = tl.load(sin_ptr + pos * stride_table + i, mask=imask, other=0.0)[None, :]
     hq = tl.arange(0, BLOCK_Q)
     offs = t * stride_qt + hq[:, None] * stride_qh + i[None, :]
     mask = (hq < NUM_Q)[:, None] & imask[None, :]
-    x1 = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(q_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(q_ptr + offs, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(q_ptr + offs + HALF, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=mask)
+    _rotate_heads(q_ptr, q_ptr, offs, offs, mask, cos, sin, HALF)
     hk = tl.arange(0, BLOCK_K)
     offs = t * stride_kt + hk[:, None] * stride_kh + i[None, :]
     mask = (hk < NUM_K)[:, None] & imask[None, :]
-    x1 = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(k_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(k_ptr + offs, (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty), mask=mask)
-    tl.store(k_ptr + offs + HALF, (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty), mask=mask)
+    _rotate_heads(k_ptr, k_ptr, offs, offs, mask, cos, sin, HALF)
 
 
 def rotary_(
@@ -121,6 +139,86 @@ def rotary_(
         cos.stride(0), NUM_Q=num_q, NUM_K=k.shape[1], BLOCK_Q=triton.next_power_of_2(num_q),
         BLOCK_K=triton.next_power_of_2(k.shape[1]), HALF=half,
         BLOCK_HALF=triton.next_power_of_2(half),
+    )  # fmt: skip
+
+
+@triton.jit
+def _rotary_cache_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_table,
+    NUM_Q: tl.constexpr,
+    NUM_K: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    t = tl.program_id(0)
+    cos, sin = _cos_sin(pos_ptr, cos_ptr, sin_ptr, t, stride_table, HALF, BLOCK_HALF)
+    i = tl.arange(0, BLOCK_HALF)
+    imask = i < HALF
+    hq = tl.arange(0, BLOCK_Q)
+    offs = t * stride_qt + hq[:, None] * stride_qh + i[None, :]
+    mask = (hq < NUM_Q)[:, None] & imask[None, :]
+    _rotate_heads(q_ptr, q_ptr, offs, offs, mask, cos, sin, HALF)
+    # The caches are contiguous: a slot holds NUM_K heads of 2 * HALF values.
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    hk = tl.arange(0, BLOCK_K)
+    mask = (hk < NUM_K)[:, None] & imask[None, :]
+    cache_offs = slot * (NUM_K * 2 * HALF) + hk[:, None] * (2 * HALF) + i[None, :]
+    offs = t * stride_kt + hk[:, None] * stride_kh + i[None, :]
+    _rotate_heads(k_ptr, k_cache_ptr, offs, cache_offs, mask, cos, sin, HALF)
+    offs = t * stride_vt + hk[:, None] * stride_vh + i[None, :]
+    for h in tl.static_range(2):  # the two halves of each value head, copied as they are
+        v = tl.load(v_ptr + offs + h * HALF, mask=mask, other=0.0)
+        tl.store(v_cache_ptr + cache_offs + h * HALF, v, mask=mask)
+
+
+def rotary_and_cache_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """rotary_ on q and k, then engine.attention.write_kv of k and v, in one kernel: q is
+    rotated in place, the rotated k and the unchanged v go to the caches at their slots.
+
+    k itself is left unrotated (the attention kernels read keys only from the cache), so pass
+    k = v = None to the attention call that follows.
+
+    q: [T, H, D]; k, v: [T, Hkv, D] (views of one projection are fine; the last dim of each
+    head contiguous); positions, slot_mapping: [T] long; cos, sin: [max_positions, D] float32
+    tables whose two halves are equal; caches: [num_blocks, block_size, Hkv, D] contiguous.
+    """
+    t, num_q, head_dim = q.shape
+    if not t:
+        return
+    half = head_dim // 2
+    num_k = k.shape[1]
+    _rotary_cache_kernel[(t,)](
+        q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), NUM_Q=num_q,
+        NUM_K=num_k, BLOCK_Q=triton.next_power_of_2(num_q), BLOCK_K=triton.next_power_of_2(num_k),
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
     )  # fmt: skip
 
 

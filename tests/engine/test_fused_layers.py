@@ -1,12 +1,14 @@
 """The fused Triton layers (engine.triton_layers) against the model's PyTorch layers: residual
-add + RMSNorm, rotary embedding in place, SiLU(gate) * up. On the CPU they run in Triton's
-interpreter, in a subprocess (TRITON_INTERPRET must not leak into other tests)."""
+add + RMSNorm, rotary embedding in place (and fused with the KV-cache write), SiLU(gate) * up.
+On the CPU they run in Triton's interpreter, in a subprocess (TRITON_INTERPRET must not leak
+into other tests)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from engine.attention import write_kv  # noqa: E402
 from engine.models.llama import RMSNorm, RotaryEmbedding, apply_rotary  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,12 +60,46 @@ def check_against_torch(device: str, dtype: torch.dtype, atol: float) -> None:
     triton_layers.rotary_(q, k, positions, rope.cos, rope.sin)
     torch.testing.assert_close(q, want_q, atol=atol, rtol=atol)
     torch.testing.assert_close(k, want_k, atol=atol, rtol=atol)
+    check_rotary_and_cache(dev, dtype, rope, rand)
 
     # SiLU(gate) * up, a width that does not divide into the kernel's blocks
     gate_up = rand(t, 2 * 1100)
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(triton_layers.silu_and_mul(gate_up), F.silu(gate) * up,
                                atol=atol, rtol=atol)  # fmt: skip
+
+
+def check_rotary_and_cache(
+    dev: torch.device, dtype: torch.dtype, rope: RotaryEmbedding, rand: Callable[..., torch.Tensor]
+) -> None:
+    """rotary_and_cache_ against rotary_ then write_kv, bit for bit: q and both caches, with
+    q, k, v views of one fused projection and slots in shuffled order."""
+    from engine import triton_layers
+
+    t, heads, kv_heads, head_dim = 5, 6, 2, rope.head_dim
+    num_blocks, block_size = 4, 4
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    qkv = rand(t, sum(sizes))
+    positions = torch.tensor([0, 3, 17, 40, 63], device=dev)
+    gen = torch.Generator().manual_seed(1)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:t].to(dev)
+    caches = rand(2, num_blocks, block_size, kv_heads, head_dim)
+    results = []
+    for fused in (False, True):
+        q, k, v = qkv.clone().split(sizes, dim=-1)  # [T, *] views with row stride sum(sizes)
+        q = q.view(t, heads, head_dim)
+        k, v = k.view(t, kv_heads, head_dim), v.view(t, kv_heads, head_dim)
+        k_cache, v_cache = caches[0].clone(), caches[1].clone()
+        if fused:
+            triton_layers.rotary_and_cache_(
+                q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, slots
+            )
+        else:
+            triton_layers.rotary_(q, k, positions, rope.cos, rope.sin)
+            write_kv(k_cache, v_cache, slots, k, v)
+        results.append((q, k_cache, v_cache))
+    for want, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_fused_layers_match_torch_on_cpu_interpreter() -> None:
