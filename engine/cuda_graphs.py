@@ -4,8 +4,9 @@ once per padded batch size over static input buffers.
 A step whose chunks are all one token long (pure decode) picks the smallest captured batch size
 that holds it, writes its inputs into one pinned host buffer, copies that buffer to the device
 in one transfer and replays the graph. Rows past the real batch are padding: they write their
-key/value into a scratch cache block that no sequence owns and attend to it alone. Steps with
-longer chunks (prefill) run eagerly.
+key/value into a scratch cache block that no sequence owns and attend to it alone. Each graph
+ends with the argmax of every row (engine.triton_argmax), which greedy steps use as their
+tokens. Steps with longer chunks (prefill) run eagerly.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ import torch
 
 from engine.attention import AttentionMetadata
 from engine.models import CausalLM
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """engine.triton_argmax.argmax, imported on first use (only captured graphs need it).
+
+    logits: [B, V] -> [B] long"""
+    from engine.triton_argmax import argmax as triton_argmax
+
+    return triton_argmax(logits)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +93,7 @@ class DecodeGraphs:
         self.copied = torch.cuda.Event() if device.type == "cuda" else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, torch.Tensor] = {}  # each row's argmax, for greedy rows
 
     def _views(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         b = self.buffer
@@ -108,12 +119,13 @@ class DecodeGraphs:
         for bs in reversed(self.sizes):
             ids, pos, meta = self._views(bs)
             # Warm-up outside the graph (compiles the kernels, settles the allocator).
-            self.model.compute_logits(self.model(ids, pos, self.kv_caches, meta))
+            argmax(self.model.compute_logits(self.model(ids, pos, self.kv_caches, meta)))
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self.model(ids, pos, self.kv_caches, meta)
                 self.logits[bs] = self.model.compute_logits(hidden)  # [bs, V]
+                self.tokens[bs] = argmax(self.logits[bs])  # [bs]
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
@@ -162,10 +174,10 @@ class DecodeGraphs:
 
     def run(
         self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of len(ids) sequences; tables[i] holds (at least) the blocks up to
-        positions[i]. Returns the logits [n, V] (a view of the graph's output buffer, valid
-        until the next replay)."""
+        positions[i]. Returns the logits [n, V] and each row's argmax [n] (the greedy token),
+        views of the graph's output buffers, valid until the next replay."""
         n = len(ids)
         bs = self.batch_size_for(n)
         assert bs is not None, f"no graph holds a batch of {n}"
@@ -178,7 +190,7 @@ class DecodeGraphs:
             self.copied.record()
         if not self.replay:
             ids_t, pos_t, meta = self._views(bs)
-            hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
-            return self.model.compute_logits(hidden)[:n]
+            logits = self.model.compute_logits(self.model(ids_t, pos_t, self.kv_caches, meta))
+            return logits[:n], logits[:n].argmax(dim=-1)
         self.graphs[bs].replay()
-        return self.logits[bs][:n]
+        return self.logits[bs][:n], self.tokens[bs][:n]

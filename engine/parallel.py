@@ -90,6 +90,13 @@ def load_slice(
 INT8_MAX = torch.iinfo(torch.int8).max
 
 
+def _triton_gemv() -> Any:
+    """engine.triton_gemv, imported on first use (the CPU path never needs Triton)."""
+    from engine import triton_gemv
+
+    return triton_gemv
+
+
 class LinearBase(nn.Module):
     """y = x W^T + b with W: [output_size, input_size] as stored locally.
 
@@ -138,14 +145,45 @@ class LinearBase(nn.Module):
         self.weight.narrow(0, first, q.shape[0]).copy_(q)
         self.weight_scale.narrow(0, first, q.shape[0]).copy_(scale)
 
+    # Decode-sized inputs take engine.triton_gemv where it suits the weight (set on the GPU
+    # path by the model's use_triton_kernels; the CPU path never imports Triton).
+    gemv = False
+
+    def takes_gemv(self, x: torch.Tensor) -> bool:
+        """Whether x ([T, in]) runs through the GEMV kernel (see gemv_forward)."""
+        return self.gemv and x.dim() == 2 and _triton_gemv().suits(x.shape[0], self.weight)
+
+    def gemv_forward(
+        self,
+        x: torch.Tensor,
+        *,
+        with_bias: bool = True,
+        norm_weight: torch.Tensor | None = None,
+        eps: float = 0.0,
+        residual: torch.Tensor | None = None,
+        silu_mul: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The GEMV kernel with its input computed on the way in: RMSNorm(x + residual) *
+        norm_weight, or SiLU(gate) * up (engine.triton_gemv.gemv).
+
+        x: [T, in] ([T, 2 * in] with silu_mul) -> ([T, out], x + residual or None)."""
+        return _triton_gemv().gemv(
+            x, self.weight, self.bias if with_bias else None, self.weight_scale,
+            norm_weight=norm_weight, eps=eps, residual=residual, silu_mul=silu_mul,
+        )  # fmt: skip
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] -> [T, out], without the bias
+        if self.takes_gemv(x):
+            return self.gemv_forward(x, with_bias=False)[0]
         if self.weight_scale is None:
             return F.linear(x, self.weight)
         return int8_linear(x, self.weight, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] -> [T, out]
+        if self.takes_gemv(x):
+            return self.gemv_forward(x)[0]
         if self.weight_scale is None:
             return F.linear(x, self.weight, self.bias)
         return int8_linear(x, self.weight, self.weight_scale, self.bias)
@@ -228,7 +266,18 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in / world] -> [T, out]
-        y = self.group.all_reduce(self.matmul(x))
+        return self._reduce(self.matmul(x))
+
+    def silu_mul_forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """This layer applied to SiLU(gate) * up, computed inside the GEMV kernel (callers
+        check takes_gemv on the activation's shape first).
+
+        gate_up: [T, 2 * in / world] -> [T, out]"""
+        return self._reduce(self.gemv_forward(gate_up, with_bias=False, silu_mul=True)[0])
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        # partial: [T, out], this rank's share -> the sum over the group, plus the bias once
+        y = self.group.all_reduce(partial)
         if self.bias is not None:
             y = y + self.bias
         return y

@@ -4,8 +4,9 @@ On CUDA, decode-sized inputs (at most `TRITON_MAX_M` rows) run a Triton kernel t
 int8 weight tiles, converts them in registers and applies the row scales once at the end, so
 the weight costs half the bytes of bfloat16 on the way from memory:
 
-- a GEMV-style kernel for at most `GEMV_MAX_M` rows: each program owns a few output rows and
-  walks all of K with plain multiply-adds (no tensor cores: at this M they would idle);
+- for at most `GEMV_MAX_M` rows, engine.triton_gemv's matrix-vector kernel (shared with the
+  bfloat16 decode path): each program owns a few output rows and walks all of K with plain
+  multiply-adds (no tensor cores: at this M they would idle);
 - a tiled `tl.dot` kernel for larger M.
 
 Prefill-sized inputs (more than `TRITON_MAX_M` rows) are compute-bound: they dequantise to the
@@ -29,23 +30,23 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+
+    from engine.triton_gemv import MAX_ROWS, GemvConfig, gemv
 except ImportError:  # CPU-only installs: the reference path serves every call
     triton = None
+    MAX_ROWS = 4
 
 # Rows of x up to which the Triton kernels serve a call; above, the matmul is compute-bound
 # and torch's own (cuBLAS) matmul on the dequantised weight is at least as fast.
 TRITON_MAX_M = 256
 # Rows of x up to which the GEMV kernel beats the tl.dot kernel: its multiply-adds run on the
 # CUDA cores, M of them per weight byte, which stays below the memory time only for tiny M.
-GEMV_MAX_M = 4
+GEMV_MAX_M = MAX_ROWS
 # Activation dtypes the kernels take on CUDA (float32 would go through tf32 in tl.dot).
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # Triton's CPU interpreter (TRITON_INTERPRET=1, read when triton is imported) multiplies bfloat16
 # tl.dot operands wrongly (Triton 3.9): there the tiled kernel upcasts them to float32 first.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
-# tl.dot takes blocks of at least 16 along each dimension: configurations with fewer rows of x
-# per program run the GEMV kernel.
-DOT_MIN_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -60,19 +61,10 @@ class KernelConfig:
     num_stages: int = 3
 
 
-def next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 @functools.cache
 def default_config(m: int) -> KernelConfig:
-    """The block configuration for an input of m rows (chosen for H100/H200; the
-    micro-benchmark `bench/bench_int8.py --sweep` times the alternatives)."""
-    if m <= GEMV_MAX_M:
-        block_m = next_power_of_2(m)
-        # 16 int8 per thread and step (one 16-byte load) times a few rows in flight; the
-        # fp32 accumulator holds block_m * block_n * block_k / threads values per thread.
-        return KernelConfig(block_m, block_n=4, block_k=1024 // block_m, num_warps=4)
+    """The tl.dot kernel's block configuration for an input of m > GEMV_MAX_M rows (chosen for
+    H100/H200; the micro-benchmark `bench/bench_gemv.py --sweep` times the alternatives)."""
     if m <= 16:
         # Few output tiles at this M: narrow ones, so that every SM gets some.
         return KernelConfig(16, block_n=32, block_k=256, num_warps=4, num_stages=4)
@@ -111,13 +103,14 @@ def int8_linear_triton(
     qweight: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
-    config: KernelConfig | None = None,
+    config: KernelConfig | GemvConfig | None = None,
 ) -> torch.Tensor:
     """The Triton kernels on any input size (tests run them in Triton's interpreter on CPU
     tensors, TRITON_INTERPRET=1 set before triton is imported).
 
     x: [..., K]; qweight: [N, K] int8; scale: [N]; bias: [N] or None -> [..., N] in x.dtype.
-    config: block sizes; `default_config(M)` when None.
+    config: block sizes, a GemvConfig for at most GEMV_MAX_M rows (engine.triton_gemv), else a
+    KernelConfig; the defaults for M when None.
     """
     if triton is None:
         raise RuntimeError("int8_linear_triton needs triton")
@@ -133,82 +126,27 @@ def int8_linear_triton(
         x2 = x2.contiguous()
     w = qweight if qweight.stride(-1) == 1 else qweight.contiguous()
     s = scale.contiguous()
-    b = s if bias is None else bias.contiguous()  # an unused pointer when there is no bias
     m = x2.shape[0]
+    if 0 < m <= GEMV_MAX_M and n:
+        assert config is None or isinstance(config, GemvConfig)
+        return gemv(x2, w, bias, s, config=config)[0].reshape(*lead, n)
+    b = s if bias is None else bias.contiguous()  # an unused pointer when there is no bias
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     if m == 0 or n == 0:
         return out.reshape(*lead, n)
     cfg = config or default_config(m)
-    common = dict(
-        HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        EVEN_K=k % cfg.block_k == 0,
+    assert isinstance(cfg, KernelConfig)
+    _int8_mm_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))](
+        x2, w, s, b, out, m, n, k, x2.stride(0), w.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
         DOT_FP32=INTERPRETED and x.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    args = (x2, w, s, b, out, m, n, k, x2.stride(0), w.stride(0), out.stride(0))
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
-    kernel = _int8_gemv_kernel if cfg.block_m < DOT_MIN_BLOCK else _int8_mm_kernel
-    kernel[grid](*args, **common)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
     return out.reshape(*lead, n)
 
 
 if triton is not None:
-
-    @triton.jit
-    def _int8_gemv_kernel(
-        x_ptr,  # [M, K], unit stride along K
-        w_ptr,  # [N, K] int8, unit stride along K
-        scale_ptr,  # [N]
-        bias_ptr,  # [N] (read only when HAS_BIAS)
-        out_ptr,  # [M, N]
-        M,
-        N,
-        K,
-        stride_xm,
-        stride_wn,
-        stride_om,
-        HAS_BIAS: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr,
-        DOT_FP32: tl.constexpr,  # unused: no tl.dot here
-    ):
-        # One program: BLOCK_M rows of x (all of them, at decode) times BLOCK_N rows of W, over
-        # all of K. Products accumulate elementwise in fp32 and are summed over K at the end.
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        x_ptrs = x_ptr + offs_m[:, None, None] * stride_xm + offs_k[None, None, :]  # [BM, 1, BK]
-        w_ptrs = w_ptr + offs_n[None, :, None] * stride_wn + offs_k[None, None, :]  # [1, BN, BK]
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                x_mask = mask_m[:, None, None]
-                w_mask = mask_n[None, :, None]
-            else:
-                in_k = (k0 + offs_k)[None, None, :] < K
-                x_mask = mask_m[:, None, None] & in_k
-                w_mask = mask_n[None, :, None] & in_k
-            x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.float32)
-            acc += x * w
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        y = tl.sum(acc, axis=2)  # [BM, BN]
-        y = y * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def _int8_mm_kernel(

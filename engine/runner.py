@@ -181,12 +181,13 @@ class ModelRunner:
         start = self._event() if self.profile is not None else None
         chunks = out.chunks
         graphs = self.graphs
+        greedy: torch.Tensor | None = None  # each sampling row's argmax, where a graph gave it
         if (
             graphs is not None
             and all(c.num_tokens == 1 for c in chunks)
             and graphs.batch_size_for(len(chunks)) is not None
         ):
-            logits = self._decode_graph(out, graphs)
+            logits, greedy = self._decode_graph(out, graphs)
             kind = "graph"
         else:
             logits = self._eager(out)
@@ -195,7 +196,7 @@ class ModelRunner:
             if self.profile is not None:
                 self._record(kind, out, t0, time.perf_counter(), None, None)
             return []
-        tokens = self._sample(logits, out)
+        tokens = self._sample(logits, out, greedy)
         t_enqueued = time.perf_counter()
         end = self._event() if start is not None else None
         result: list[int] = tokens.tolist()
@@ -203,8 +204,11 @@ class ModelRunner:
             self._record(kind, out, t0, t_enqueued, start, end)
         return result
 
-    def _decode_graph(self, out: SchedulerOutput, graphs: DecodeGraphs) -> torch.Tensor | None:
-        """A pure decode step through the captured graphs; logits [N, V] of the sampling rows."""
+    def _decode_graph(
+        self, out: SchedulerOutput, graphs: DecodeGraphs
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A pure decode step through the captured graphs: the logits [N, V] of the sampling
+        rows and their argmax [N] (both None when no row samples)."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -220,12 +224,13 @@ class ModelRunner:
             tables.append(table[: p // bs + 1])
             if chunk.samples:
                 sampling.append(i)
-        logits = graphs.run(ids, positions, slots, tables)  # [n, V]
+        logits, greedy = graphs.run(ids, positions, slots, tables)  # [n, V], [n]
         if not sampling:
-            return None
+            return None, None
         if len(sampling) < len(ids):
-            logits = logits[torch.tensor(sampling, device=self.device)]
-        return logits
+            rows = torch.tensor(sampling, device=self.device)
+            logits, greedy = logits[rows], greedy[rows]
+        return logits, greedy
 
     def _eager(self, out: SchedulerOutput) -> torch.Tensor | None:
         """Any step, run eagerly; logits [N, V] of the sampling rows."""
@@ -252,12 +257,15 @@ class ModelRunner:
         logits: torch.Tensor = self.model.compute_logits(hidden[rows])  # [N, V]
         return logits
 
-    def _sample(self, logits: torch.Tensor, out: SchedulerOutput) -> torch.Tensor:
-        """The next token of each sampling chunk, on the device ([N] long)."""
+    def _sample(
+        self, logits: torch.Tensor, out: SchedulerOutput, greedy: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The next token of each sampling chunk, on the device ([N] long). greedy: each row's
+        argmax where already computed ([N] long), else None."""
         chunks = out.sampling_chunks
         params = [c.seq.sampling for c in chunks]
         if all(p.greedy for p in params):
-            return logits.argmax(dim=-1)
+            return greedy if greedy is not None else logits.argmax(dim=-1)
         generators = [
             None
             if c.seq.sampling.greedy

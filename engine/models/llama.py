@@ -19,6 +19,7 @@ from torch import nn
 from engine.attention import AttentionMetadata, PagedAttention
 from engine.models import CausalLM
 from engine.parallel import (
+    LinearBase,
     MergedColumnParallelLinear,
     ParallelGroup,
     ParallelLMHead,
@@ -246,9 +247,21 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         # x: [T, D] -> [T, D]
-        t = x.shape[0]
+        return self.attend(self.qkv_proj(x), rope, cache, meta)
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        rope: Rope,
+        cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Everything after the QKV projection: rotary, attention, output projection.
+
+        qkv: [T, (H + 2 * Hkv) * Dh] -> [T, D]"""
+        t = qkv.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # [T, H, Dh]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -276,6 +289,8 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D]
         gate_up = self.gate_up_proj(x)  # [T, 2 * I / world]
+        if self.down_proj.takes_gemv(gate_up):  # the activation inside the GEMV kernel
+            return self.down_proj.silu_mul_forward(gate_up)
         if self.fused:
             return self.down_proj(triton_layers().silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)  # [T, I / world] each
@@ -303,12 +318,20 @@ class LlamaDecoderLayer(nn.Module):
         # x: [T, D], the last layer's output; residual: [T, D], the stream before it (None at
         # the first layer). Returns this layer's (output, residual); the stream is their sum,
         # added in the next norm.
-        if residual is None:
-            residual = x
-            h = self.input_layernorm(x)
+        qkv_proj, norm = self.self_attn.qkv_proj, self.input_layernorm
+        if qkv_proj.takes_gemv(x):  # decode: the add and the norm inside the GEMV kernel
+            qkv, summed = qkv_proj.gemv_forward(
+                x, norm_weight=norm.weight, eps=norm.eps, residual=residual
+            )
+            residual = x if summed is None else summed
         else:
-            h, residual = self.input_layernorm.add_forward(x, residual)
-        h = self.self_attn(h, rope, cache, meta)
+            if residual is None:
+                residual = x
+                h = norm(x)
+            else:
+                h, residual = norm.add_forward(x, residual)
+            qkv = qkv_proj(h)
+        h = self.self_attn.attend(qkv, rope, cache, meta)
         h, residual = self.post_attention_layernorm.add_forward(h, residual)
         return self.mlp(h), residual
 
@@ -376,11 +399,15 @@ class LlamaForCausalLM(CausalLM):
 
     def use_triton_kernels(self) -> None:
         """Run norms (with the residual add), rotary embedding and the MLP's activation
-        through engine.triton_layers: the GPU path (or the CPU under TRITON_INTERPRET=1)."""
+        through engine.triton_layers, and decode-sized matmuls through engine.triton_gemv
+        (with the norm or the activation before them fused in): the GPU path (or the CPU
+        under TRITON_INTERPRET=1)."""
         self.model.fused_rope = True
         for module in self.modules():
             if isinstance(module, (RMSNorm, LlamaAttention, LlamaMLP)):
                 module.fused = True
+            if isinstance(module, LinearBase):
+                module.gemv = True
 
     def forward(
         self,

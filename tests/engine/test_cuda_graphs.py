@@ -61,11 +61,21 @@ def config(path: Path, device: str, **overrides: object) -> EngineConfig:
 
 
 def check_static_buffers_on_cpu(path: str) -> None:
-    """Run in the subprocess: Triton attention, the fused layers and the graphs' buffers,
-    run eagerly on the CPU."""
+    """Run in the subprocess: Triton attention, the fused layers, the GEMV kernel (one-row
+    decode steps) and the graphs' buffers, run eagerly on the CPU."""
     import engine.runner as runner_module
+    from engine import triton_gemv
     from engine.cuda_graphs import DecodeGraphs
     from engine.triton_attention import TritonPagedAttention
+
+    gemv_calls: list[bool] = []
+    plain_gemv = triton_gemv.gemv
+
+    def counted_gemv(*args: object, **kwargs: object) -> object:
+        gemv_calls.append(bool(kwargs.get("silu_mul") or kwargs.get("norm_weight") is not None))
+        return plain_gemv(*args, **kwargs)  # type: ignore[arg-type]
+
+    triton_gemv.gemv = counted_gemv  # type: ignore[assignment]
 
     want = generate(NativeBackend(config(Path(path), "cpu")))
     runner_module.default_attention = lambda fast: TritonPagedAttention()
@@ -87,6 +97,7 @@ def check_static_buffers_on_cpu(path: str) -> None:
     kinds = {step["kind"] for step in runner.profile}
     assert kinds == {"graph", "eager"}, kinds
     assert got == want, (got, want)
+    assert any(gemv_calls) and not all(gemv_calls), "the GEMV path, fused and plain, must run"
 
 
 def test_static_buffers_match_torch_path_on_cpu(checkpoint) -> None:  # type: ignore[no-untyped-def]

@@ -24,6 +24,7 @@ import torch
 
 from engine.quant import (
     TRITON_MAX_M,
+    GemvConfig,
     KernelConfig,
     int8_linear,
     int8_linear_reference,
@@ -40,13 +41,15 @@ TOLERANCE = {  # dtype -> (rtol, atol)
 # (M, N, K): M rows of x (decode 1 and 3 take the GEMV kernel, 17 and 64 the tl.dot kernel);
 # N and K multiples of no block size, so every edge mask is exercised.
 SHAPES = [(1, 45, 200), (3, 45, 200), (17, 37, 300), (64, 70, 136)]
-# Explicit configurations: K a multiple of block_k (the unmasked EVEN_K loop), and a GEMV
-# block of fewer rows than x (several programs along M).
-CONFIG_CASES = [
-    (1, 45, 256, KernelConfig(1, 4, 64)),
-    (4, 45, 256, KernelConfig(4, 8, 128)),
-    (5, 45, 200, KernelConfig(2, 4, 64)),
+# Explicit configurations: K a multiple of block_k (the unmasked EVEN_K loop), block_k past K
+# (the GEMV's single masked step), a tl.dot block of fewer rows than x (several programs
+# along M).
+CONFIG_CASES: list[tuple[int, int, int, KernelConfig | GemvConfig]] = [
+    (1, 45, 256, GemvConfig(4, 64)),
+    (4, 45, 256, GemvConfig(8, 128)),
+    (2, 45, 200, GemvConfig(2, 256)),
     (20, 45, 256, KernelConfig(16, 16, 32)),
+    (5, 45, 200, KernelConfig(16, 16, 64)),
 ]
 
 
