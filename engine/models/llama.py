@@ -237,7 +237,7 @@ class LlamaAttention(nn.Module):
         self.sliding_window = args.sliding_windows[layer]
         self.attention = attention
 
-    fused = False  # rotary in place by the Triton kernel (GPU path)
+    fused = False  # rotary and the cache write by one Triton kernel (GPU path)
 
     def forward(
         self,
@@ -265,12 +265,16 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)  # [T, H, Dh]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.fused:
-            triton_layers().rotary_(q, k, rope.positions, rope.cos, rope.sin)
+        if self.fused:  # one kernel rotates q and k and writes k and v to the cache
+            triton_layers().rotary_and_cache_(
+                q, k, v, rope.positions, rope.cos, rope.sin, cache[0], cache[1], meta.slot_mapping
+            )
+            o = self.attention(q, None, None, cache[0], cache[1], meta, self.scale,
+                               self.sliding_window)  # fmt: skip
         else:
             q = apply_rotary(q, rope.cos, rope.sin)
             k = apply_rotary(k, rope.cos, rope.sin)
-        o = self.attention(q, k, v, cache[0], cache[1], meta, self.scale, self.sliding_window)
+            o = self.attention(q, k, v, cache[0], cache[1], meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(t, q_size))
 
 
