@@ -6,7 +6,10 @@ an online softmax, so nothing is gathered or padded:
 - decode: one program per (one-token chunk, key/value head). The query heads of the GQA group
   that share the key/value head are the rows of one tile, so each key/value tile is read once
   for the whole group. Shapes are fixed by the batch size (context lengths and block tables
-  are device tensors), so a decode step can be captured in a CUDA graph.
+  are device tensors), so a decode step can be captured in a CUDA graph. At small batch a
+  long context is split into parts (flash-decoding), as many as its length needs: each part
+  stores a partial result and counts itself in with an atomic, and the last to arrive merges
+  them, so one launch does it all.
 - prefill: one program per (tile of BLOCK_M query tokens of a chunk, query head), over the
   chunk's history plus itself, causally masked. Every multi-token chunk of the step runs in the
   same launch (varlen), whether or not it has cached history.
@@ -34,6 +37,9 @@ PREFILL_BLOCK_N = 64
 # multiprocessors; contexts are split in up to MAX_SPLITS parts to get there.
 SPLIT_TARGET = 128
 MAX_SPLITS = 8
+# A context uses only as many parts as give each at least this many keys: a short one gains
+# nothing from splitting, and every extra part costs a partial's store and load in the combine.
+MIN_SPLIT_TOKENS = 256
 # tl.dot needs at least 16 rows: the GQA group is padded up to this.
 MIN_DOT_ROWS = 16
 _LOG2E = 1.4426950408889634
@@ -52,6 +58,86 @@ class PrefillTiles:
 
 
 @triton.jit
+def _attend(
+    q,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_ptr,
+    kvh,
+    lo,
+    hi,
+    scale_log2,
+    stride_slot,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # q: [BLOCK_G, BLOCK_D] over key positions [lo, hi) of one sequence's block table, with an
+    # online softmax -> unnormalised output [BLOCK_G, BLOCK_D], row sums and maxima [BLOCK_G]
+    # (log2 units).
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    s_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        valid = pos < hi
+        block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
+        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+        offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
+        kvmask = valid[:, None] & dmask[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kvmask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        s_sum = s_sum * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + offs, mask=kvmask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    return acc, s_sum, m
+
+
+@triton.jit
+def _combine(
+    part_o_ptr,
+    part_lse_ptr,
+    part0,
+    active,
+    GROUP: tl.constexpr,
+    GROUP_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    # The `active` partials from part0 on (rows [GROUP, HEAD_DIM] each) -> the output
+    # [GROUP_P2, BLOCK_D] (rows past GROUP are zero). Loaded through L2 (".cg"): the other
+    # programs wrote them, and a stale L1 line must not be read.
+    sp = tl.arange(0, SPLITS)
+    g = tl.arange(0, GROUP_P2)
+    d = tl.arange(0, BLOCK_D)
+    gmask = g < GROUP
+    idx = part0 + sp  # [S]
+    lmask = (sp < active)[:, None] & gmask[None, :]  # [S, GROUP_P2]
+    lse = tl.load(
+        part_lse_ptr + idx[:, None] * GROUP + g[None, :],
+        mask=lmask, other=float("-inf"), cache_modifier=".cg",
+    )  # fmt: skip
+    top = tl.where(gmask, tl.max(lse, 0), 0.0)  # [GROUP_P2]; padding rows have no parts
+    w = tl.exp2(lse - top[None, :])  # [S, GROUP_P2]
+    offs = (idx[:, None, None] * GROUP + g[None, :, None]) * HEAD_DIM + d[None, None, :]
+    omask = lmask[:, :, None] & (d < HEAD_DIM)[None, None, :]
+    o = tl.load(part_o_ptr + offs, mask=omask, other=0.0, cache_modifier=".cg")  # [S, G, D]
+    total = tl.where(gmask, tl.sum(w, 0), 1.0)
+    return tl.sum(o * w[:, :, None], 0) / total[:, None]
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -60,6 +146,9 @@ def _decode_kernel(
     rows_ptr,
     tables_ptr,
     lens_ptr,
+    counters_ptr,
+    part_o_ptr,
+    part_lse_ptr,
     scale_log2,
     window,
     stride_qt,
@@ -70,107 +159,80 @@ def _decode_kernel(
     stride_slot,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr,
+    GROUP_P2: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     SPLITS: tl.constexpr,
-    part_o_ptr,
-    part_lse_ptr,
+    MIN_SPLIT: tl.constexpr,
 ):
     i = tl.program_id(0)  # which one-token chunk
     kvh = tl.program_id(1)  # which key/value head
     split = tl.program_id(2)  # which part of the context (SPLITS > 1: flash-decoding)
+    seq_head = i * tl.num_programs(1) + kvh
     row = tl.load(rows_ptr + i)
     ctx = tl.load(lens_ptr + i)
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < HEAD_DIM
-    qmask = (g < GROUP)[:, None] & dmask[None, :]
-    heads = kvh * GROUP + g
-    q = tl.load(
-        q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0
-    )  # [BLOCK_G, BLOCK_D]
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    s_sum = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     lo = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
-    hi = ctx
+    part_len = ctx - lo
+    # Parts this context uses: as many as its length needs, at most SPLITS. (A constant 1
+    # without splits, so the partial/combine branch below is not even compiled then.)
+    active = 1
     if SPLITS > 1:
-        part = tl.cdiv(tl.cdiv(ctx - lo, SPLITS), BLOCK_N) * BLOCK_N
-        lo = lo + split * part
-        hi = tl.minimum(ctx, lo + part)
-    for n0 in range(lo, hi, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        valid = pos < hi
-        block = tl.load(tables_ptr + i * stride_table + pos // BLOCK_SIZE, mask=valid, other=0)
-        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
-        kvmask = valid[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kvmask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = (
-            tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        )  # [BLOCK_G, BLOCK_N], log2 units
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        s_sum = s_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offs, mask=kvmask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
-    if SPLITS > 1:  # this part's normalised output and log2-sum-exp, combined below
-        lse = tl.where(s_sum == 0.0, float("-inf"), m + tl.log2(s_sum))
-        o = acc / tl.where(s_sum == 0.0, 1.0, s_sum)[:, None]
-        base = (i * tl.num_programs(1) + kvh) * SPLITS + split
-        tl.store(part_lse_ptr + base * BLOCK_G + g, lse)
-        tl.store(part_o_ptr + (base * BLOCK_G + g[:, None]) * BLOCK_D + d[None, :], o)
-    else:
-        s_sum = tl.where(s_sum == 0.0, 1.0, s_sum)
-        o = acc / s_sum[:, None]
-        tl.store(
-            out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
-            o.to(out_ptr.dtype.element_ty),
+        wanted = tl.minimum(SPLITS, tl.cdiv(part_len, MIN_SPLIT))
+        part_len = tl.cdiv(tl.cdiv(part_len, wanted), BLOCK_N) * BLOCK_N  # whole tiles
+        active = tl.cdiv(ctx - lo, part_len)  # rounding up to tiles may leave the last idle
+    if split < active:
+        lo = lo + split * part_len
+        hi = tl.minimum(ctx, lo + part_len)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        heads = kvh * GROUP + g
+        qmask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+        q = tl.load(
+            q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
             mask=qmask,
-        )
-
-
-@triton.jit
-def _combine_kernel(
-    out_ptr,
-    rows_ptr,
-    part_o_ptr,
-    part_lse_ptr,
-    stride_ot,
-    stride_oh,
-    GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    SPLITS: tl.constexpr,
-):
-    i = tl.program_id(0)
-    kvh = tl.program_id(1)
-    row = tl.load(rows_ptr + i)
-    sp = tl.arange(0, SPLITS)
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    base = (i * tl.num_programs(1) + kvh) * SPLITS + sp  # [S]
-    lse = tl.load(part_lse_ptr + base[:, None] * BLOCK_G + g[None, :])  # [S, BLOCK_G]
-    top = tl.max(lse, 0)  # [BLOCK_G]; split 0 is never empty
-    w = tl.exp2(lse - top[None, :])  # [S, BLOCK_G]
-    o = tl.load(
-        part_o_ptr + (base[:, None, None] * BLOCK_G + g[None, :, None]) * BLOCK_D + d[None, None, :]
-    )  # [S, BLOCK_G, BLOCK_D]
-    o = tl.sum(o * w[:, :, None], 0) / tl.sum(w, 0)[:, None]
-    heads = kvh * GROUP + g
-    mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
-    tl.store(
-        out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
-        o.to(out_ptr.dtype.element_ty),
-        mask=mask,
-    )
+            other=0.0,
+        )  # [BLOCK_G, BLOCK_D]
+        acc, s_sum, m = _attend(
+            q, k_cache_ptr, v_cache_ptr, tables_ptr + i * stride_table, kvh, lo, hi, scale_log2,
+            stride_slot, BLOCK_SIZE, HEAD_DIM, BLOCK_G, BLOCK_D, BLOCK_N, PRECISION,
+        )  # fmt: skip
+        s_sum = tl.where(s_sum == 0.0, 1.0, s_sum)  # padding rows of the group saw nothing
+        o = acc / s_sum[:, None]
+        if active == 1:
+            tl.store(
+                out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                o.to(out_ptr.dtype.element_ty),
+                mask=qmask,
+            )
+        else:  # store this part, and the last part to finish combines them all
+            part0 = seq_head * SPLITS  # this (sequence, head)'s first partial
+            lse = m + tl.log2(s_sum)
+            tl.store(part_lse_ptr + (part0 + split) * GROUP + g, lse, mask=g < GROUP)
+            tl.store(
+                part_o_ptr + ((part0 + split) * GROUP + g[:, None]) * HEAD_DIM + d[None, :],
+                o,
+                mask=qmask,
+            )
+            # Every thread's stores issued before the release; the acquire of the last part
+            # to arrive then sees all the others' partials.
+            tl.debug_barrier()
+            done = tl.atomic_add(counters_ptr + seq_head, 1, sem="acq_rel")
+            if done == active - 1:
+                merged = _combine(
+                    part_o_ptr, part_lse_ptr, part0, active, GROUP, GROUP_P2, HEAD_DIM, BLOCK_D,
+                    SPLITS,
+                )  # fmt: skip
+                gc = tl.arange(0, GROUP_P2)
+                tl.store(
+                    out_ptr + row * stride_ot + (kvh * GROUP + gc)[:, None] * stride_oh
+                    + d[None, :],
+                    merged.to(out_ptr.dtype.element_ty),
+                    mask=(gc < GROUP)[:, None] & (d < HEAD_DIM)[None, :],
+                )  # fmt: skip
+                tl.store(counters_ptr + seq_head, 0)  # zero again for the next launch
 
 
 @triton.jit
@@ -267,6 +329,11 @@ class TritonPagedAttention:
     the device in one copy.
     """
 
+    def __init__(self) -> None:
+        # device -> the split decode's arrival counters (see _counters); shared by every
+        # layer's launch, which the stream runs one after another.
+        self.split_counters: dict[torch.device, torch.Tensor] = {}
+
     def build_metadata(
         self, chunks: list[ChunkSpec], block_size: int, device: torch.device
     ) -> AttentionMetadata:
@@ -351,41 +418,8 @@ class TritonPagedAttention:
         scale_log2 = scale * _LOG2E
         # float32 models (tests) keep full precision; tf32 would round their inputs.
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        num_decode = meta.decode_rows.shape[0]
-        if num_decode:
-            tables = meta.decode_block_tables
-            block_g = max(MIN_DOT_ROWS, triton.next_power_of_2(group))
-            # Few (sequence, head) programs leave most of the GPU idle on a long context:
-            # split each context into parts and combine them (a static choice per batch size,
-            # so captured graphs keep it).
-            splits = 1
-            while splits < MAX_SPLITS and num_decode * num_kv_heads * splits * 2 <= SPLIT_TARGET:
-                splits *= 2
-            if splits > 1:
-                part_o = torch.empty(
-                    (num_decode, num_kv_heads, splits, block_g, block_d),
-                    dtype=torch.float32, device=q.device,
-                )  # fmt: skip
-                part_lse = torch.empty(
-                    (num_decode, num_kv_heads, splits, block_g), dtype=torch.float32,
-                    device=q.device,
-                )  # fmt: skip
-            else:
-                part_o = part_lse = out  # unused
-            _decode_kernel[(num_decode, num_kv_heads, splits)](
-                q, k_cache, v_cache, out, meta.decode_rows, tables, meta.decode_context_lens,
-                scale_log2, window, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-                tables.stride(0), slot_stride,
-                BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=block_g,
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N, PRECISION=precision,
-                SPLITS=splits, part_o_ptr=part_o, part_lse_ptr=part_lse,
-            )  # fmt: skip
-            if splits > 1:
-                _combine_kernel[(num_decode, num_kv_heads)](
-                    out, meta.decode_rows, part_o, part_lse, out.stride(0), out.stride(1),
-                    GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                    SPLITS=splits,
-                )  # fmt: skip
+        if meta.decode_rows.shape[0]:
+            self._decode(q, k_cache, v_cache, out, meta, scale_log2, window, precision)
         tiles = meta.prefill_tiles
         if tiles is not None:
             _prefill_kernel[(tiles.tile_chunk.shape[0], q.shape[1])](
@@ -397,3 +431,65 @@ class TritonPagedAttention:
                 BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, PRECISION=precision,
             )  # fmt: skip
         return out
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        out: torch.Tensor,
+        meta: AttentionMetadata,
+        scale_log2: float,
+        window: int,
+        precision: str,
+    ) -> None:
+        """The one-token chunks' rows of out: [T, H, D], in one launch."""
+        num_decode = meta.decode_rows.shape[0]
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        group = q.shape[1] // num_kv_heads
+        tables = meta.decode_block_tables
+        # Few (sequence, head) programs leave most of the GPU idle on a long context: allow
+        # each context up to `splits` parts (a static choice per batch size, so captured
+        # graphs keep it); the kernel uses as many as the context's length needs.
+        splits = 1
+        while splits < MAX_SPLITS and num_decode * num_kv_heads * splits * 2 <= SPLIT_TARGET:
+            splits *= 2
+        # Fetched even when unused: the first decode launch, a warm-up outside any CUDA graph,
+        # allocates them.
+        counters = self._counters(q.device, num_decode * num_kv_heads if splits > 1 else 0)
+        part_o = part_lse = out  # unused without splits
+        if splits > 1:
+            part_o = torch.empty(
+                (num_decode, num_kv_heads, splits, group, head_dim),
+                dtype=torch.float32, device=q.device,
+            )  # fmt: skip
+            part_lse = torch.empty(
+                (num_decode, num_kv_heads, splits, group), dtype=torch.float32, device=q.device
+            )
+        _decode_kernel[(num_decode, num_kv_heads, splits)](
+            q, k_cache, v_cache, out, meta.decode_rows, tables, meta.decode_context_lens,
+            counters, part_o, part_lse, scale_log2, window, q.stride(0), q.stride(1),
+            out.stride(0), out.stride(1), tables.stride(0), num_kv_heads * head_dim,
+            BLOCK_SIZE=k_cache.shape[1], GROUP=group, GROUP_P2=triton.next_power_of_2(group),
+            BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+            BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=DECODE_BLOCK_N,
+            PRECISION=precision, SPLITS=splits, MIN_SPLIT=MIN_SPLIT_TOKENS,
+        )  # fmt: skip
+
+    def _counters(self, device: torch.device, need: int) -> torch.Tensor:
+        """At least `need` int32 arrival counters for the split decode on this device, all zero
+        between launches (each launch's last part per (sequence, key/value head) resets its
+        own), so neither a launch nor a graph replay needs a memset.
+
+        Allocated and zeroed on the first decode launch, replaced only when one needs more,
+        which must not happen inside a CUDA graph capture: the capture runs a warm-up outside
+        the graph first, and the first allocation already holds SPLIT_TARGET counters, more
+        than any batch that splits (num_decode * num_kv_heads * 2 <= SPLIT_TARGET) uses.
+        """
+        counters = self.split_counters.get(device)
+        if counters is None or counters.numel() < need:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("split-decode counters must be allocated before capture")
+            counters = torch.zeros(max(need, SPLIT_TARGET), dtype=torch.int32, device=device)
+            self.split_counters[device] = counters
+        return counters
