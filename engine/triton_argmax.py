@@ -12,13 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
+from engine import pdl
+
 # Logits per first-stage program: ~60-130 programs for the 32k-256k vocabularies of the
 # Llama family, about one per SM.
 BLOCK = 2048
 
 
 @triton.jit
-def _block_max_kernel(logits_ptr, val_ptr, idx_ptr, V, stride, NUM_BLOCKS, BLOCK: tl.constexpr):
+def _block_max_kernel(
+    logits_ptr, val_ptr, idx_ptr, V, stride, NUM_BLOCKS, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
+    if USE_PDL:  # see engine.pdl
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -30,7 +37,12 @@ def _block_max_kernel(logits_ptr, val_ptr, idx_ptr, V, stride, NUM_BLOCKS, BLOCK
 
 
 @triton.jit
-def _pick_kernel(val_ptr, idx_ptr, out_ptr, NUM_BLOCKS, BLOCK_P: tl.constexpr):
+def _pick_kernel(
+    val_ptr, idx_ptr, out_ptr, NUM_BLOCKS, BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr
+):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     p = tl.arange(0, BLOCK_P)
     vals = tl.load(val_ptr + row * NUM_BLOCKS + p, mask=p < NUM_BLOCKS, other=float("-inf"))
@@ -47,8 +59,11 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     num_blocks = triton.cdiv(vocab, BLOCK)
     vals = torch.empty((rows, num_blocks), dtype=torch.float32, device=logits.device)
     idx = torch.empty((rows, num_blocks), dtype=torch.long, device=logits.device)
+    options = pdl.launch_options(logits.device)
     _block_max_kernel[(rows, num_blocks)](
-        logits, vals, idx, vocab, logits.stride(0), num_blocks, BLOCK=BLOCK
+        logits, vals, idx, vocab, logits.stride(0), num_blocks, BLOCK=BLOCK, **options
     )
-    _pick_kernel[(rows,)](vals, idx, out, num_blocks, BLOCK_P=triton.next_power_of_2(num_blocks))
+    _pick_kernel[(rows,)](
+        vals, idx, out, num_blocks, BLOCK_P=triton.next_power_of_2(num_blocks), **options
+    )
     return out

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine import pdl
 from engine.attention import AttentionMetadata, ChunkSpec, layout_chunks, write_kv
 
 # Key/value positions per tile of the loop (several cache blocks when block_size is small).
@@ -167,7 +168,11 @@ def _decode_kernel(
     PRECISION: tl.constexpr,
     SPLITS: tl.constexpr,
     MIN_SPLIT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see engine.pdl
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     i = tl.program_id(0)  # which one-token chunk
     kvh = tl.program_id(1)  # which key/value head
     split = tl.program_id(2)  # which part of the context (SPLITS > 1: flash-decoding)
@@ -474,6 +479,7 @@ class TritonPagedAttention:
             BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
             BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=DECODE_BLOCK_N,
             PRECISION=precision, SPLITS=splits, MIN_SPLIT=MIN_SPLIT_TOKENS,
+            **pdl.launch_options(q.device),
         )  # fmt: skip
 
     def _counters(self, device: torch.device, need: int) -> torch.Tensor:

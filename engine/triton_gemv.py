@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine import pdl
+
 # Input rows this kernel takes. Measured on an H200 (bench/bench_gemv.py): with an int8 weight
 # it is the decode path up to 4 rows; on a bfloat16 weight it beats cuBLAS at one row, on
 # matrices of at most MAX_ELEMENTS (the 1b model's qkv, o and down; cuBLAS's own GEMV kernels
@@ -136,6 +138,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -143,6 +146,13 @@ def _gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    # The first weight tile is read before waiting on the previous kernel (engine.pdl): no
+    # kernel writes weights, and this is the latency a chain of short matmuls pays each time.
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
+    w_first = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PROLOGUE == RMS_NORM:
         # The row's norm over all of K before any product can use it.
@@ -162,18 +172,21 @@ def _gemv_kernel(
             xf = x.to(tl.float32)
             squares += xf * xf
         rstd = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
-    for k0 in range(0, K, BLOCK_K):
+    x = _input_tile(
+        x_ptr, res_ptr, norm_w_ptr, rstd, offs_m, offs_k, mask_m[:, None] & (offs_k < K)[None, :],
+        stride_xm, stride_rm, K, PROLOGUE, HAS_RES,
+    )  # fmt: skip
+    acc = x[:, None, :] * w_first.to(tl.float32)[None, :, :]  # [BM, BN, BK]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + offs_k
         in_k = kk < K
+        w_ptrs += BLOCK_K
         x = _input_tile(
             x_ptr, res_ptr, norm_w_ptr, rstd, offs_m, kk, mask_m[:, None] & in_k[None, :],
             stride_xm, stride_rm, K, PROLOGUE, HAS_RES,
         )  # fmt: skip
         w = tl.load(w_ptrs, mask=mask_n[:, None] & in_k[None, :], other=0).to(tl.float32)
         acc += x[:, None, :] * w[None, :, :]
-        w_ptrs += BLOCK_K
     y = tl.sum(acc, axis=2)  # [BM, BN]
     if HAS_SCALE:
         y = y * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -237,6 +250,6 @@ def gemv(
         PROLOGUE=prologue.value, HAS_RES=residual is not None, HAS_SCALE=scale is not None,
         HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(x.device),
     )  # fmt: skip
     return out, res_out

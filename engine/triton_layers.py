@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine import pdl
+
 SILU_BLOCK = 1024
 
 
@@ -29,7 +31,11 @@ def _rms_norm_kernel(
     eps,
     HAS_RES: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see engine.pdl
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -58,6 +64,7 @@ def rms_norm(
             res_out if res_out is not None else out, x.stride(0),
             residual.stride(0) if residual is not None else 0, n, eps,
             HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n),
+            **pdl.launch_options(x.device),
         )  # fmt: skip
     return out, res_out
 
@@ -166,7 +173,11 @@ def _rotary_cache_kernel(
     BLOCK_K: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see engine.pdl
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0)
     cos, sin = _cos_sin(pos_ptr, cos_ptr, sin_ptr, t, stride_table, HALF, BLOCK_HALF)
     i = tl.arange(0, BLOCK_HALF)
@@ -218,7 +229,7 @@ def rotary_and_cache_(
         q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), NUM_Q=num_q,
         NUM_K=num_k, BLOCK_Q=triton.next_power_of_2(num_q), BLOCK_K=triton.next_power_of_2(num_k),
-        HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), **pdl.launch_options(q.device),
     )  # fmt: skip
 
 

@@ -1,0 +1,44 @@
+"""Programmatic dependent launch (PDL) for the decode step's Triton kernels.
+
+Inside a CUDA graph a decode step is a chain of ~100 short kernels, and each one normally
+starts only after the previous one has drained: a few microseconds of launch and ramp per
+kernel that the memory bus spends idle. On Hopper and later GPUs a kernel launched with the PDL
+attribute may start while its predecessor is still running; it must then wait
+(`griddepcontrol.wait`, Triton's `gdc_wait`) before it touches anything an earlier kernel
+writes or reads. Our kernels follow one rule: before the wait they only read weights (which no
+kernel of the step writes), so the next matmul's weights are already on their way while the
+previous kernel finishes. Every kernel also signals at its start that its dependents may launch
+(`gdc_launch_dependents`): they then queue behind it for free SM slots.
+
+A kernel launched without the attribute (cuBLAS, PyTorch's own) simply starts after its
+predecessor as usual, so the chain may mix both. Off on other GPUs, on the CPU and in Triton's
+interpreter, where the kernels run exactly as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+# Hopper (compute capability 9.0) introduced programmatic dependent launch.
+MIN_CAPABILITY = (9, 0)
+
+
+@functools.cache
+def _supported(index: int) -> bool:
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on"):
+        return False
+    if os.environ.get("TIDEQ_DISABLE_PDL", "0") == "1":  # a switch to measure it against
+        return False
+    return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
+
+
+def launch_options(device: torch.device) -> dict[str, Any]:
+    """Keyword arguments for a Triton launch on `device`: the kernel's USE_PDL constexpr, and
+    Triton's launch_pdl option where the GPU supports it."""
+    if device.type != "cuda" or not _supported(device.index or torch.cuda.current_device()):
+        return {"USE_PDL": False}
+    return {"USE_PDL": True, "launch_pdl": True}
