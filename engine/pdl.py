@@ -7,8 +7,11 @@ attribute may start while its predecessor is still running; it must then wait
 (`griddepcontrol.wait`, Triton's `gdc_wait`) before it touches anything an earlier kernel
 writes or reads. Our kernels follow one rule: before the wait they only read weights (which no
 kernel of the step writes), so the next matmul's weights are already on their way while the
-previous kernel finishes. Every kernel also signals at its start that its dependents may launch
-(`gdc_launch_dependents`): they then queue behind it for free SM slots.
+previous kernel finishes. When the next kernel may launch (`gdc_launch_dependents`) is each
+kernel's choice: the short ones (norms, rotary, attention: a few programs) allow it at their
+start, so the matmul after them is resident and reading weights on the idle SMs; the matmuls
+(thousands of programs) only after their main loop, so that the next kernel's programs do not
+take SM slots their own later programs need.
 
 A kernel launched without the attribute (cuBLAS, PyTorch's own) simply starts after its
 predecessor as usual, so the chain may mix both. Off on other GPUs, on the CPU and in Triton's

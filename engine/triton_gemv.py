@@ -151,7 +151,6 @@ def _gemv_kernel(
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
     w_first = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0)
     if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PROLOGUE == RMS_NORM:
@@ -187,6 +186,8 @@ def _gemv_kernel(
         )  # fmt: skip
         w = tl.load(w_ptrs, mask=mask_n[:, None] & in_k[None, :], other=0).to(tl.float32)
         acc += x[:, None, :] * w[None, :, :]
+    if USE_PDL:  # late: the next kernel's programs would only wait for SM slots ours need
+        tl.extra.cuda.gdc_launch_dependents()
     y = tl.sum(acc, axis=2)  # [BM, BN]
     if HAS_SCALE:
         y = y * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
