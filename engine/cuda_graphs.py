@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,6 +39,26 @@ SMALL_SIZES = (1, 2, 4, 8)
 SIZE_STEP = 16
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class DecodeStep:
+    """A decode step queued on the device. `logits` [n, V] and `tokens` [n] (each row's
+    argmax) are views of the graph's output buffers, valid until the next launch of the same
+    batch size; the tokens also travel to pinned host memory, read by `greedy_tokens`."""
+
+    n: int
+    logits: torch.Tensor
+    tokens: torch.Tensor
+    host_tokens: torch.Tensor
+    ready: torch.cuda.Event | None
+
+    def greedy_tokens(self) -> list[int]:
+        """Each row's argmax, once the step has finished (blocks until then)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens: list[int] = self.host_tokens.tolist()
+        return tokens
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -86,11 +107,16 @@ class DecodeGraphs:
             0, m, 2 * m, 3 * m, 4 * m
         )  # fmt: skip
         total = 4 * m + m * max_blocks
-        self.host = torch.zeros(total, dtype=torch.long, pin_memory=device.type == "cuda")
-        self.host_np: np.ndarray = self.host.numpy()
+        cuda = device.type == "cuda"
+        # Two of each host-side buffer, used in turn: a step may be launched while the one
+        # before it still runs (see launch), so neither's inputs nor tokens may be overwritten.
+        self.hosts = [torch.zeros(total, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self.hosts_np: list[np.ndarray] = [h.numpy() for h in self.hosts]
+        self.copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self.host_tokens = [torch.zeros(m, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._turn = 0
         self.buffer = torch.zeros(total, dtype=torch.long, device=device)
         self.rows = torch.arange(m, dtype=torch.long, device=device)
-        self.copied = torch.cuda.Event() if device.type == "cuda" else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.tokens: dict[int, torch.Tensor] = {}  # each row's argmax, for greedy rows
@@ -113,8 +139,8 @@ class DecodeGraphs:
         """Capture every batch size, largest first, in one memory pool."""
         t0 = time.perf_counter()
         free_before, _ = torch.cuda.mem_get_info(self.device)
-        self._fill([], [], [], [], self.max_bs)  # every row padding: writes go to scratch
-        self.buffer.copy_(self.host)
+        self._fill(0, [], [], [], [], self.max_bs)  # every row padding: writes go to scratch
+        self.buffer.copy_(self.hosts[0])
         pool = None
         for bs in reversed(self.sizes):
             ids, pos, meta = self._views(bs)
@@ -147,18 +173,19 @@ class DecodeGraphs:
 
     def _fill(
         self,
+        turn: int,
         ids: list[int],
         positions: list[int],
         slots: list[int],
         tables: list[list[int]],
         bs: int,
     ) -> None:
-        """Write a step's inputs into the host buffer; rows n..bs are padding."""
-        n = len(ids)
-        h = self.host_np
+        """Write a step's inputs into host buffer `turn`; rows n..bs are padding."""
+        n = len(positions)
+        h = self.hosts_np[turn]
         scratch_slot = self.scratch_block * self.block_size
-        h[self.o_ids : self.o_ids + n] = ids
-        h[self.o_ids + n : self.o_ids + bs] = 0
+        h[self.o_ids : self.o_ids + len(ids)] = ids
+        h[self.o_ids + len(ids) : self.o_ids + bs] = 0
         h[self.o_pos : self.o_pos + n] = positions
         h[self.o_pos + n : self.o_pos + bs] = 0
         h[self.o_slots : self.o_slots + n] = slots
@@ -172,25 +199,45 @@ class DecodeGraphs:
             tab[i, : len(table)] = table
         tab[n:, 0] = self.scratch_block
 
-    def run(
-        self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step of len(ids) sequences; tables[i] holds (at least) the blocks up to
-        positions[i]. Returns the logits [n, V] and each row's argmax [n] (the greedy token),
-        views of the graph's output buffers, valid until the next replay."""
-        n = len(ids)
+    def launch(
+        self,
+        ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        tables: list[list[int]],
+        ids_from: torch.Tensor | None = None,
+    ) -> DecodeStep:
+        """Queue one decode step of len(positions) sequences on the device and return at once.
+
+        tables[i] holds (at least) the blocks up to positions[i]. ids_from: [n] device tensor
+        of the input tokens when the host does not have them yet (the previous step's argmax,
+        still being computed: `ids` is then empty); stream order makes the copy wait for it.
+        """
+        n = len(positions)
         bs = self.batch_size_for(n)
         assert bs is not None, f"no graph holds a batch of {n}"
-        if self.copied is not None:
-            self.copied.synchronize()  # the last step's copy has left the host buffer
-        self._fill(ids, positions, slots, tables, bs)
+        turn = self._turn
+        self._turn ^= 1
+        copied = self.copied[turn]
+        if copied is not None:
+            copied.synchronize()  # this buffer's last copy (two launches ago) has left it
+        self._fill(turn, ids, positions, slots, tables, bs)
         used = self.o_tab + bs * self.max_blocks
-        self.buffer[:used].copy_(self.host[:used], non_blocking=True)
-        if self.copied is not None:
-            self.copied.record()
+        self.buffer[:used].copy_(self.hosts[turn][:used], non_blocking=True)
+        if copied is not None:
+            copied.record()
+        if ids_from is not None:
+            self.buffer[self.o_ids : self.o_ids + n].copy_(ids_from)
+        host_tokens = self.host_tokens[turn][:n]
         if not self.replay:
             ids_t, pos_t, meta = self._views(bs)
             logits = self.model.compute_logits(self.model(ids_t, pos_t, self.kv_caches, meta))
-            return logits[:n], logits[:n].argmax(dim=-1)
+            tokens = logits[:n].argmax(dim=-1)
+            host_tokens.copy_(tokens)
+            return DecodeStep(n, logits[:n], tokens, host_tokens, None)
         self.graphs[bs].replay()
-        return self.logits[bs][:n], self.tokens[bs][:n]
+        tokens = self.tokens[bs][:n]
+        host_tokens.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return DecodeStep(n, self.logits[bs][:n], tokens, host_tokens, ready)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from engine.attention import ChunkSpec, PagedAttention, TorchPagedAttention
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, DecodeStep
 from engine.kv_cache import block_bytes, blocks_for_sequences
 from engine.loader import load_model
 from engine.models import CausalLM
@@ -46,6 +47,35 @@ def _splitmix64(x: int) -> int:
 def token_seed(seed: int, position: int) -> int:
     """A well-mixed 63-bit seed for the noise of one output position of a seeded request."""
     return _splitmix64(_splitmix64(seed & _MASK64) ^ position) >> 1
+
+
+@dataclass
+class GraphInputs:
+    """A pure decode step's inputs, one entry per sequence."""
+
+    seq_ids: list[str]
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    tables: list[list[int]]
+
+
+@dataclass
+class Lookahead:
+    """A decode step launched before the scheduler asked for it (see decode_lookahead)."""
+
+    seq_ids: list[str]
+    positions: list[int]
+    slots: list[int]
+    step: DecodeStep
+
+    def serves(self, inputs: GraphInputs) -> bool:
+        """Whether this is the step `inputs` asks for (same sequences, positions, slots)."""
+        return (
+            self.seq_ids == inputs.seq_ids
+            and self.positions == inputs.positions
+            and self.slots == inputs.slots
+        )
 
 
 def default_attention(fast: bool) -> PagedAttention:
@@ -134,6 +164,8 @@ class ModelRunner:
             self.kv_cache.numel() * self.kv_cache.element_size() / MIB,
         )
         self.max_blocks = -(-max_model_len // self.block_size)
+        self.max_model_len = max_model_len
+        self.lookahead: Lookahead | None = None
         self.graphs: DecodeGraphs | None = None
         if fast and group.world_size == 1:
             self.graphs = DecodeGraphs(
@@ -181,56 +213,100 @@ class ModelRunner:
         start = self._event() if self.profile is not None else None
         chunks = out.chunks
         graphs = self.graphs
-        greedy: torch.Tensor | None = None  # each sampling row's argmax, where a graph gave it
+        pending, self.lookahead = self.lookahead, None
         if (
             graphs is not None
             and all(c.num_tokens == 1 for c in chunks)
             and graphs.batch_size_for(len(chunks)) is not None
         ):
-            logits, greedy = self._decode_graph(out, graphs)
-            kind = "graph"
-        else:
-            logits = self._eager(out)
-            kind = "eager"
+            result, kind, t_enqueued, end = self._decode_graph(out, graphs, pending)
+            if self.profile is not None:  # a lookahead step's device time overlapped the host
+                self._record(kind, out, t0, t_enqueued, start if kind == "graph" else None, end)
+            return result
+        logits = self._eager(out)
         if logits is None:
             if self.profile is not None:
-                self._record(kind, out, t0, time.perf_counter(), None, None)
+                self._record("eager", out, t0, time.perf_counter(), None, None)
             return []
-        tokens = self._sample(logits, out, greedy)
+        tokens = self._sample(logits, out)
         t_enqueued = time.perf_counter()
         end = self._event() if start is not None else None
-        result: list[int] = tokens.tolist()
+        result = tokens.tolist()
         if self.profile is not None:
-            self._record(kind, out, t0, t_enqueued, start, end)
+            self._record("eager", out, t0, t_enqueued, start, end)
         return result
 
     def _decode_graph(
-        self, out: SchedulerOutput, graphs: DecodeGraphs
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A pure decode step through the captured graphs: the logits [N, V] of the sampling
-        rows and their argmax [N] (both None when no row samples)."""
+        self, out: SchedulerOutput, graphs: DecodeGraphs, pending: Lookahead | None
+    ) -> tuple[list[int], str, float, torch.cuda.Event | None]:
+        """A pure decode step through the captured graphs, served by the pending lookahead
+        when it is this step. Returns the sampled tokens, the kind of step, when its last
+        work was queued and (profiling) an event after it."""
+        inputs = self._graph_inputs(out)
+        if pending is not None and pending.serves(inputs):
+            step, kind = pending.step, "lookahead"
+        else:
+            step = graphs.launch(inputs.ids, inputs.positions, inputs.slots, inputs.tables)
+            kind = "graph"
+        chunks = out.chunks
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        if not sampling or all(chunks[i].seq.sampling.greedy for i in sampling):
+            end = self._event() if self.profile is not None else None
+            if len(sampling) == len(chunks):
+                self.lookahead = self._launch_lookahead(out, inputs, step, graphs)
+            t_enqueued = time.perf_counter()
+            tokens = step.greedy_tokens() if sampling else []
+            return [tokens[i] for i in sampling], kind, t_enqueued, end
+        logits = step.logits
+        if len(sampling) < len(chunks):
+            logits = logits[torch.tensor(sampling, device=self.device)]
+        sampled = self._sample(logits, out)
+        end = self._event() if self.profile is not None else None
+        t_enqueued = time.perf_counter()
+        result: list[int] = sampled.tolist()
+        return result, kind, t_enqueued, end
+
+    def _graph_inputs(self, out: SchedulerOutput) -> GraphInputs:
         bs = self.block_size
-        ids: list[int] = []
+        inputs = GraphInputs([], [], [], [], [])
+        for chunk in out.chunks:
+            p = chunk.start
+            table = chunk.seq.block_table
+            inputs.seq_ids.append(chunk.seq.seq_id)
+            inputs.ids.append(chunk.seq.token_ids[p])
+            inputs.positions.append(p)
+            inputs.slots.append(table[p // bs] * bs + p % bs)
+            inputs.tables.append(table[: p // bs + 1])
+        return inputs
+
+    def _launch_lookahead(
+        self, out: SchedulerOutput, inputs: GraphInputs, step: DecodeStep, graphs: DecodeGraphs
+    ) -> Lookahead | None:
+        """Launch the step after `step` (every sequence one token on, input tokens from
+        step's argmax on the device) where the scheduler will likely ask for it next: no
+        sequence is known to finish (length limits), no waiting request may be admitted, and
+        every next position already has its cache block."""
+        if not self.config.decode_lookahead or out.admission_possible:
+            return None
+        bs = self.block_size
         positions: list[int] = []
         slots: list[int] = []
         tables: list[list[int]] = []
-        sampling: list[int] = []
-        for i, chunk in enumerate(out.chunks):
-            p = chunk.start
-            table = chunk.seq.block_table
-            ids.append(chunk.seq.token_ids[p])
+        for chunk in out.chunks:
+            seq = chunk.seq
+            p = chunk.start + 1
+            table = seq.block_table
+            if (
+                seq.num_output_tokens + 1 >= seq.sampling.max_tokens
+                or p + 1 >= self.max_model_len
+                or p // bs >= len(table)
+            ):
+                return None
             positions.append(p)
             slots.append(table[p // bs] * bs + p % bs)
             tables.append(table[: p // bs + 1])
-            if chunk.samples:
-                sampling.append(i)
-        logits, greedy = graphs.run(ids, positions, slots, tables)  # [n, V], [n]
-        if not sampling:
-            return None, None
-        if len(sampling) < len(ids):
-            rows = torch.tensor(sampling, device=self.device)
-            logits, greedy = logits[rows], greedy[rows]
-        return logits, greedy
+        ahead = graphs.launch([], positions, slots, tables, ids_from=step.tokens)
+        return Lookahead(inputs.seq_ids, positions, slots, ahead)
 
     def _eager(self, out: SchedulerOutput) -> torch.Tensor | None:
         """Any step, run eagerly; logits [N, V] of the sampling rows."""
@@ -257,15 +333,12 @@ class ModelRunner:
         logits: torch.Tensor = self.model.compute_logits(hidden[rows])  # [N, V]
         return logits
 
-    def _sample(
-        self, logits: torch.Tensor, out: SchedulerOutput, greedy: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The next token of each sampling chunk, on the device ([N] long). greedy: each row's
-        argmax where already computed ([N] long), else None."""
+    def _sample(self, logits: torch.Tensor, out: SchedulerOutput) -> torch.Tensor:
+        """The next token of each sampling chunk, on the device ([N] long)."""
         chunks = out.sampling_chunks
         params = [c.seq.sampling for c in chunks]
         if all(p.greedy for p in params):
-            return greedy if greedy is not None else logits.argmax(dim=-1)
+            return logits.argmax(dim=-1)
         generators = [
             None
             if c.seq.sampling.greedy

@@ -49,6 +49,9 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Whether a waiting sequence may be admitted next step (one is waiting and a running
+    # slot is free): the next step's batch may then differ from this one's.
+    admission_possible: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -163,6 +166,7 @@ class Scheduler:
         # Admitting while preempting would only thrash: the preempted would evict the admitted.
         if not out.preempted:
             self._admit(budget, out)
+        out.admission_possible = bool(self.waiting) and len(self.running) < self.max_num_seqs
         return out
 
     def _admit(self, budget: int, out: SchedulerOutput) -> None:

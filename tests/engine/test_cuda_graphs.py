@@ -52,6 +52,25 @@ def generate(backend: NativeBackend, stagger: int = 2) -> dict[str, list[int]]:
     return out
 
 
+def generate_with_abort(backend: NativeBackend) -> dict[str, list[int]]:
+    """Three greedy requests decoding together, one finishing early on its max_tokens and
+    one aborted mid-way (as a stop string does): the batch changes under a pending
+    lookahead step."""
+    out: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts()[:3]):
+        sampling = SamplingParams(max_tokens=(5, 12, 12)[i], temperature=0.0, ignore_eos=True)
+        backend.add_request(f"r{i}", p, sampling, 0)
+        out[f"r{i}"] = []
+    step = 0
+    while backend.has_unfinished():
+        if step == 7:  # a lookahead step for r1 and r2 is pending here
+            backend.abort_request("r1")
+        for o in backend.step():
+            out[o.request_id].extend(o.new_token_ids)
+        step += 1
+    return out
+
+
 def config(path: Path, device: str, **overrides: object) -> EngineConfig:
     settings: dict[str, object] = dict(
         dtype="float32", device=device, max_model_len=128, max_num_seqs=8, block_size=4
@@ -78,26 +97,50 @@ def check_static_buffers_on_cpu(path: str) -> None:
     triton_gemv.gemv = counted_gemv  # type: ignore[assignment]
 
     want = generate(NativeBackend(config(Path(path), "cpu")))
+    want_abort = generate_with_abort(NativeBackend(config(Path(path), "cpu")))
     runner_module.default_attention = lambda fast: TritonPagedAttention()
-    backend = NativeBackend(config(Path(path), "cpu"))
-    runner = backend.runner
-    runner.model.use_triton_kernels()  # the fused layers, as on the GPU
-    runner.graphs = DecodeGraphs(
-        runner.model,
-        runner.kv_caches,
-        8,
-        runner.max_blocks,
-        runner.block_size,
-        runner.scratch_block,
-        runner.device,
-        replay=False,
-    )
-    runner.profile = []
+
+    def fast_backend() -> NativeBackend:
+        backend = NativeBackend(config(Path(path), "cpu"))
+        runner = backend.runner
+        runner.model.use_triton_kernels()  # the fused layers, as on the GPU
+        runner.graphs = DecodeGraphs(
+            runner.model,
+            runner.kv_caches,
+            8,
+            runner.max_blocks,
+            runner.block_size,
+            runner.scratch_block,
+            runner.device,
+            replay=False,
+        )
+        runner.profile = []
+        return backend
+
+    backend = fast_backend()
     got = generate(backend)
-    kinds = {step["kind"] for step in runner.profile}
-    assert kinds == {"graph", "eager"}, kinds
+    kinds = {step["kind"] for step in backend.runner.profile}
+    # "lookahead": decode steps launched before the scheduler asked for them
+    assert kinds == {"graph", "lookahead", "eager"}, kinds
     assert got == want, (got, want)
     assert any(gemv_calls) and not all(gemv_calls), "the GEMV path, fused and plain, must run"
+
+    backend = fast_backend()
+    graphs = backend.runner.graphs
+    assert graphs is not None
+    launched_ahead: list[bool] = []
+    plain_launch = graphs.launch
+
+    def counted_launch(*args: object, **kwargs: object) -> object:
+        launched_ahead.append(kwargs.get("ids_from") is not None)
+        return plain_launch(*args, **kwargs)  # type: ignore[arg-type]
+
+    graphs.launch = counted_launch  # type: ignore[method-assign]
+    got = generate_with_abort(backend)
+    assert got == want_abort, (got, want_abort)
+    assert len(got["r1"]) < 12 and len(got["r0"]) == 5  # the abort and the early finish
+    served = sum(step["kind"] == "lookahead" for step in backend.runner.profile)
+    assert 0 < served < sum(launched_ahead), "lookaheads served, and one discarded"
 
 
 def test_static_buffers_match_torch_path_on_cpu(checkpoint) -> None:  # type: ignore[no-untyped-def]
@@ -125,5 +168,7 @@ def test_graphs_match_eager_on_gpu(variant: str, checkpoint) -> None:  # type: i
     assert backend.runner.graphs is not None
     backend.runner.profile = []
     got = generate(backend)
-    assert {s["kind"] for s in backend.runner.profile} == {"graph", "eager"}
+    assert {s["kind"] for s in backend.runner.profile} == {"graph", "lookahead", "eager"}
     assert got == want
+    want = generate_with_abort(NativeBackend(config(path, "cuda", enforce_eager=True)))
+    assert generate_with_abort(NativeBackend(config(path, "cuda"))) == want
