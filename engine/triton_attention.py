@@ -38,9 +38,10 @@ PREFILL_BLOCK_N = 64
 # multiprocessors; contexts are split in up to MAX_SPLITS parts to get there.
 SPLIT_TARGET = 128
 MAX_SPLITS = 8
-# A context uses only as many parts as give each at least this many keys: a short one gains
-# nothing from splitting, and every extra part costs a partial's store and load in the combine.
-MIN_SPLIT_TOKENS = 256
+# A context uses only as many parts as give each at least this many keys (one tile): at batch
+# 1 the kernel is all latency, one dependent load chain per tile, so more parts of one tile
+# each beat fewer longer ones; the combine costs one partial's store and load per part.
+MIN_SPLIT_TOKENS = 64
 # tl.dot needs at least 16 rows: the GQA group is padded up to this.
 MIN_DOT_ROWS = 16
 _LOG2E = 1.4426950408889634

@@ -171,21 +171,26 @@ def _gemv_kernel(
             xf = x.to(tl.float32)
             squares += xf * xf
         rstd = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
-    x = _input_tile(
-        x_ptr, res_ptr, norm_w_ptr, rstd, offs_m, offs_k, mask_m[:, None] & (offs_k < K)[None, :],
-        stride_xm, stride_rm, K, PROLOGUE, HAS_RES,
-    )  # fmt: skip
-    acc = x[:, None, :] * w_first.to(tl.float32)[None, :, :]  # [BM, BN, BK]
+    # Each step requests the next weight tile before multiplying the current one, so two
+    # tiles per program are in flight while the products run.
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    w_cur = w_first
+    k_cur = 0
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        kk = k0 + offs_k
-        in_k = kk < K
-        w_ptrs += BLOCK_K
+        w_next = tl.load(w_ptrs + k0, mask=mask_n[:, None] & (k0 + offs_k < K)[None, :], other=0)
         x = _input_tile(
-            x_ptr, res_ptr, norm_w_ptr, rstd, offs_m, kk, mask_m[:, None] & in_k[None, :],
-            stride_xm, stride_rm, K, PROLOGUE, HAS_RES,
+            x_ptr, res_ptr, norm_w_ptr, rstd, offs_m, k_cur + offs_k,
+            mask_m[:, None] & (k_cur + offs_k < K)[None, :], stride_xm, stride_rm, K, PROLOGUE,
+            HAS_RES,
         )  # fmt: skip
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & in_k[None, :], other=0).to(tl.float32)
-        acc += x[:, None, :] * w[None, :, :]
+        acc += x[:, None, :] * w_cur.to(tl.float32)[None, :, :]
+        w_cur = w_next
+        k_cur = k0
+    x = _input_tile(
+        x_ptr, res_ptr, norm_w_ptr, rstd, offs_m, k_cur + offs_k,
+        mask_m[:, None] & (k_cur + offs_k < K)[None, :], stride_xm, stride_rm, K, PROLOGUE, HAS_RES,
+    )  # fmt: skip
+    acc += x[:, None, :] * w_cur.to(tl.float32)[None, :, :]
     if USE_PDL:  # late: the next kernel's programs would only wait for SM slots ours need
         tl.extra.cuda.gdc_launch_dependents()
     y = tl.sum(acc, axis=2)  # [BM, BN]
