@@ -66,14 +66,26 @@ def suits(m: int, weight: torch.Tensor) -> bool:
 
 
 @functools.cache
-def default_config(m: int, n: int, k: int, int8: bool) -> GemvConfig:
+def default_config(m: int, n: int, k: int, int8: bool, prologue: int = 0) -> GemvConfig:
     """Block sizes for an [m, k] x [n, k]^T product, chosen on an H200 with
-    `bench/bench_gemv.py --sweep`: two output rows per program, 1024 columns a step, within
-    ~5 % of the best on every 1b layer shape. The accumulator holds
-    m * block_n * block_k / threads fp32 values per thread, so block_k shrinks as rows grow."""
+    `bench/bench_gemv.py --sweep` on the 1b layer shapes as the model calls them:
+
+    - four output rows per program, 1024 columns a step, four warps: best or within 3 % on
+      o (plain) and down (SiLU in front), and on every shape without a prologue;
+    - with the norm in front (qkv), eight rows a step of 512, eight warps: every program
+      reads the whole input row, so more rows per program halve that traffic;
+    - int8 weights: two rows, 1024 columns, four warps.
+
+    The accumulator holds m * block_n * block_k / threads fp32 values per thread, so block_k
+    shrinks as the rows grow."""
     rows = triton.next_power_of_2(m)
-    block_k = min(1024 // rows, triton.next_power_of_2(k))
-    return GemvConfig(block_n=2, block_k=block_k, num_warps=4 if int8 else 2)
+    if int8:
+        block_n, block_k, warps = 2, 1024, 4
+    elif prologue == RMS_NORM.value:
+        block_n, block_k, warps = 8, 512, 8
+    else:
+        block_n, block_k, warps = 4, 1024, 4
+    return GemvConfig(block_n, min(block_k // rows, triton.next_power_of_2(k)), num_warps=warps)
 
 
 @triton.jit
@@ -245,7 +257,7 @@ def gemv(
             raise ValueError("gemv: a residual is added only before the norm")
         residual = _row_major(residual)
         res_out = torch.empty((m, k), dtype=x.dtype, device=x.device)
-    cfg = config or default_config(m, n, k, scale is not None)
+    cfg = config or default_config(m, n, k, scale is not None, prologue.value)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, scale if scale is not None else out, bias if bias is not None else out, out,
         residual if residual is not None else x,
