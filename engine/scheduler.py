@@ -254,9 +254,20 @@ class Scheduler:
         return freed
 
     def _schedule(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> None:
-        self.block_manager.grow(seq, seq.num_computed_tokens + num_tokens)
         start = seq.num_computed_tokens
-        samples = start + num_tokens == seq.num_tokens
+        target = start + num_tokens
+        manager = self.block_manager
+        manager.grow(seq, target)
+        samples = target == seq.num_tokens
+        if (
+            samples
+            and target % manager.block_size == 0
+            and target < self.max_model_len
+            and manager.can_grow(seq, target + 1)
+        ):
+            # The block the sampled token will need next step, one step early: the runner may
+            # launch that step before this one's token reaches the host (decode lookahead).
+            manager.grow(seq, target + 1)
         out.chunks.append(ScheduledChunk(seq, start, num_tokens, samples, not seq.ever_scheduled))
         seq.ever_scheduled = True
 

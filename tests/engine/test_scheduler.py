@@ -179,12 +179,27 @@ def test_waiting_high_preempts_running_low_for_blocks() -> None:
     sched = make_scheduler(num_blocks=4, block_size=4)
     low = add(sched, "low", 12, max_tokens=4)
     step(sched)
-    assert sched.block_manager.num_free_blocks == 1
+    # Three blocks of prompt, and the fourth its first output token needs, taken a step
+    # early (for the decode lookahead).
+    assert len(low.block_table) == 4 and sched.block_manager.num_free_blocks == 0
     add(sched, "high", 8, priority=0, max_tokens=2)
     out = step(sched)
     assert [s.seq_id for s in out.preempted] == ["low"]
     assert set(scheduled(out)) == {"high"}
     assert low.status is SequenceStatus.WAITING
+
+
+def test_next_block_taken_one_step_early_only_at_a_block_boundary() -> None:
+    sched = make_scheduler(num_blocks=8, block_size=4)
+    seq = add(sched, "a", 6, max_tokens=8)
+    tables = []
+    for _ in range(6):
+        step(sched)
+        tables.append(len(seq.block_table))
+    # Tokens computed after each step: 6, 7, 8, 9, 10, 11. The block for position 8 comes
+    # with the step that computes position 7 (whose token lands at 8): one step before the
+    # step that computes position 8, and no earlier.
+    assert tables == [2, 2, 3, 3, 3, 3]
 
 
 def test_no_starvation_of_low_fifo() -> None:
