@@ -153,6 +153,10 @@ class LinearBase(nn.Module):
         """Whether x ([T, in]) runs through the GEMV kernel (see gemv_forward)."""
         return self.gemv and x.dim() == 2 and _triton_gemv().suits(x.shape[0], self.weight)
 
+    def takes_fused_gemv(self, x: torch.Tensor) -> bool:
+        """Whether x runs through the GEMV kernel with the layer before fused in."""
+        return self.takes_gemv(x) and _triton_gemv().fuses_input(self.weight)
+
     def gemv_forward(
         self,
         x: torch.Tensor,

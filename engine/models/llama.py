@@ -293,7 +293,7 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D]
         gate_up = self.gate_up_proj(x)  # [T, 2 * I / world]
-        if self.down_proj.takes_gemv(gate_up):  # the activation inside the GEMV kernel
+        if self.down_proj.takes_fused_gemv(gate_up):  # the activation inside the GEMV kernel
             return self.down_proj.silu_mul_forward(gate_up)
         if self.fused:
             return self.down_proj(triton_layers().silu_and_mul(gate_up))
@@ -323,7 +323,7 @@ class LlamaDecoderLayer(nn.Module):
         # the first layer). Returns this layer's (output, residual); the stream is their sum,
         # added in the next norm.
         qkv_proj, norm = self.self_attn.qkv_proj, self.input_layernorm
-        if qkv_proj.takes_gemv(x):  # decode: the add and the norm inside the GEMV kernel
+        if qkv_proj.takes_fused_gemv(x):  # decode: the add and the norm inside the GEMV kernel
             qkv, summed = qkv_proj.gemv_forward(
                 x, norm_weight=norm.weight, eps=norm.eps, residual=residual
             )

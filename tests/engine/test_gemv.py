@@ -109,7 +109,7 @@ def test_kernels_match_torch_on_cpu_interpreter() -> None:
 
 
 def test_dispatch_rule() -> None:
-    from engine.triton_gemv import MAX_ELEMENTS, MAX_ROWS, suits
+    from engine.triton_gemv import MAX_ELEMENTS, MAX_ROWS, fuses_input, suits
 
     bf16 = torch.empty(1, dtype=torch.bfloat16).expand(2048, 2048)
     big = torch.empty(1, dtype=torch.bfloat16).expand(MAX_ELEMENTS // 1024 + 1, 1024)
@@ -117,6 +117,7 @@ def test_dispatch_rule() -> None:
     assert suits(1, bf16) and not suits(2, bf16) and not suits(0, bf16)
     assert not suits(1, big)  # cuBLAS streams large matrices as fast
     assert suits(MAX_ROWS, int8) and not suits(MAX_ROWS + 1, int8)
+    assert fuses_input(bf16) and not fuses_input(int8)  # int8: norm and activation apart
 
 
 @pytest.mark.gpu
