@@ -25,6 +25,8 @@ import os
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 # Hopper (compute capability 9.0) introduced programmatic dependent launch.
 MIN_CAPABILITY = (9, 0)
@@ -45,3 +47,12 @@ def launch_options(device: torch.device) -> dict[str, Any]:
     if device.type != "cuda" or not _supported(device.index or torch.cuda.current_device()):
         return {"USE_PDL": False}
     return {"USE_PDL": True, "launch_pdl": True}
+
+
+@triton.jit
+def allow_next_then_wait(USE_PDL: tl.constexpr):
+    """The start of a short kernel: let the next kernel launch now, then wait until the
+    previous one has finished and its writes are visible."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()

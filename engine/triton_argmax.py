@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from engine import pdl
+from engine.pdl import allow_next_then_wait
 
 # Logits per first-stage program: ~60-130 programs for the 32k-256k vocabularies of the
 # Llama family, about one per SM.
@@ -23,9 +24,7 @@ BLOCK = 2048
 def _block_max_kernel(
     logits_ptr, val_ptr, idx_ptr, V, stride, NUM_BLOCKS, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
 ):
-    if USE_PDL:  # see engine.pdl
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    allow_next_then_wait(USE_PDL)  # engine.pdl
     row = tl.program_id(0)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -40,9 +39,7 @@ def _block_max_kernel(
 def _pick_kernel(
     val_ptr, idx_ptr, out_ptr, NUM_BLOCKS, BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr
 ):
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    allow_next_then_wait(USE_PDL)
     row = tl.program_id(0)
     p = tl.arange(0, BLOCK_P)
     vals = tl.load(val_ptr + row * NUM_BLOCKS + p, mask=p < NUM_BLOCKS, other=float("-inf"))

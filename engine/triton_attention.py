@@ -29,6 +29,7 @@ import triton.language as tl
 
 from engine import pdl
 from engine.attention import AttentionMetadata, ChunkSpec, layout_chunks, write_kv
+from engine.pdl import allow_next_then_wait
 
 # Key/value positions per tile of the loop (several cache blocks when block_size is small).
 DECODE_BLOCK_N = 64
@@ -171,9 +172,7 @@ def _decode_kernel(
     MIN_SPLIT: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # see engine.pdl
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    allow_next_then_wait(USE_PDL)  # engine.pdl
     i = tl.program_id(0)  # which one-token chunk
     kvh = tl.program_id(1)  # which key/value head
     split = tl.program_id(2)  # which part of the context (SPLITS > 1: flash-decoding)

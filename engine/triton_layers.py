@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from engine import pdl
+from engine.pdl import allow_next_then_wait
 
 SILU_BLOCK = 1024
 
@@ -33,9 +34,7 @@ def _rms_norm_kernel(
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # see engine.pdl
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    allow_next_then_wait(USE_PDL)  # engine.pdl
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -175,9 +174,7 @@ def _rotary_cache_kernel(
     BLOCK_HALF: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # see engine.pdl
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    allow_next_then_wait(USE_PDL)  # engine.pdl
     t = tl.program_id(0)
     cos, sin = _cos_sin(pos_ptr, cos_ptr, sin_ptr, t, stride_table, HALF, BLOCK_HALF)
     i = tl.arange(0, BLOCK_HALF)
