@@ -59,6 +59,9 @@ class EngineSettings(_Strict):
     # high-priority jobs may take.
     reserved_high_fraction: float = Field(default=0.25, ge=0, lt=1)
     enforce_eager: bool = False
+    # GPU: launch a greedy decode step's successor while the host reads its tokens (the
+    # engine's decode_lookahead); off only to compare or debug.
+    decode_lookahead: bool = True
 
 
 class LimitSettings(_Strict):

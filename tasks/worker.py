@@ -80,6 +80,7 @@ def engine_config_for(config: DeploymentConfig) -> Any:
         reserved_high_slots=min(reserved, config.max_num_seqs - 1),
         max_prompt_tokens=config.limits.max_prompt_tokens,
         enforce_eager=config.engine.enforce_eager,
+        decode_lookahead=config.engine.decode_lookahead,
         shard_strategy=config.model_shard_strategy,
         group_size=config.gpus_per_worker if config.num_gpus else 1,
         distributed_backend=config.distributed_backend,

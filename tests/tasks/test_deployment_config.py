@@ -9,6 +9,7 @@ import pytest
 from tasks.config import ConfigError, DeploymentConfig, load_config
 from tasks.launch import main as launch_main
 from tasks.launch import plan_workers
+from engine.config import EngineConfig
 from tasks.worker import engine_config_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +84,7 @@ def test_seed_aliases_and_derived_sizes(tmp_path):
     config = load_config(write(tmp_path, (
         "num_gpus: 4\ngpus_per_worker: 2\nmodel_shard_strategy: horizontal\n"
         "batch_size_per_gpu: 16\ngpu_allocation_strategy: priority\nhigh_only_workers: 1\n"
-        "engine:\n  reserved_high_fraction: 0.25\n"
+        "engine:\n  reserved_high_fraction: 0.25\n  decode_lookahead: false\n"
     )))
     assert config.model_shard_strategy == "tensor"
     assert config.num_worker_groups == 2
@@ -91,6 +92,7 @@ def test_seed_aliases_and_derived_sizes(tmp_path):
     engine_config = engine_config_for(config)
     assert engine_config.max_num_seqs == 32 and engine_config.reserved_high_slots == 8
     assert engine_config.group_size == 2 and engine_config.device == "cuda"
+    assert engine_config.decode_lookahead is False and EngineConfig("m").decode_lookahead
 
 
 def test_launcher_pins_each_group_and_reserves_high_only_workers(tmp_path):
