@@ -1,6 +1,6 @@
 """Fused elementwise layers in Triton for the GPU path: residual add + RMSNorm, rotary embedding
-applied in place to queries and keys (or to queries in place and keys into the KV cache, with
-the values, in the same kernel), SiLU(gate) * up. Each replaces several PyTorch kernels
+(queries in place, keys into the KV cache together with the values, in one kernel),
+SiLU(gate) * up. Each replaces several PyTorch kernels
 with one; at small batch a decode step is mostly kernel launches and their tails, so the count
 matters even inside a CUDA graph. They round where the PyTorch layers round (the sum to the
 model dtype, the normalised value before the weight). The model's PyTorch code stays the CPU
@@ -71,7 +71,7 @@ def rms_norm(
 @triton.jit
 def _rotate_heads(src_ptr, dst_ptr, src_offs, dst_offs, mask, cos, sin, HALF: tl.constexpr):
     # offs: [BLOCK_H, BLOCK_HALF] first half of each head; cos, sin: [1, BLOCK_HALF].
-    # The one rounding of every rotary kernel here, so their results agree bit for bit.
+    # Rotated in float32 from the float32 tables, rounded once to the destination's dtype.
     x1 = tl.load(src_ptr + src_offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src_ptr + src_offs + HALF, mask=mask, other=0.0).to(tl.float32)
     y1 = (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty)
@@ -91,61 +91,6 @@ def _cos_sin(
     cos = tl.load(cos_ptr + pos * stride_table + i, mask=imask, other=0.0)[None, :]
     sin = tl.load(sin_ptr + pos * stride_table + i, mask=imask, other=0.0)[None, :]
     return cos, sin
-
-
-@triton.jit
-def _rotary_kernel(
-    q_ptr,
-    k_ptr,
-    pos_ptr,
-    cos_ptr,
-    sin_ptr,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_table,
-    NUM_Q: tl.constexpr,
-    NUM_K: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    HALF: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-):
-    t = tl.program_id(0)
-    cos, sin = _cos_sin(pos_ptr, cos_ptr, sin_ptr, t, stride_table, HALF, BLOCK_HALF)
-    i = tl.arange(0, BLOCK_HALF)
-    imask = i < HALF
-    hq = tl.arange(0, BLOCK_Q)
-    offs = t * stride_qt + hq[:, None] * stride_qh + i[None, :]
-    mask = (hq < NUM_Q)[:, None] & imask[None, :]
-    _rotate_heads(q_ptr, q_ptr, offs, offs, mask, cos, sin, HALF)
-    hk = tl.arange(0, BLOCK_K)
-    offs = t * stride_kt + hk[:, None] * stride_kh + i[None, :]
-    mask = (hk < NUM_K)[:, None] & imask[None, :]
-    _rotate_heads(k_ptr, k_ptr, offs, offs, mask, cos, sin, HALF)
-
-
-def rotary_(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-) -> None:
-    """Rotate q: [T, H, D] and k: [T, Hkv, D] in place (rotate-half form; the last dim of each
-    head contiguous). positions: [T]; cos, sin: [max_positions, D] float32 tables whose two
-    halves are equal."""
-    t, num_q, head_dim = q.shape
-    if not t:
-        return
-    half = head_dim // 2
-    _rotary_kernel[(t,)](
-        q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        cos.stride(0), NUM_Q=num_q, NUM_K=k.shape[1], BLOCK_Q=triton.next_power_of_2(num_q),
-        BLOCK_K=triton.next_power_of_2(k.shape[1]), HALF=half,
-        BLOCK_HALF=triton.next_power_of_2(half),
-    )  # fmt: skip
 
 
 @triton.jit
@@ -207,8 +152,9 @@ def rotary_and_cache_(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """rotary_ on q and k, then engine.attention.write_kv of k and v, in one kernel: q is
-    rotated in place, the rotated k and the unchanged v go to the caches at their slots.
+    """Rotary embedding (rotate-half form) on q and k, then engine.attention.write_kv of k and
+    v, in one kernel: q is rotated in place, the rotated k and the unchanged v go to the
+    caches at their slots.
 
     k itself is left unrotated (the attention kernels read keys only from the cache), so pass
     k = v = None to the attention call that follows.

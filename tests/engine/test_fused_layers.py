@@ -1,5 +1,5 @@
 """The fused Triton layers (engine.triton_layers) against the model's PyTorch layers: residual
-add + RMSNorm, rotary embedding in place (and fused with the KV-cache write), SiLU(gate) * up.
+add + RMSNorm, rotary embedding fused with the KV-cache write, SiLU(gate) * up.
 On the CPU they run in Triton's interpreter, in a subprocess (TRITON_INTERPRET must not leak
 into other tests)."""
 
@@ -46,21 +46,7 @@ def check_against_torch(device: str, dtype: torch.dtype, atol: float) -> None:
     torch.testing.assert_close(triton_layers.rms_norm(x, norm.weight, 1e-5)[0], norm(x),
                                atol=atol, rtol=atol)  # fmt: skip
 
-    # rotary on q and k, views of one fused projection as in the model
-    heads, kv_heads, head_dim = 6, 2, 16
-    rope = RotaryEmbedding(head_dim, 64, {"rope_type": "default", "rope_theta": 10000.0})
-    rope = rope.to(dev)
-    rope.init_buffers()
-    qkv = rand(t, (heads + 2 * kv_heads) * head_dim)
-    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q, k = q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim)
-    positions = torch.tensor([0, 3, 17, 40, 63], device=dev)
-    cos, sin = rope(positions, dtype)
-    want_q, want_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    triton_layers.rotary_(q, k, positions, rope.cos, rope.sin)
-    torch.testing.assert_close(q, want_q, atol=atol, rtol=atol)
-    torch.testing.assert_close(k, want_k, atol=atol, rtol=atol)
-    check_rotary_and_cache(dev, dtype, rope, rand)
+    check_rotary_and_cache(dev, dtype, atol, rand)
 
     # SiLU(gate) * up, a width that does not divide into the kernel's blocks
     gate_up = rand(t, 2 * 1100)
@@ -70,13 +56,17 @@ def check_against_torch(device: str, dtype: torch.dtype, atol: float) -> None:
 
 
 def check_rotary_and_cache(
-    dev: torch.device, dtype: torch.dtype, rope: RotaryEmbedding, rand: Callable[..., torch.Tensor]
+    dev: torch.device, dtype: torch.dtype, atol: float, rand: Callable[..., torch.Tensor]
 ) -> None:
-    """rotary_and_cache_ against rotary_ then write_kv, bit for bit: q and both caches, with
-    q, k, v views of one fused projection and slots in shuffled order."""
+    """rotary_and_cache_ against the model's PyTorch rotary then write_kv: q rotated in place,
+    rotated keys and the values (bit for bit) at their slots, every other slot untouched;
+    q, k, v are views of one fused projection, the slots in shuffled order."""
     from engine import triton_layers
 
-    t, heads, kv_heads, head_dim = 5, 6, 2, rope.head_dim
+    t, heads, kv_heads, head_dim = 5, 6, 2, 16
+    rope = RotaryEmbedding(head_dim, 64, {"rope_type": "default", "rope_theta": 10000.0})
+    rope = rope.to(dev)
+    rope.init_buffers()
     num_blocks, block_size = 4, 4
     sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
     qkv = rand(t, sum(sizes))
@@ -84,22 +74,25 @@ def check_rotary_and_cache(
     gen = torch.Generator().manual_seed(1)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:t].to(dev)
     caches = rand(2, num_blocks, block_size, kv_heads, head_dim)
-    results = []
-    for fused in (False, True):
-        q, k, v = qkv.clone().split(sizes, dim=-1)  # [T, *] views with row stride sum(sizes)
-        q = q.view(t, heads, head_dim)
-        k, v = k.view(t, kv_heads, head_dim), v.view(t, kv_heads, head_dim)
-        k_cache, v_cache = caches[0].clone(), caches[1].clone()
-        if fused:
-            triton_layers.rotary_and_cache_(
-                q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, slots
-            )
-        else:
-            triton_layers.rotary_(q, k, positions, rope.cos, rope.sin)
-            write_kv(k_cache, v_cache, slots, k, v)
-        results.append((q, k_cache, v_cache))
-    for want, got in zip(*results, strict=True):
-        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+    q, k, v = qkv.split(sizes, dim=-1)  # [T, *] views with row stride sum(sizes)
+    q, k, v = (x.reshape(t, -1, head_dim) for x in (q, k, v))
+    cos, sin = rope(positions, dtype)
+    want_q = apply_rotary(q, cos, sin)
+    want_k_cache, want_v_cache = caches[0].clone(), caches[1].clone()
+    write_kv(want_k_cache, want_v_cache, slots, apply_rotary(k, cos, sin), v)
+
+    q, k, v = qkv.clone().split(sizes, dim=-1)
+    q, k, v = q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim), v.view(t, kv_heads, -1)
+    k_cache, v_cache = caches[0].clone(), caches[1].clone()
+    triton_layers.rotary_and_cache_(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, slots)
+    torch.testing.assert_close(q, want_q, atol=atol, rtol=atol)
+    torch.testing.assert_close(k_cache, want_k_cache, atol=atol, rtol=atol)
+    torch.testing.assert_close(v_cache, want_v_cache, atol=0, rtol=0)
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=dev)
+    untouched[slots] = False
+    flat = k_cache.view(-1, kv_heads, head_dim)
+    assert torch.equal(flat[untouched], caches[0].view(-1, kv_heads, head_dim)[untouched])
 
 
 def test_fused_layers_match_torch_on_cpu_interpreter() -> None:

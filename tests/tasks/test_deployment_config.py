@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from engine.config import EngineConfig
 from tasks.config import ConfigError, DeploymentConfig, load_config
 from tasks.launch import main as launch_main
 from tasks.launch import plan_workers
-from engine.config import EngineConfig
 from tasks.worker import engine_config_for
 
 REPO = Path(__file__).resolve().parents[2]
