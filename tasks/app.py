@@ -30,6 +30,7 @@ def celery_settings(config: DeploymentConfig) -> dict[str, object]:
             "unacked_restore_interval": config.redis.restore_interval_s,
             # Sweep at every interval (kombu's default scans only every 10th).
             "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": config.redis.restore_lock_expire_s,
         },
         # A job is acknowledged only once its result is stored; a lost worker's jobs are
         # redelivered. Prefetch no more than the threads can run, so a worker does not hoard

@@ -37,6 +37,11 @@ class RedisSettings(_Strict):
     visibility_timeout_s: int = Field(default=3600, gt=0)
     # Seconds between a worker's sweeps for messages past their visibility timeout.
     restore_interval_s: int = Field(default=10, gt=0)
+    # A sweep holds a Redis lock so that workers take turns. A worker killed mid-sweep leaves
+    # it held this long, and no worker redelivers anything until it expires (kombu's own default
+    # is 300 s). A sweep itself takes milliseconds, and restoring a message is a transaction, so
+    # a short expiry cannot deliver a message twice.
+    restore_lock_expire_s: int = Field(default=10, gt=0)
 
 
 class ModelSettings(_Strict):

@@ -129,3 +129,20 @@ def test_celery_worker_accepts_gpus_option():
 
     option_names = {name for opt in tasks.app.user_options["worker"] for name in opt.opts}
     assert "--gpus" in option_names
+
+
+def test_redelivery_settings_reach_the_broker_channel(tmp_path, redis_url):
+    """kombu's Redis channel sweeps for unacknowledged messages with our settings; in
+    particular a worker killed mid-sweep blocks redelivery for restore_lock_expire_s, not
+    kombu's default 300 s."""
+    from tasks.app import create_app
+
+    config = load_config(write(tmp_path, (
+        f"redis:\n  url: {redis_url}\n  visibility_timeout_s: 7\n  restore_interval_s: 1\n"
+        "  restore_lock_expire_s: 4\n"
+    )))
+    with create_app(config).connection_for_write() as connection:
+        channel = connection.default_channel
+        assert channel.unacked_mutex_expire == 4
+        assert channel.visibility_timeout == 7
+        assert channel.unacked_restore_throttle == 1
