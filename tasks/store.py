@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +193,7 @@ class JobStore:
             raise UnknownBatchError(batch_id)
         out: dict[str, int] = {}
         for k, v in raw.items():
-            name = k.decode()
+            name = _text(k)
             if name == "created_at":
                 continue
             try:
@@ -217,9 +217,9 @@ class JobStore:
                 return
             pipe = self.client.pipeline(transaction=False)
             for job_id in ids:
-                pipe.hgetall(keys.job_key(job_id.decode()))
+                pipe.hgetall(keys.job_key(_text(job_id)))
             for job_id, raw in zip(ids, pipe.execute(), strict=False):
-                yield _record(job_id.decode(), raw)
+                yield _record(_text(job_id), raw)
             start += len(ids)
 
     def job(self, job_id: str) -> JobRecord | None:
@@ -257,8 +257,13 @@ class JobStore:
         return bool(done)
 
 
-def _record(job_id: str, raw: dict[bytes, bytes]) -> JobRecord:
-    fields = {k.decode(): v.decode() for k, v in raw.items()}
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text (the client returns bytes; its type hints allow str too)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _record(job_id: str, raw: Mapping[bytes | str, bytes | str]) -> JobRecord:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
     result = json.loads(fields["result"]) if "result" in fields else None
     error = json.loads(fields["error"]) if "error" in fields else None
     custom_id = fields.get("custom_id") or None
