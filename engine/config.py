@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 DType = Literal["float32", "float16", "bfloat16", "int8"]
-Backend = Literal["auto", "native", "hf"]
+Backend = Literal["auto", "native", "hf", "echo"]
 ShardStrategy = Literal["none", "tensor", "layer"]
 
 
@@ -18,7 +18,8 @@ class EngineConfig:
     dtype: weight/activation dtype; "int8" is weight-only int8 with bfloat16 activations.
     max_model_len: prompt + output tokens a sequence may hold.
     backend: "native" (paged KV cache, own scheduler), "hf" (transformers), "auto" (native
-        where the architecture is supported).
+        where the architecture is supported); "echo" answers at once with the prompt's start
+        and loads no model (measuring the queue path, smoke tests).
     device: "cpu", "cuda" or "auto" (cuda when available).
     max_num_seqs: sequences running at once (the deployment's batch_size_per_gpu x group size).
     max_num_batched_tokens: tokens one step may process; longer prompts are prefilled in chunks.

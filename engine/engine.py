@@ -53,6 +53,10 @@ def create_backend(config: EngineConfig) -> GenerationBackend:
         from engine.native_backend import NativeBackend
 
         return NativeBackend(config)
+    if choice == "echo":
+        from engine.echo_backend import EchoBackend
+
+        return EchoBackend(config)
     from engine.hf_backend import HFBackend
 
     return HFBackend(config)

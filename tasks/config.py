@@ -51,7 +51,9 @@ class ModelSettings(_Strict):
     build_if_missing: bool = True
     dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float32"
     max_model_len: int = Field(default=1024, ge=2)
-    backend: Literal["auto", "native", "hf"] = "auto"
+    # "echo" answers every job at once with its prompt's start, no model loaded: for
+    # measuring the queue path (bench/bench_queue.py) and smoke-testing a deployment.
+    backend: Literal["auto", "native", "hf", "echo"] = "auto"
 
 
 class EngineSettings(_Strict):
