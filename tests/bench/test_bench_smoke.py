@@ -88,3 +88,22 @@ def test_failing_contender_is_recorded_and_the_run_goes_on(tmp_path: Path, model
     assert rec["project"] is None and "max_model_len" in rec["errors"]["project"]
     assert rec["peers"]["hf_generate"] > 0
     assert "fraction_of_floor" not in rec["ratios"]
+
+
+@pytest.mark.timeout(120)
+def test_queue_benchmark_runs_both_sides(tmp_path: Path, redis_url: str, tiny_llama: Path) -> None:
+    """bench_queue.py with a few jobs: real workers on both sides, every job answered, the
+    JSON BENCHMARKS.md asks for (W-queue: vs_plain_celery)."""
+    out = tmp_path / "queue.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "bench_queue.py"), "--jobs", "60", "--reps",
+         "1", "--concurrency", "4", "--redis-url", redis_url, "--model", str(tiny_llama),
+         "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["workload"] == "W-queue" and record["unit"] == "jobs/s"
+    assert record["project"] > 0 and record["peers"]["plain_celery"] > 0
+    ratio = record["project"] / record["peers"]["plain_celery"]
+    assert record["ratios"]["vs_plain_celery"] == pytest.approx(ratio)
