@@ -42,7 +42,10 @@ def celery_settings(config: DeploymentConfig) -> dict[str, object]:
         # (CUDA does not survive fork).
         "worker_pool": "threads",
         "worker_concurrency": config.num_workers,
-        "worker_send_task_events": True,
+        # Task events only while something watches: Flower turns them on at start-up and
+        # keeps them on (its --enable_events, on by default). Sent unconditionally they cost
+        # several Redis publishes per job: W-queue ran at 411 jobs/s with them, 530 without.
+        "worker_send_task_events": False,
     }
 
 

@@ -76,7 +76,7 @@ class WorkerProcess:
     """A real `celery -A tasks worker` process; its log goes to a file for failure reports."""
 
     def __init__(self, config_path: Path, log_path: Path, queues: str, concurrency: int,
-                 name: str) -> None:
+                 name: str, heartbeat: bool = False) -> None:
         env = {**os.environ, "TIDEQ_CONFIG": str(config_path), "PYTHONUNBUFFERED": "1"}
         env.pop("TIDEQ_REDIS_URL", None)
         self.log_path = log_path
@@ -84,7 +84,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", queues,
              "-c", str(concurrency), "-n", f"{name}@%h", "--without-gossip",
-             "--without-mingle", "--without-heartbeat", "-l", "info"],
+             "--without-mingle", *([] if heartbeat else ["--without-heartbeat"]), "-l", "info"],
             cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
@@ -114,13 +114,17 @@ class WorkerProcess:
 
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start real worker processes: start_worker(config_path, queues="high,low", concurrency=8)."""
+    """Start real worker processes: start_worker(config_path, queues="high,low", concurrency=8).
+
+    heartbeat=True keeps the worker's event heartbeats, as a production worker has them (the
+    tests' workers run without, for speed); monitors such as Flower need them."""
     workers: list[WorkerProcess] = []
 
     def start(config_path: Path, queues: str = "high,low", concurrency: int = 8,
-              wait: bool = True) -> WorkerProcess:
+              wait: bool = True, heartbeat: bool = False) -> WorkerProcess:
         name = f"w{len(workers)}"
-        worker = WorkerProcess(config_path, tmp_path / f"{name}.log", queues, concurrency, name)
+        worker = WorkerProcess(config_path, tmp_path / f"{name}.log", queues, concurrency, name,
+                               heartbeat)
         workers.append(worker)
         if wait:
             worker.wait_ready()

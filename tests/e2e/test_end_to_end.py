@@ -4,6 +4,7 @@ running a real (tiny) model -> results in Redis."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,44 @@ def test_cancel_stops_running_jobs_too(tmp_path, redis_url, tiny_llama, start_wo
         assert stopped_while_running, [r.state for r in records]
         for r in stopped_while_running:
             assert "started_at" in r.fields
+
+
+def test_a_monitor_turns_task_events_on(tmp_path, config_path, producer, start_worker):
+    """Workers send no task events until asked, and then do: Flower asks at start-up (its
+    --enable_events), so it sees every job without the events costing anything unwatched."""
+    import threading
+
+    from tasks.app import create_app
+
+    app = create_app(load_config(config_path))
+    start_worker(config_path, heartbeat=True)  # as `celery -A tasks worker` runs it
+    seen: list[str] = []
+    listening = threading.Event()
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "task-succeeded":
+            seen.append(event["uuid"])
+        listening.set()  # the first event is the worker's answer to the wakeup below
+
+    def listen() -> None:
+        with app.connection_for_read() as connection:
+            receiver = app.events.Receiver(connection, handlers={"*": on_event})
+            receiver.capture(limit=None, timeout=30, wakeup=True)
+
+    def run_one(name: str) -> None:
+        batch = producer.submit(write_jsonl(tmp_path / f"{name}.jsonl",
+                                            [{"prompt": name, "max_tokens": 2}]))  # fmt: skip
+        assert producer.wait(batch.batch_id, timeout=60).succeeded
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert listening.wait(20), "the event receiver heard nothing from the worker"
+    run_one("unwatched")
+    assert seen == []
+    replies = app.control.enable_events(reply=True, timeout=5)
+    assert replies, "no worker answered enable_events"
+    run_one("watched")
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(seen) == 1
