@@ -211,25 +211,28 @@ def test_a_monitor_turns_task_events_on(tmp_path, config_path, producer, start_w
             seen.append(event["uuid"])
         listening.set()  # the first event is the worker's answer to the wakeup below
 
-    def listen() -> None:
-        with app.connection_for_read() as connection:
-            receiver = app.events.Receiver(connection, handlers={"*": on_event})
-            receiver.capture(limit=None, timeout=30, wakeup=True)
-
     def run_one(name: str) -> None:
         batch = producer.submit(write_jsonl(tmp_path / f"{name}.jsonl",
                                             [{"prompt": name, "max_tokens": 2}]))  # fmt: skip
         assert producer.wait(batch.batch_id, timeout=60).succeeded
 
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    assert listening.wait(20), "the event receiver heard nothing from the worker"
-    run_one("unwatched")
-    assert seen == []
-    replies = app.control.enable_events(reply=True, timeout=5)
-    assert replies, "no worker answered enable_events"
-    run_one("watched")
-    deadline = time.monotonic() + 10
-    while not seen and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert len(seen) == 1
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": on_event})
+        listener = threading.Thread(
+            target=receiver.capture, kwargs={"limit": None, "wakeup": True}, daemon=True
+        )
+        listener.start()
+        try:
+            assert listening.wait(20), "the event receiver heard nothing from the worker"
+            run_one("unwatched")
+            assert seen == []
+            replies = app.control.enable_events(reply=True, timeout=5)
+            assert replies, "no worker answered enable_events"
+            run_one("watched")
+            deadline = time.monotonic() + 10
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(seen) == 1
+        finally:
+            receiver.should_stop = True  # the capture loop checks it every second
+            listener.join(10)

@@ -125,9 +125,9 @@ def test_worker_pins_its_group_before_cuda(monkeypatch, tmp_path):
 
 
 def test_celery_worker_accepts_gpus_option():
-    import tasks
+    from tasks.app import app
 
-    option_names = {name for opt in tasks.app.user_options["worker"] for name in opt.opts}
+    option_names = {name for opt in app.user_options["worker"] for name in opt.opts}
     assert "--gpus" in option_names
 
 
