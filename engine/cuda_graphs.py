@@ -108,12 +108,14 @@ class DecodeGraphs:
         )  # fmt: skip
         total = 4 * m + m * max_blocks
         cuda = device.type == "cuda"
-        # Two of each host-side buffer, used in turn: a step may be launched while the one
-        # before it still runs (see launch), so neither's inputs nor tokens may be overwritten.
+        # Two of each host-side buffer and event, used in turn: a step may be launched while
+        # the one before it still runs (see launch), so neither's inputs nor tokens may be
+        # overwritten.
         self.hosts = [torch.zeros(total, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self.hosts_np: list[np.ndarray] = [h.numpy() for h in self.hosts]
         self.copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self.host_tokens = [torch.zeros(m, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self.tokens_ready = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self._turn = 0
         self.buffer = torch.zeros(total, dtype=torch.long, device=device)
         self.rows = torch.arange(m, dtype=torch.long, device=device)
@@ -238,6 +240,7 @@ class DecodeGraphs:
         self.graphs[bs].replay()
         tokens = self.tokens[bs][:n]
         host_tokens.copy_(tokens, non_blocking=True)
-        ready = torch.cuda.Event()
+        ready = self.tokens_ready[turn]
+        assert ready is not None
         ready.record()
         return DecodeStep(n, self.logits[bs][:n], tokens, host_tokens, ready)

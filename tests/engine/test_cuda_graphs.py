@@ -8,9 +8,6 @@ On a GPU the graphs are captured and replayed.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +15,12 @@ import pytest
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
+from triton_interpreter import run_in_interpreter  # noqa: E402
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.native_backend import NativeBackend  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 12
 # Lengths around block boundaries and one longer than a prefill tile of the Triton kernel.
 LENGTHS = [3, 17, 40, 9, 70, 25]
@@ -145,17 +142,7 @@ def check_static_buffers_on_cpu(path: str) -> None:
 
 def test_static_buffers_match_torch_path_on_cpu(checkpoint) -> None:  # type: ignore[no-untyped-def]
     path = checkpoint("mistral")  # sliding window shorter than the prompts
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    paths = [str(REPO_ROOT), str(Path(__file__).parent)]
-    code = (
-        f"import sys; sys.path[:0] = {paths!r};"
-        "import test_cuda_graphs as t;"
-        f"t.check_static_buffers_on_cpu({str(path)!r}); print('ok')"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=280
-    )
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_in_interpreter(__file__, f"t.check_static_buffers_on_cpu({str(path)!r})", timeout=280)
 
 
 @pytest.mark.gpu

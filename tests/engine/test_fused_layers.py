@@ -5,11 +5,7 @@ into other tests)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -17,11 +13,10 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from triton_interpreter import run_in_interpreter  # noqa: E402
 
 from engine.attention import write_kv  # noqa: E402
 from engine.models.llama import RMSNorm, RotaryEmbedding, apply_rotary  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def check_against_torch(device: str, dtype: torch.dtype, atol: float) -> None:
@@ -96,17 +91,7 @@ def check_rotary_and_cache(
 
 
 def test_fused_layers_match_torch_on_cpu_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    paths = [str(REPO_ROOT), str(Path(__file__).parent)]
-    code = (
-        f"import sys, torch; sys.path[:0] = {paths!r};"
-        "import test_fused_layers as t;"
-        "t.check_against_torch('cpu', torch.float32, 1e-5); print('ok')"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+    run_in_interpreter(__file__, "t.check_against_torch('cpu', torch.float32, 1e-5)")
 
 
 @pytest.mark.gpu

@@ -5,19 +5,14 @@ must not leak into other tests)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from triton_interpreter import run_in_interpreter  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
@@ -94,18 +89,11 @@ def check_argmax(device: str) -> None:
 
 
 def test_kernels_match_torch_on_cpu_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    paths = [str(REPO_ROOT), str(Path(__file__).parent)]
-    code = (
-        f"import sys, torch; sys.path[:0] = {paths!r};"
-        "import test_gemv as t;"
+    run_in_interpreter(
+        __file__,
         "t.check_gemv('cpu', torch.float32); t.check_gemv('cpu', torch.bfloat16);"
-        "t.check_argmax('cpu'); print('ok')"
+        "t.check_argmax('cpu')",
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_dispatch_rule() -> None:

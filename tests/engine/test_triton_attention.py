@@ -8,20 +8,14 @@ compiles anything and would leak into other tests, so the CPU check runs in a su
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
+from triton_interpreter import run_in_interpreter  # noqa: E402
 
 from engine.attention import ChunkSpec, TorchPagedAttention  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # (start, num_tokens) per chunk of one step: decode tokens at ragged lengths, prefills with no
 # history, a prefill chunk with history, one longer than a prefill tile; and single-sequence
@@ -95,17 +89,7 @@ def check_against_torch(device: str, dtype: torch.dtype, atol: float) -> None:
 
 
 def test_triton_matches_torch_on_cpu_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    paths = [str(REPO_ROOT), str(Path(__file__).parent)]
-    code = (
-        f"import sys, torch; sys.path[:0] = {paths!r};"
-        "import test_triton_attention as t;"
-        "t.check_against_torch('cpu', torch.float32, 1e-4); print('ok')"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+    run_in_interpreter(__file__, "t.check_against_torch('cpu', torch.float32, 1e-4)")
 
 
 @pytest.mark.gpu
