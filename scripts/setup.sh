@@ -8,6 +8,15 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 torch_spec=${TIDEQ_TORCH_SPEC:-torch==2.13.0}
 
+# redis-server: the demo starts one when none answers, and the tests start their own.
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is not installed; install it (apt-get install redis-server)" >&2
+  fi
+fi
+
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate

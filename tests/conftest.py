@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Redis (a database of its own, flushed around each test), tiny real
+"""Shared fixtures: a real Redis the suite starts itself (flushed around each test), tiny real
 checkpoints, and real Celery worker processes."""
 
 from __future__ import annotations
@@ -16,32 +16,43 @@ import pytest
 import redis
 import yaml
 
-# A database no one else uses, so the suite never touches real work on the same server.
-TEST_REDIS_HOST = os.environ.get("TIDEQ_TEST_REDIS_HOST", "127.0.0.1")
-TEST_REDIS_PORT = int(os.environ.get("TIDEQ_TEST_REDIS_PORT", "6379"))
-TEST_REDIS_DB = int(os.environ.get("TIDEQ_TEST_REDIS_DB", "15"))
+from tests.redis_proc import RedisProcess, redis_binary
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> redis.Redis:
-    client = redis.Redis(host=TEST_REDIS_HOST, port=TEST_REDIS_PORT, db=TEST_REDIS_DB)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.exit(
-            f"no Redis answers on {TEST_REDIS_HOST}:{TEST_REDIS_PORT}; start one"
-            " (scripts/ensure_redis.sh does) and run again",
-            returncode=3,
-        )
-    return client
+def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """The suite's own redis-server (free port, AOF), shared by the tests that do not kill it."""
+    if redis_binary() is None:
+        pytest.skip("redis-server is not installed (Debian/Ubuntu: apt-get install"
+                    " redis-server; scripts/setup.sh does it)")
+    server = RedisProcess(tmp_path_factory.mktemp("redis"), fsync="everysec")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_proc: RedisProcess) -> redis.Redis:
+    return redis_proc.client()
 
 
 @pytest.fixture
-def redis_url(redis_server: redis.Redis) -> Iterator[str]:
+def redis_url(redis_proc: RedisProcess, redis_server: redis.Redis) -> Iterator[str]:
+    # Our own server: flushing it touches nobody's data.
     redis_server.flushdb()
-    yield f"redis://{TEST_REDIS_HOST}:{TEST_REDIS_PORT}/{TEST_REDIS_DB}"
+    yield redis_proc.url()
     redis_server.flushdb()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server for one test alone, which the test may kill -9 and restart."""
+    if redis_binary() is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisProcess(tmp_path / "redis")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
