@@ -9,6 +9,11 @@
 carry custom_id and model. Every problem is reported as (field, reason); the caller adds the
 file name and line number. Parsing never touches Redis, so a whole file is checked before any
 of it is enqueued.
+
+Numbers must be finite and within what the engine can take: temperature >= 0, top_p in (0, 1],
+top_k in 0..2**31-1, seed a signed 64-bit integer, max_tokens 1..limits.max_output_tokens.
+(Python's json reads Infinity, NaN and 1e400 as floats; they are refused here, not in a worker.)
+A line may nest at most MAX_JSON_DEPTH arrays/objects deep.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ Role = Literal["system", "user", "assistant"]
 # A seed must fit a signed 64-bit integer (what a torch generator's seed accepts).
 SEED_MIN: Final = -(2**63)
 SEED_MAX: Final = 2**63 - 1
+# top_k: 0 means no cut-off; the cap, far above any vocabulary, keeps the engine's integer
+# tensor of top-k values from overflowing on an arbitrary JSON integer.
+TOP_K_MAX: Final = 2**31 - 1
+# Arrays/objects a line may nest. The formats need 5 (an OpenAI batch line's body, messages, a
+# message, its content parts, a part); anything deeper is refused before it is recursed into,
+# so a hostile line is a line error, not a RecursionError.
+MAX_JSON_DEPTH: Final = 32
 
 # Sampling values used when a line leaves them out (max_tokens comes from the deployment's
 # limits.default_max_tokens). temperature 1 / top_p 1 / top_k 0 is plain sampling, as OpenAI.
@@ -146,10 +158,12 @@ def _check_stop(value: Any) -> list[str]:
 
 
 class _Sampling(_StrictModel):
+    # Upper bound: the deployment's limits.max_output_tokens, checked by LineParser._sampling.
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0)
-    top_p: float = Field(default=DEFAULT_TOP_P, gt=0, le=1)
-    top_k: int = Field(default=DEFAULT_TOP_K, ge=0)
+    # Any finite temperature >= 0; one below about 1e-5 the engine treats as 0 (greedy).
+    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0, allow_inf_nan=False)
+    top_p: float = Field(default=DEFAULT_TOP_P, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(default=DEFAULT_TOP_K, ge=0, le=TOP_K_MAX)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: list[str] = Field(default_factory=list)
 
@@ -234,7 +248,11 @@ _MESSAGES = {
     "model_type": "must be an object",
     "too_short": "must not be empty",
     "string_too_short": "must not be empty",
+    "finite_number": "must be a finite number",
 }
+# Error kinds whose reason shows the value given.
+_SHOW_INPUT = frozenset({"greater_than_equal", "greater_than", "less_than_equal", "less_than",
+                         "finite_number"})
 
 
 def _problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
@@ -246,7 +264,7 @@ def _problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
             reason = str(e["msg"]).removeprefix("Value error, ")
         else:
             reason = _MESSAGES.get(kind) or str(e["msg"]).replace("Input should be", "must be", 1)
-            if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+            if kind in _SHOW_INPUT:
                 reason = f"{reason} (got {e['input']!r})"
         out.append((field or "<line>", reason))
     return out
@@ -280,6 +298,19 @@ class LineParser:
         except json.JSONDecodeError as err:
             raise LineInvalid([("<line>", f"invalid JSON: {err.msg} (column {err.pos + 1})")]
                               ) from None
+        except RecursionError:
+            # Nested so deep that the decoder itself gave up (thousands of levels).
+            raise LineInvalid([(_deep_field_of_text(text), _TOO_DEEP)]) from None
+        except ValueError as err:
+            # An integer of more digits than Python converts (sys.get_int_max_str_digits).
+            raise LineInvalid([("<line>", f"invalid JSON: {str(err).partition(';')[0]}")]
+                              ) from None
+        # No line of the formats comes near the depth limit; brackets are counted first (in C)
+        # so that only a line with many of them (say a prompt full of code) is walked.
+        if text.count("[") + text.count("{") > MAX_JSON_DEPTH:
+            deep = _deep_field(data)
+            if deep is not None:
+                raise LineInvalid([(deep, _TOO_DEEP)])
         if not isinstance(data, dict):
             raise LineInvalid([("<line>", f"must be a JSON object, not {_json_type(data)}")])
         if "body" in data or "url" in data or "method" in data:
@@ -357,12 +388,76 @@ class LineParser:
                                        f" {self.max_output_tokens} (limits.max_output_tokens)")])
         return {
             "max_tokens": max_tokens,
-            "temperature": float(parsed.temperature),
+            # + 0.0: a temperature of -0.0 becomes 0.0.
+            "temperature": float(parsed.temperature) + 0.0,
             "top_p": float(parsed.top_p),
             "top_k": parsed.top_k,
             "seed": parsed.seed,
             "stop": parsed.stop,
         }
+
+
+_TOO_DEEP: Final = f"nests deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _field_name(path: list[Any]) -> str:
+    """How a depth error names its place: the line's key, or the body's key under "body";
+    path holds the keys (indexes in arrays) from the line down, the first two at most."""
+    if not path or not isinstance(path[0], str):
+        return "<line>"  # the line itself is an array
+    if path[0] == "body" and len(path) > 1:
+        return f"body.{path[1]}"
+    return path[0]
+
+
+def _deep_field(data: Any) -> str | None:
+    """Where a parsed line first nests deeper than MAX_JSON_DEPTH, or None if it does not.
+    Walks the containers only, with a stack of its own (no recursion)."""
+    if not isinstance(data, (dict, list)):
+        return None
+    stack: list[tuple[Any, int, list[Any]]] = [(data, 1, [])]
+    while stack:
+        value, depth, path = stack.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, child in items:
+            if isinstance(child, (dict, list)):
+                child_path = path + [key] if len(path) < 2 else path
+                if depth == MAX_JSON_DEPTH:
+                    return _field_name(child_path)
+                stack.append((child, depth + 1, child_path))
+    return None
+
+
+# A JSON string, or one structural character.
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:,]')
+
+
+def _deep_field_of_text(text: str) -> str:
+    """_deep_field for a line too deep to parse: scans its tokens up to the depth limit."""
+    # Per open container: [is_object, key or index of the current member].
+    open_: list[list[Any]] = []
+    last_string = ""
+    for m in _JSON_TOKEN.finditer(text):
+        token = m.group()
+        if token[0] == '"':
+            last_string = token
+        elif token in "[{":
+            if len(open_) == MAX_JSON_DEPTH:
+                return _field_name([member for _, member in open_[:2]])
+            open_.append([token == "{", 0])
+        elif token in "]}":
+            if open_:
+                open_.pop()
+        elif not open_:
+            continue
+        elif token == ":" and open_[-1][0]:
+            try:
+                open_[-1][1] = json.loads(last_string)
+            except ValueError:
+                open_[-1][1] = last_string
+        elif token == "," and not open_[-1][0]:
+            open_[-1][1] += 1
+    return "<line>"
 
 
 def _dump_messages(messages: list[_Message]) -> list[dict[str, str]]:

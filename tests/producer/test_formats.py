@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from producer import InvalidFileError, Producer
-from producer.formats import LineInvalid, LineParser
+from producer.formats import MAX_JSON_DEPTH, SEED_MAX, SEED_MIN, TOP_K_MAX, LineInvalid, LineParser
 from tests.producer.conftest import DEFAULT_MAX_TOKENS, MAX_OUTPUT_TOKENS
 
 CHAT = "/v1/chat/completions"
@@ -153,6 +153,122 @@ def test_invalid_line(parser: LineParser, line: dict[str, Any] | str, field: str
     assert any(f == field and reason in r for f, r in found), found
 
 
+# --- numbers: finite and in range, in every format ------------------------------------------
+
+def sampling_variants(key: str, raw_value: str) -> list[tuple[str, str]]:
+    """(line, field) of `key` set to the JSON text raw_value, in each of the three formats."""
+    return [
+        (f'{{"prompt": "a", "{key}": {raw_value}}}', key),
+        (f'{{"messages": [{{"role": "user", "content": "a"}}], "{key}": {raw_value}}}', key),
+        (f'{{"custom_id": "r", "method": "POST", "url": "{CHAT}", "body": {{"messages":'
+         f' [{{"role": "user", "content": "a"}}], "{key}": {raw_value}}}}}', f"body.{key}"),
+        (f'{{"custom_id": "r", "method": "POST", "url": "{COMPLETIONS}", "body": {{"prompt":'
+         f' "a", "{key}": {raw_value}}}}}', f"body.{key}"),
+    ]
+
+
+BAD_NUMBERS = [
+    # (key, JSON text of the value, what the reason says)
+    ("temperature", "Infinity", "must be a finite number"),
+    ("temperature", "-Infinity", "must be"),
+    ("temperature", "1e400", "must be a finite number"),
+    ("temperature", "NaN", "must be a finite number"),
+    ("temperature", "1" + "0" * 400, "must be a number"),
+    ("top_p", "NaN", "must be a finite number"),
+    ("top_p", "Infinity", "must be a finite number"),
+    ("top_p", "1e-400", "greater than 0"),
+    ("top_p", "1.0000001", "less than or equal to 1"),
+    ("top_k", str(TOP_K_MAX + 1), f"less than or equal to {TOP_K_MAX}"),
+    ("top_k", str(2**64), "less than or equal to"),
+    ("top_k", "true", "must be an integer"),
+    ("top_k", "4.0", "must be an integer"),
+    ("top_k", "1e400", "must be an integer"),
+    ("seed", str(SEED_MAX + 1), f"less than or equal to {SEED_MAX}"),
+    ("seed", str(SEED_MIN - 1), f"greater than or equal to {SEED_MIN}"),
+    ("seed", "false", "must be an integer"),
+    ("seed", "NaN", "must be an integer"),
+    ("max_tokens", "Infinity", "must be an integer"),
+    ("max_tokens", "NaN", "must be an integer"),
+    ("max_tokens", "1e400", "must be an integer"),
+    ("max_tokens", str(2**64), "limits.max_output_tokens"),
+    ("max_tokens", "-1", "greater than or equal to 1"),
+]
+
+
+@pytest.mark.parametrize(("key", "raw_value", "reason"), BAD_NUMBERS)
+def test_numbers_must_be_finite_and_in_range(parser: LineParser, key: str, raw_value: str,
+                                             reason: str) -> None:
+    for line, field in sampling_variants(key, raw_value):
+        found = problems(parser, line)
+        assert any(f == field and reason in r for f, r in found), (line, found)
+
+
+@pytest.mark.parametrize("raw_value", ["Infinity", "NaN", "1e400", "0", "-3"])
+def test_max_completion_tokens_follows_the_same_rules(parser: LineParser,
+                                                      raw_value: str) -> None:
+    line = (f'{{"custom_id": "r", "method": "POST", "url": "{CHAT}", "body": {{"messages":'
+            f' [{{"role": "user", "content": "a"}}], "max_completion_tokens": {raw_value}}}}}')
+    assert [f for f, _ in problems(parser, line)] == ["body.max_completion_tokens"]
+
+
+@pytest.mark.parametrize(("key", "raw_value", "expected"), [
+    ("temperature", "1e-6", 1e-6),  # below 1e-5: the engine samples greedily
+    ("temperature", "5e-324", 5e-324),
+    ("temperature", "-0.0", 0.0),
+    ("temperature", "2", 2.0),
+    ("top_p", "1", 1.0),
+    ("top_p", "1e-300", 1e-300),
+    ("top_k", str(TOP_K_MAX), TOP_K_MAX),
+    ("seed", str(SEED_MAX), SEED_MAX),
+    ("seed", str(SEED_MIN), SEED_MIN),
+    ("seed", "0", 0),
+    ("max_tokens", str(MAX_OUTPUT_TOKENS), MAX_OUTPUT_TOKENS),
+])
+def test_numbers_at_the_edges_are_accepted(parser: LineParser, key: str, raw_value: str,
+                                           expected: float) -> None:
+    for line, _ in sampling_variants(key, raw_value):
+        value = parser.parse(line, 1).sampling[key]
+        assert value == expected and type(value) is type(expected), line
+    if key == "temperature":
+        assert str(parser.parse(sampling_variants(key, raw_value)[0][0], 1)
+                   .sampling[key]) != "-0.0"
+
+
+def test_integer_of_too_many_digits_is_a_line_error(parser: LineParser) -> None:
+    found = problems(parser, '{"prompt": "a", "max_tokens": ' + "9" * 5000 + "}")
+    assert found[0][0] == "<line>" and "invalid JSON" in found[0][1] and "4300" in found[0][1]
+
+
+# --- nesting ---------------------------------------------------------------------------------
+
+def nested(depth: int, open_: str = "[", close: str = "]") -> str:
+    """A JSON value nested `depth` levels deep."""
+    return open_ * depth + close * depth
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, 5_000, 100_000])
+def test_deep_nesting_is_a_line_error(parser: LineParser, depth: int) -> None:
+    # The line's own object is the first level; `depth` more arrays go deeper than the limit.
+    reason = f"nests deeper than {MAX_JSON_DEPTH} levels"
+    assert problems(parser, '{"messages": ' + nested(depth) + "}") == [("messages", reason)]
+    assert problems(parser, '{"prompt": "x", "stop": ["a", ' + nested(depth) + "]}") == [
+        ("stop", reason)]
+    assert problems(parser, nested(depth + 1)) == [("<line>", reason)]
+    metadata = '{"k": ' * depth + "1" + "}" * depth
+    line = ('{"custom_id": "r", "method": "POST", "url": "' + CHAT + '", "body": {"messages":'
+            ' [{"role": "user", "content": "a"}], "metadata": ' + metadata + "}}")
+    assert problems(parser, line) == [("body.metadata", reason)]
+
+
+def test_nesting_up_to_the_limit_is_parsed(parser: LineParser) -> None:
+    # Depth MAX_JSON_DEPTH exactly: not a depth error (the value is refused for what it is).
+    found = problems(parser, '{"messages": ' + nested(MAX_JSON_DEPTH - 1) + "}")
+    assert found and all("nests deeper" not in r for _, r in found)
+    # Brackets inside strings are text, however many.
+    p = parser.parse(json.dumps({"prompt": "{[" * 10_000, "stop": ["}]"]}), 1)
+    assert p.prompt == "{[" * 10_000
+
+
 def test_every_problem_of_a_line_is_reported(parser: LineParser) -> None:
     found = problems(parser, {"prompt": "", "temperature": -1, "foo": 1})
     assert {f for f, _ in found} == {"prompt", "temperature", "foo"}
@@ -252,6 +368,30 @@ def test_encoding(parser: LineParser) -> None:
     with pytest.raises(LineInvalid) as err:
         parser.parse(b'{"prompt": "\xff"}\n', 2)
     assert err.value.problems == [("<line>", "not UTF-8: invalid start byte")]
+
+
+def test_deep_and_non_finite_lines_name_file_line_and_field(
+        producer: Producer, rdb: redis.Redis, write_jsonl: Callable[..., Path]) -> None:
+    path = write_jsonl([
+        {"prompt": "ok"},
+        '{"messages": ' + nested(100_000) + "}",
+        '{"prompt": "a", "temperature": Infinity}',
+        '{"prompt": "a", "temperature": NaN, "top_p": 1e400}',
+        '{"custom_id": "r", "method": "POST", "url": "' + COMPLETIONS + '", "body": {"prompt":'
+        ' "a", "temperature": 1e400, "top_k": ' + str(2**31) + "}}",
+        {"prompt": "a", "temperature": 1e-7},
+    ])
+    with pytest.raises(InvalidFileError) as err:
+        producer.submit(path)
+    assert [str(e) for e in err.value.errors] == [
+        f"{path}:2: messages: nests deeper than {MAX_JSON_DEPTH} levels",
+        f"{path}:3: temperature: must be a finite number (got inf)",
+        f"{path}:4: temperature: must be a finite number (got nan)",
+        f"{path}:4: top_p: must be a finite number (got inf)",
+        f"{path}:5: body.temperature: must be a finite number (got inf)",
+        f"{path}:5: body.top_k: must be less than or equal to {TOP_K_MAX} (got {2**31})",
+    ]
+    assert rdb.dbsize() == 0
 
 
 def test_file_level_error_has_no_line(producer: Producer, tmp_path: Path) -> None:
