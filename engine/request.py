@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -12,12 +13,42 @@ FinishReason = Literal["stop", "length", "cancelled"]
 PRIORITY_RANK: dict[str, int] = {"high": 0, "low": 1}
 
 
+# Temperatures below this sample greedily (vLLM draws the same line): dividing float32 logits
+# by a smaller one overflows to inf, and the softmax of that is NaN.
+GREEDY_TEMPERATURE = 1e-5
+# top_k reaches torch (and kernels) as a 32-bit int at most; any k above the vocabulary keeps
+# every token anyway (the sampler clamps it).
+MAX_TOP_K = 2**31 - 1
+# torch.Generator.manual_seed takes a 64-bit integer; the runner mixes the seed in 64 bits.
+MAX_SEED = 2**63 - 1
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass, but `"top_k": true` in a job is a mistake, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+
+
+def _check_finite(name: str, value: Any) -> None:
+    if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling. temperature 0 means greedy; top_k 0 and top_p 1.0 mean no cut-off.
+    """Per-request sampling. temperature 0 (or below GREEDY_TEMPERATURE) means greedy; top_k 0
+    and top_p 1.0 mean no cut-off.
 
     A request with a seed draws from its own generator, so its output does not depend on what
-    else shares the batch.
+    else shares the batch. Every field is checked here, since a job's values come from a client:
+    one bad value must fail its own request, not a batch step.
     """
 
     max_tokens: int = 16
@@ -30,20 +61,28 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        _check_int("max_tokens", self.max_tokens, 1)
+        _check_finite("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_finite("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+        _check_int("top_k", self.top_k, 0, MAX_TOP_K)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, MAX_SEED)
+        stop = self.stop
+        if isinstance(stop, str) or not isinstance(stop, tuple | list):
+            raise ValueError(f"stop must be a list of strings, got {stop!r}")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {list(stop)!r}")
+        object.__setattr__(self, "stop", tuple(stop))  # a list given directly stays hashable
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
@@ -55,7 +94,10 @@ class SamplingParams:
         values = dict(data)
         if "stop" in values:
             stop = values["stop"]
-            values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
+            if stop is None or isinstance(stop, str):
+                values["stop"] = () if stop is None else (stop,)
+            elif isinstance(stop, list):
+                values["stop"] = tuple(stop)
         return cls(**values)
 
 
@@ -120,3 +162,8 @@ class PromptTooLongError(EngineError):
 
 class EngineOutOfMemoryError(EngineError):
     """The device ran out of memory serving this request."""
+
+
+class EngineShutDownError(EngineError):
+    """The engine stopped (worker shutdown, or its loop died): not the request's fault, so a
+    worker hands the job back instead of failing it."""

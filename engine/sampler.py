@@ -38,9 +38,11 @@ def apply_top_k_top_p(
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(1)  # [B, 1]
     remove = ranks >= k
     probs = sorted_logits.softmax(dim=-1)
-    # Keep a token while the mass *before* it is below top_p: the first token always stays.
+    # Keep a token while the mass *before* it is below top_p. The most probable token always
+    # stays, explicitly: a top_p that rounds to 0 in float32 (5e-324) would otherwise remove
+    # every token, and the draw over an all -inf row is token 0.
     mass_before = probs.cumsum(dim=-1) - probs
-    remove |= mass_before >= top_p.unsqueeze(1)
+    remove |= (mass_before >= top_p.unsqueeze(1)) & (ranks > 0)
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
 
@@ -64,9 +66,17 @@ def sample(
     device = logits.device
     rows = torch.tensor(sampled_rows, device=device)
     sub = logits.index_select(0, rows)  # [S, V]
+    # Not greedy, so every temperature here is >= GREEDY_TEMPERATURE: the division is finite.
     temps = torch.tensor([params[i].temperature for i in sampled_rows], device=device)
     sub = sub / temps.unsqueeze(1)
-    top_k = torch.tensor([params[i].top_k for i in sampled_rows], device=device)
+    # A top_k at or above the vocabulary keeps every token: clamped to the vocabulary, it is
+    # "off" (0), so it neither triggers the sort nor reaches torch as a huge int.
+    vocab = logits.shape[-1]
+    top_k = torch.tensor(
+        [params[i].top_k if params[i].top_k < vocab else 0 for i in sampled_rows],
+        dtype=torch.long,
+        device=device,
+    )
     top_p = torch.tensor([params[i].top_p for i in sampled_rows], device=device)
     if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
         sub = apply_top_k_top_p(sub, top_k, top_p)
