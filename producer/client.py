@@ -13,6 +13,7 @@ hand chunks to JobStore.enqueue, one Redis round trip per chunk, while the next 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -25,9 +26,9 @@ from typing import Any, Final
 import redis
 
 from producer.formats import ENDPOINT_CHAT, LineInvalid, LineParser, line_custom_id_collision
-from producer.messages import MessageBuilder
 from tasks import keys
 from tasks.config import DeploymentConfig
+from tasks.messages import MessageBuilder
 from tasks.store import JobRecord, JobStore, QueuedJob, UnknownBatchError
 
 __all__ = [
@@ -326,8 +327,9 @@ class Producer:
                     ) from None
                 enqueued += 1
                 job_id = keys.job_id_for(batch_id, parsed.custom_id, number)
-                message = build(job_id, batch_id, priority, parsed.request(priority))
-                chunk.append(QueuedJob(job_id, number, parsed.custom_id, message,
+                request = json.dumps(parsed.request(priority), ensure_ascii=False)
+                chunk.append(QueuedJob(job_id, number, parsed.custom_id,
+                                       build(job_id, batch_id, priority), request,
                                        parsed.endpoint))
                 if len(chunk) >= ENQUEUE_CHUNK:
                     if pending is not None:

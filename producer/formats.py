@@ -113,7 +113,7 @@ class LineInvalid(ValueError):
 
 @dataclass(slots=True)
 class ParsedLine:
-    """A valid line, normalised to the job's request (see producer.messages for the wire form)."""
+    """A valid line, normalised to the job's request (see tasks.messages for the wire form)."""
 
     line: int
     custom_id: str | None

@@ -12,9 +12,14 @@ from tasks.config import DeploymentConfig, load_config
 
 def celery_settings(config: DeploymentConfig) -> dict[str, object]:
     """The Celery settings every tideq worker runs with; the reasons are in the README."""
-    return {
+    settings: dict[str, object] = {
         "broker_url": config.redis.url,
+        # Ride out a Redis restart: reconnect for ever, and keep the running jobs running
+        # (their results are stored once Redis answers again).
         "broker_connection_retry_on_startup": True,
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # JSON only: pickle would let anyone who can write to Redis run code on the workers.
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -31,10 +36,14 @@ def celery_settings(config: DeploymentConfig) -> dict[str, object]:
             # Sweep at every interval (kombu's default scans only every 10th).
             "unacked_restore_throttle": 1,
             "unacked_mutex_expire": config.redis.restore_lock_expire_s,
+            # Find a connection that died with a restarted server before using it.
+            "health_check_interval": 10,
+            "socket_keepalive": True,
+            "retry_on_timeout": True,
         },
-        # A job is acknowledged only once its result is stored; a lost worker's jobs are
-        # redelivered. Prefetch no more than the threads can run, so a worker does not hoard
-        # low jobs while high ones wait in Redis.
+        # A job is acknowledged only once its result is stored (tasks/jobs.py); a lost
+        # worker's jobs are redelivered by the sweeper (tasks/sweeper.py). Prefetch no more
+        # than the threads can run, so a worker does not hoard low jobs while high ones wait.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
@@ -47,6 +56,12 @@ def celery_settings(config: DeploymentConfig) -> dict[str, object]:
         # several Redis publishes per job: W-queue ran at 411 jobs/s with them, 530 without.
         "worker_send_task_events": False,
     }
+    if config.redis.url.startswith("redis://"):
+        # kombu's Redis transport, except that a message it cannot decode is dropped with a
+        # log line instead of stopping the worker (tasks/transport.py). (rediss:// keeps
+        # kombu's own, which sets up TLS from the scheme.)
+        settings["broker_transport"] = "tasks.transport:Transport"
+    return settings
 
 
 def create_app(config: DeploymentConfig | None = None) -> Celery:

@@ -32,8 +32,9 @@ class RedisSettings(_Strict):
     # How long job records and results stay in Redis after they were last written (7 days:
     # long enough to collect the results of a weekend's batch).
     result_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
-    # A message taken but not acknowledged (worker died) is redelivered after this. Must exceed
-    # the longest job, or a slow job is run twice.
+    # kombu's own redelivery of a message taken but not acknowledged, after this long. The
+    # leases and the sweeper redeliver a dead worker's jobs much sooner; this stays as a
+    # backstop (a second message for a job that is running or done is skipped).
     visibility_timeout_s: int = Field(default=3600, gt=0)
     # Seconds between a worker's sweeps for messages past their visibility timeout.
     restore_interval_s: int = Field(default=10, gt=0)
@@ -42,6 +43,16 @@ class RedisSettings(_Strict):
     # is 300 s). A sweep itself takes milliseconds, and restoring a message is a transaction, so
     # a short expiry cannot deliver a message twice.
     restore_lock_expire_s: int = Field(default=10, gt=0)
+    # A running job's lease: its worker renews it every lease_s / 3 seconds. When a worker
+    # dies, the sweeper puts its jobs back in their queues once their leases lapse, so a
+    # killed worker's jobs run again within about lease_s + 2 x sweep_interval_s.
+    lease_s: float = Field(default=30.0, gt=0)
+    # Seconds between sweeps (one worker at a time sweeps, under a Redis lock). A message that
+    # vanished between Redis and a worker is re-sent after two sweeps have missed it.
+    sweep_interval_s: float = Field(default=10.0, gt=0)
+    # How long a worker's Redis commands are retried through an outage (a restart) before the
+    # job is left to the sweeper. Longer than lease_s would only delay that.
+    outage_s: float = Field(default=60.0, gt=0)
 
 
 class ModelSettings(_Strict):

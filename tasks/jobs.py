@@ -1,15 +1,15 @@
 """The task every job runs: parse the payload, hand it to this worker's engine, store the result.
 
 Thin on purpose: the engine does the work, tasks/store.py does the bookkeeping. Errors in the
-job itself (bad request, prompt too long, out of memory) are stored as the job's failure and
-acknowledged; errors of the worker (no engine, Redis gone) propagate so the message is retried
-or redelivered.
+job itself (bad request, prompt too long, out of memory) are stored as the job's failure.
+Errors of the worker (engine gone, Redis unreachable past the client's retries) store nothing:
+the job stays running under a lease nobody renews, and the sweeper re-enqueues it.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import TimeoutError as FutureTimeout
+import uuid
 from typing import Any
 
 from celery import Celery, Task
@@ -44,13 +44,43 @@ def build_request(job_id: str, payload: dict[str, Any], default_max_tokens: int)
         raise InvalidJobError(str(err)) from None
 
 
-def run_job(runtime: Any, job_id: str, batch_id: str, request: dict[str, Any]) -> str:
+class WorkerFaultError(RuntimeError):
+    """This worker cannot run the job (its engine is gone). Not the job's fault: the job is
+    left running under a lease that is no longer renewed, and the sweeper gives it to
+    another worker."""
+
+
+def run_job(runtime: Any, job_id: str, batch_id: str,
+            message_request: dict[str, Any] | None = None) -> str:
     """The body of the generate task, outside Celery so that it can be tested and reused.
-    Returns the job's final state."""
-    from engine.request import EngineError, EngineOutOfMemoryError
+    Returns the job's final state, or why this message was skipped.
+
+    Redis errors propagate after the client's retries: nothing false is stored then, and the
+    job comes back through the sweeper (its lease lapses, or its message is seen missing).
+    """
+    store = runtime.store
+    token = uuid.uuid4().hex
+    started = store.start(job_id, batch_id, runtime.worker_name, runtime.gpu_label, token,
+                          runtime.config.redis.lease_s)
+    if not started.runnable:
+        # Cancelled while queued, finished already, running under another worker's live
+        # lease (a duplicate message), or expired.
+        log.info("job %s: %s, message skipped", job_id, started.previous)
+        return started.previous
+    runtime.leases.hold(job_id, token)
+    try:
+        request = started.request if started.request is not None else message_request
+        return _run_held(runtime, job_id, batch_id, request)
+    finally:
+        runtime.leases.release(job_id)
+
+
+def _run_held(runtime: Any, job_id: str, batch_id: str,
+              request: dict[str, Any] | None) -> str:
+    from engine.request import EngineError, EngineOutOfMemoryError, EngineShutDownError
 
     store = runtime.store
-    priority = request.get("priority", keys.QUEUE_LOW)
+    priority = (request or {}).get("priority", keys.QUEUE_LOW)
 
     def finish(state: str, payload: dict[str, Any], tokens: int = 0,
                seconds: float | None = None) -> str:
@@ -61,11 +91,9 @@ def run_job(runtime: Any, job_id: str, batch_id: str, request: dict[str, Any]) -
             log.info("job %s: finished elsewhere first; this outcome is dropped", job_id)
         return state
 
-    previous = store.start(job_id, batch_id, runtime.worker_name, runtime.gpu_label)
-    if previous in keys.TERMINAL_STATES:
-        # Cancelled while queued, or a redelivery of a job that already finished.
-        log.info("job %s: %s already, skipped", job_id, previous)
-        return previous
+    if request is None:
+        return finish("failed", {"type": "invalid_request",
+                                 "message": "the job's record holds no request"})
     limits = runtime.config.limits
     try:
         engine_request = build_request(job_id, request, limits.default_max_tokens)
@@ -77,21 +105,20 @@ def run_job(runtime: Any, job_id: str, batch_id: str, request: dict[str, Any]) -
     except InvalidJobError as err:
         return finish("failed", {"type": "invalid_request", "message": str(err)})
 
-    future = runtime.engine.submit(engine_request)
     try:
-        while True:
-            try:
-                completion = future.result(timeout=runtime.config.cancel_poll_s)
-                break
-            except FutureTimeout:
-                if store.is_cancelled(batch_id):
-                    runtime.engine.cancel(job_id)
+        completion = runtime.engine.submit(engine_request).result()
+    except EngineShutDownError as err:
+        raise WorkerFaultError(f"job {job_id}: {err}") from err
     except EngineOutOfMemoryError as err:
         return finish("failed", {"type": "out_of_memory", "message": str(err)})
     except EngineError as err:
         return finish("failed", {"type": "engine_error", "message": str(err)})
 
     if completion.finish_reason == "cancelled":
+        if runtime.leases.was_lost(job_id):
+            # Stopped here because another worker holds it now; that one finishes it.
+            log.info("job %s: stopped, taken over elsewhere", job_id)
+            return "lost"
         return finish("cancelled", {"type": "cancelled",
                                     "message": "the batch was cancelled while the job ran"})
     result = completion.to_dict()
@@ -104,9 +131,11 @@ def register(app: Celery) -> None:
 
     @app.task(name=keys.TASK_GENERATE, bind=True, acks_late=True, reject_on_worker_lost=True,
               ignore_result=True)
-    def generate(self: Task, job_id: str, batch_id: str, request: dict[str, Any]) -> str:
+    def generate(self: Task, job_id: str, batch_id: str,
+                 request: dict[str, Any] | None = None) -> str:
         runtime = getattr(self.app, "tideq_runtime", None)
         if runtime is None:
             # Not a tideq worker (no engine here): give the message back for one that is.
             raise Reject("this worker has no engine loaded", requeue=True)
+        # `request` is carried only by messages of producers older than the job's record.
         return run_job(runtime, job_id, batch_id, request)

@@ -5,7 +5,15 @@ Redis layout (all keys carry the deployment's TTL once written):
                                         counters "<priority>:<state>" kept by jobs' transitions
     tideq:batch:<batch_id>:jobs   list  job ids in input order
     tideq:job:<job_id>            hash  state, priority, line, custom_id, result (JSON), ...
-    tideq:workers                 hash  worker name -> heartbeat JSON (for status/metrics)
+    tideq:pending:<queue>         zset  job id -> enqueue sequence, while its message should be
+                                        in <queue> (the sweeper finds lost messages with it)
+    tideq:leases                  zset  job id -> lease expiry (epoch s) of each running job
+    tideq:seq                     str   the enqueue sequence counter
+    tideq:sweep:suspects          hash  job id -> when its message was first seen missing
+    tideq:sweep:lock              str   held by the worker sweeping now (expires)
+
+The job, batch and batch-jobs keys carry the deployment's TTL, renewed by every result; the
+shared keys above have none and the sweeper drops entries of jobs that are gone.
 """
 
 from __future__ import annotations
@@ -47,4 +55,11 @@ def counter_field(priority: str, state: str) -> str:
     return f"{priority}:{state}"
 
 
-WORKERS_KEY: Final = f"{PREFIX}:workers"
+def pending_key(queue: str) -> str:
+    return f"{PREFIX}:pending:{queue}"
+
+
+LEASES_KEY: Final = f"{PREFIX}:leases"
+SEQ_KEY: Final = f"{PREFIX}:seq"
+SUSPECTS_KEY: Final = f"{PREFIX}:sweep:suspects"
+SWEEP_LOCK_KEY: Final = f"{PREFIX}:sweep:lock"

@@ -5,6 +5,13 @@ A job moves queued -> running -> done | failed, or queued -> cancelled (also run
 cancelled). Terminal states are final: a second finish of the same job (a redelivered message
 that raced the first) changes nothing and reports so. Each batch keeps counters
 "<priority>:<state>" of its jobs, updated by the same scripts.
+
+The records, not the Celery messages, are the truth about a job. A running job holds a lease
+that its worker renews; a job whose lease lapsed (its worker died) or whose message vanished
+(kombu pops a message before it records it as unacknowledged) is put back in its queue by the
+sweeper (tasks/sweeper.py), and a message for a job that is already running under a live lease
+or finished is skipped. So any number of messages for a job run it once at a time and finish
+it exactly once.
 """
 
 from __future__ import annotations
@@ -19,24 +26,27 @@ import redis
 
 from tasks import keys
 
-# KEYS: batch, batch_jobs, queue, job_1..job_n
-# ARGV: ttl, priority, now, batch_id, then per job 5 values: job_id, line, custom_id ('' = none),
-#       endpoint ('' = plain prompt/messages line; else the OpenAI batch url), message
+# KEYS: batch, batch_jobs, queue, pending (of queue), seq, job_1..job_n
+# ARGV: ttl, priority, now, batch_id, then per job 6 values: job_id, line, custom_id ('' = none),
+#       endpoint ('' = plain prompt/messages line; else the OpenAI batch url), request JSON,
+#       message
 _ENQUEUE = """
 local ttl = tonumber(ARGV[1])
 local priority = ARGV[2]
 local now = ARGV[3]
 local added = 0
-for i = 4, #KEYS do
-  local a = 5 + (i - 4) * 5
+for i = 6, #KEYS do
+  local a = 5 + (i - 6) * 6
   local job = KEYS[i]
   if redis.call('HSETNX', job, 'state', 'queued') == 1 then
+    local seq = redis.call('INCR', KEYS[5])
     redis.call('HSET', job, 'batch_id', ARGV[4], 'priority', priority,
                'line', ARGV[a + 1], 'custom_id', ARGV[a + 2], 'endpoint', ARGV[a + 3],
-               'submitted_at', now)
+               'request', ARGV[a + 4], 'submitted_at', now, 'seq', seq)
     redis.call('EXPIRE', job, ttl)
     redis.call('RPUSH', KEYS[2], ARGV[a])
-    redis.call('LPUSH', KEYS[3], ARGV[a + 4])
+    redis.call('ZADD', KEYS[4], seq, ARGV[a])
+    redis.call('LPUSH', KEYS[3], ARGV[a + 5])
     added = added + 1
   end
 end
@@ -50,34 +60,73 @@ redis.call('EXPIRE', KEYS[2], ttl)
 return added
 """
 
-# KEYS: job, batch.  ARGV: worker, gpu, now, ttl
-# Returns the job's state before the call; 'missing' if the record is gone (expired).
+# KEYS: job, batch, leases, pending_high, pending_low.
+# ARGV: job_id, worker, gpu, now, ttl, token (this delivery's), lease seconds
+# Leases are in Redis's own clock (TIME), so workers' clocks need not agree.
+# Returns {state before the call, request JSON}. 'missing': no record (expired); 'busy': running
+# under a live lease held by another delivery (this message is a duplicate). Only a 'queued'
+# or a 'running' whose lease lapsed (its worker is gone) is taken; the caller runs it then.
 _START = """
+local t = redis.call('TIME')
+local clock = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 'missing' end
+if not state then return {'missing', false} end
 if state == 'queued' then
   local priority = redis.call('HGET', KEYS[1], 'priority')
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
   if redis.call('HGET', KEYS[2], 'cancelled') == '1' then
-    redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[3])
+    redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[4])
     redis.call('HINCRBY', KEYS[2], priority .. ':queued', -1)
     redis.call('HINCRBY', KEYS[2], priority .. ':cancelled', 1)
-    return 'cancelled'
+    return {'cancelled', false}
   end
-  redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'gpu', ARGV[2],
-             'started_at', ARGV[3])
   redis.call('HINCRBY', KEYS[2], priority .. ':queued', -1)
   redis.call('HINCRBY', KEYS[2], priority .. ':running', 1)
 elseif state == 'running' then
-  -- Redelivered after its worker was lost: run it again here.
-  redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'gpu', ARGV[2], 'started_at', ARGV[3])
-  redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+  if redis.call('HGET', KEYS[1], 'token') ~= ARGV[6] then
+    local lease = redis.call('ZSCORE', KEYS[3], ARGV[1])
+    if lease and tonumber(lease) > clock then return {'busy', false} end
+    -- Its worker is gone (the lease lapsed): run it again here.
+    redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+  end
+else
+  return {state, false}
 end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-return state
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2], 'gpu', ARGV[3],
+           'started_at', ARGV[4], 'token', ARGV[6])
+redis.call('ZADD', KEYS[3], clock + tonumber(ARGV[7]), ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+return {state, redis.call('HGET', KEYS[1], 'request') or false}
 """
 
-# KEYS: job, batch.  ARGV: new state, field, value (result JSON or error), now, ttl, tokens
-# Returns 1 if this call finished the job, 0 if it was already terminal.
+# KEYS: leases.  ARGV: lease seconds, job key prefix, batch key prefix, then (job_id, token) pairs
+# Renews the leases this worker holds. Returns {cancelled, lost}: jobs whose batch was
+# cancelled, and jobs no longer this delivery's (finished or taken over elsewhere, or gone).
+_RENEW = """
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[1])
+local cancelled, lost = {}, {}
+for i = 4, #ARGV, 2 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  local job = ARGV[2] .. id
+  local fields = redis.call('HMGET', job, 'state', 'token', 'batch_id')
+  if fields[1] == 'running' and fields[2] == token then
+    redis.call('ZADD', KEYS[1], expiry, id)
+    if redis.call('HGET', ARGV[3] .. fields[3], 'cancelled') == '1' then
+      cancelled[#cancelled + 1] = id
+    end
+  else
+    lost[#lost + 1] = id
+  end
+end
+return {cancelled, lost}
+"""
+
+# KEYS: job, batch, batch_jobs, leases, pending_high, pending_low.
+# ARGV: new state, field, value (result JSON or error), now, ttl, tokens, job_id
+# Returns 1 if this call finished the job, 0 if it was already terminal. Every key of the
+# batch then lives as long as its newest result.
 _FINISH = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'done' or state == 'failed' or state == 'cancelled' then return 0 end
@@ -88,8 +137,44 @@ if state then
 end
 redis.call('HINCRBY', KEYS[2], priority .. ':' .. ARGV[1], 1)
 redis.call('HINCRBY', KEYS[2], 'completion_tokens', tonumber(ARGV[6]))
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
+redis.call('ZREM', KEYS[4], ARGV[7])
+redis.call('ZREM', KEYS[5], ARGV[7])
+redis.call('ZREM', KEYS[6], ARGV[7])
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[5])) end
+return 1
+"""
+
+# KEYS: job, batch, leases, pending (of its queue), queue, seq, suspects.
+# ARGV: job_id, message, why ('lease': its lease lapsed; 'lost': its message vanished)
+# Puts a job back in its queue with a fresh message, if it is still in the state that made
+# the sweeper choose it. Returns 1 if it did.
+_REQUEUE = """
+local t = redis.call('TIME')
+local clock = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local state = redis.call('HGET', KEYS[1], 'state')
+redis.call('HDEL', KEYS[7], ARGV[1])
+if ARGV[3] == 'lease' then
+  local lease = redis.call('ZSCORE', KEYS[3], ARGV[1])
+  if state ~= 'running' then
+    redis.call('ZREM', KEYS[3], ARGV[1])
+    return 0
+  end
+  if lease and tonumber(lease) > clock then return 0 end
+  local priority = redis.call('HGET', KEYS[1], 'priority')
+  redis.call('HINCRBY', KEYS[2], priority .. ':running', -1)
+  redis.call('HINCRBY', KEYS[2], priority .. ':queued', 1)
+  redis.call('HSET', KEYS[1], 'state', 'queued')
+  redis.call('HDEL', KEYS[1], 'token')
+  redis.call('ZREM', KEYS[3], ARGV[1])
+elseif state ~= 'queued' then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  return 0
+end
+local seq = redis.call('INCR', KEYS[6])
+redis.call('HSET', KEYS[1], 'seq', seq)
+redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+redis.call('ZADD', KEYS[4], seq, ARGV[1])
+redis.call('LPUSH', KEYS[5], ARGV[2])
 return 1
 """
 
@@ -115,12 +200,14 @@ return n
 
 @dataclass(frozen=True)
 class QueuedJob:
-    """One job ready to enqueue: its id, where it came from, and its Celery message (bytes)."""
+    """One job ready to enqueue: its id, where it came from, its Celery message (bytes) and its
+    request (JSON text), which the job's record keeps for the worker."""
 
     job_id: str
     line: int
     custom_id: str | None
     message: bytes
+    request: str = ""
     # The OpenAI batch url ("/v1/chat/completions", "/v1/completions") or None for plain lines.
     endpoint: str | None = None
 
@@ -138,24 +225,46 @@ class JobRecord:
     fields: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Started:
+    """What JobStore.start found. `previous` is the state before the call: 'queued', or
+    'running' when a lapsed job is taken over, is runnable; a terminal state, 'busy' (held by
+    a live delivery elsewhere) or 'missing' (no record) mean: skip this message."""
+
+    previous: str
+    request: dict[str, Any] | None
+
+    @property
+    def runnable(self) -> bool:
+        return self.previous in ("queued", "running")
+
+
 class UnknownBatchError(KeyError):
     """No such batch in Redis (never submitted, or its records expired)."""
 
 
 class JobStore:
-    """Job and batch records; shared by the producer and the workers."""
+    """Job and batch records; shared by the producer and the workers.
+
+    The client decides how Redis outages are met: tasks.redis_client.connect gives one that
+    retries through a restart (the workers' and the producer's)."""
 
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.client = client
         self.ttl_s = ttl_s
         self._enqueue = client.register_script(_ENQUEUE)
         self._start = client.register_script(_START)
+        self._renew = client.register_script(_RENEW)
         self._finish = client.register_script(_FINISH)
+        self._requeue = client.register_script(_REQUEUE)
         self._cancel = client.register_script(_CANCEL)
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int) -> JobStore:
-        return cls(redis.Redis.from_url(url, decode_responses=False), ttl_s)
+    def from_url(cls, url: str, ttl_s: int, outage_s: float = 60.0,
+                 max_connections: int | None = None) -> JobStore:
+        from tasks.redis_client import connect
+
+        return cls(connect(url, outage_s=outage_s, max_connections=max_connections), ttl_s)
 
     # --- producer side -------------------------------------------------------------------
     def enqueue(self, batch_id: str, priority: str, jobs: Sequence[QueuedJob]) -> int:
@@ -166,11 +275,13 @@ class JobStore:
         """
         if not jobs:
             return 0
-        keys_ = [keys.batch_key(batch_id), keys.batch_jobs_key(batch_id), priority]
+        keys_ = [keys.batch_key(batch_id), keys.batch_jobs_key(batch_id), priority,
+                 keys.pending_key(priority), keys.SEQ_KEY]
         keys_ += [keys.job_key(j.job_id) for j in jobs]
         args: list[Any] = [self.ttl_s, priority, f"{time.time():.6f}", batch_id]
         for j in jobs:
-            args += [j.job_id, j.line, j.custom_id or "", j.endpoint or "", j.message]
+            args += [j.job_id, j.line, j.custom_id or "", j.endpoint or "", j.request,
+                     j.message]
         return int(self._enqueue(keys=keys_, args=args))
 
     def cancel(self, batch_id: str) -> int:
@@ -227,14 +338,30 @@ class JobStore:
         return _record(job_id, raw) if raw else None
 
     # --- worker side ---------------------------------------------------------------------
-    def start(self, job_id: str, batch_id: str, worker: str, gpu: str) -> str:
-        """Mark a job running; returns its previous state ('queued', 'running' when
-        redelivered, a terminal state when it must be skipped, or 'missing')."""
-        state = self._start(
-            keys=[keys.job_key(job_id), keys.batch_key(batch_id)],
-            args=[worker, gpu, f"{time.time():.6f}", self.ttl_s],
+    def start(self, job_id: str, batch_id: str, worker: str, gpu: str, token: str,
+              lease_s: float) -> Started:
+        """Take a job for this delivery (token) under a lease of lease_s seconds, and read its
+        request in the same round trip. Retrying a call whose reply was lost is safe: the
+        same token finds the job already its own."""
+        now = time.time()
+        state, request = self._start(
+            keys=[keys.job_key(job_id), keys.batch_key(batch_id), keys.LEASES_KEY,
+                  keys.pending_key(keys.QUEUE_HIGH), keys.pending_key(keys.QUEUE_LOW)],
+            args=[job_id, worker, gpu, f"{now:.6f}", self.ttl_s, token, lease_s],
         )
-        return state.decode() if isinstance(state, bytes) else str(state)
+        return Started(_text(state), json.loads(request) if request else None)
+
+    def renew(self, holds: Mapping[str, str], lease_s: float) -> tuple[list[str], list[str]]:
+        """Renew the leases of the jobs this worker runs ({job_id: token}). Returns the ids
+        whose batch was cancelled and those no longer held here (finished or taken over
+        elsewhere): both should be stopped in the engine."""
+        if not holds:
+            return [], []
+        args: list[Any] = [lease_s, keys.job_key(""), keys.batch_key("")]
+        for job_id, token in holds.items():
+            args += [job_id, token]
+        cancelled, lost = self._renew(keys=[keys.LEASES_KEY], args=args)
+        return [_text(x) for x in cancelled], [_text(x) for x in lost]
 
     def finish(
         self,
@@ -250,11 +377,31 @@ class JobStore:
             raise ValueError(f"not a terminal state: {state}")
         field = "result" if state == "done" else "error"
         done = self._finish(
-            keys=[keys.job_key(job_id), keys.batch_key(batch_id)],
+            keys=[keys.job_key(job_id), keys.batch_key(batch_id), keys.batch_jobs_key(batch_id),
+                  keys.LEASES_KEY, keys.pending_key(keys.QUEUE_HIGH),
+                  keys.pending_key(keys.QUEUE_LOW)],
             args=[state, field, json.dumps(payload), f"{time.time():.6f}", self.ttl_s,
-                  completion_tokens],
+                  completion_tokens, job_id],
         )
         return bool(done)
+
+    # --- the sweeper ---------------------------------------------------------------------
+    def clock(self) -> float:
+        """Redis's time (epoch seconds), the clock that leases are measured in."""
+        seconds, micros = self.client.time()
+        return float(seconds) + micros / 1e6
+
+    def requeue(self, job_id: str, batch_id: str, priority: str, message: bytes,
+                why: str) -> bool:
+        """Put a job back in its queue with a new message: why='lease' if it is still running
+        under a lapsed lease, why='lost' if it is still queued (its message vanished)."""
+        if priority not in keys.QUEUES:
+            raise ValueError(f"job {job_id}: unknown priority {priority!r}")
+        return bool(self._requeue(
+            keys=[keys.job_key(job_id), keys.batch_key(batch_id), keys.LEASES_KEY,
+                  keys.pending_key(priority), priority, keys.SEQ_KEY, keys.SUSPECTS_KEY],
+            args=[job_id, message, why],
+        ))
 
 
 def _text(value: bytes | str) -> str:

@@ -11,13 +11,16 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, signals
 
 from tasks.config import ConfigError, DeploymentConfig, config_source
+from tasks.leases import LeaseKeeper
 from tasks.store import JobStore
+from tasks.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,8 @@ GPUS_ENV = "TIDEQ_GPUS"
 # Pools that keep the engine in this process (module names of celery.concurrency). prefork
 # would fork after CUDA is initialised.
 _POOLS_OK = ("thread", "solo")
+# Redis connections beyond one per task thread (the lease keeper, Celery's own use).
+_SPARE_CONNECTIONS = 4
 
 
 @dataclass
@@ -38,6 +43,7 @@ class WorkerRuntime:
     worker_name: str
     gpu_label: str
     model_name: str
+    leases: LeaseKeeper
     metrics: Any = None
 
 
@@ -88,8 +94,9 @@ def engine_config_for(config: DeploymentConfig) -> Any:
 
 
 def build_runtime(config: DeploymentConfig, worker_name: str,
-                  gpus: str | None = None) -> WorkerRuntime:
-    """Pin, build the checkpoint if the demo asks for it, load the engine."""
+                  gpus: str | None = None, threads: int | None = None) -> WorkerRuntime:
+    """Pin, build the checkpoint if the demo asks for it, load the engine, start the lease
+    keeper. `threads`: the task threads actually started (-c overrides num_workers)."""
     gpu_label = pin_gpu_group(config, gpus)
     import torch
 
@@ -112,7 +119,13 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
     from engine.engine import Engine
 
     engine = Engine(engine_config_for(config))
-    store = JobStore.from_url(config.redis.url, config.redis.result_ttl_s)
+    # One pooled connection per task thread, plus the lease keeper's and a few spare: a thread
+    # that finds them all busy waits for one rather than failing its job.
+    threads = max(threads or 0, config.num_workers)
+    store = JobStore.from_url(config.redis.url, config.redis.result_ttl_s,
+                              outage_s=config.redis.outage_s,
+                              max_connections=threads + _SPARE_CONNECTIONS)
+    leases = start_lease_keeper(config, store, engine.cancel, worker_name)
     from tasks.metrics import WorkerMetrics
 
     metrics = WorkerMetrics(engine)
@@ -121,7 +134,21 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
     log.info("worker %s ready: model %s on %s, backend stats %s", worker_name,
              config.model.path, gpu_label, engine.backend.stats())
     return WorkerRuntime(config, engine, store, worker_name, gpu_label,
-                         os.path.basename(os.path.normpath(config.model.path)), metrics)
+                         os.path.basename(os.path.normpath(config.model.path)), leases,
+                         metrics)
+
+
+def start_lease_keeper(config: DeploymentConfig, store: JobStore,
+                       stop_job: Callable[[str], None], worker_name: str) -> LeaseKeeper:
+    """The thread that renews this worker's leases, stops cancelled jobs and sweeps."""
+    lease_s = config.redis.lease_s
+    sweeper = Sweeper(store, lease_s=lease_s, grace_s=config.redis.sweep_interval_s,
+                      owner=worker_name)
+    keeper = LeaseKeeper(store, lease_s=lease_s, beat_s=min(config.cancel_poll_s, lease_s / 3),
+                         stop_job=stop_job, sweeper=sweeper,
+                         sweep_s=config.redis.sweep_interval_s)
+    keeper.start()
+    return keeper
 
 
 def connect_signals(app: Celery) -> None:
@@ -139,7 +166,9 @@ def connect_signals(app: Celery) -> None:
         name = getattr(sender, "hostname", None) or socket.gethostname()
         try:
             gpus = (getattr(sender, "options", None) or {}).get("gpus")
-            runtime = build_runtime(getattr(app, "tideq_config"), name, gpus)  # noqa: B009
+            threads = getattr(sender, "concurrency", None)
+            runtime = build_runtime(getattr(app, "tideq_config"), name, gpus,  # noqa: B009
+                                    threads if isinstance(threads, int) else None)
             setattr(app, "tideq_runtime", runtime)  # noqa: B010
         except Exception as err:
             # Celery logs and swallows a signal handler's exception; a worker without an engine
@@ -151,4 +180,7 @@ def connect_signals(app: Celery) -> None:
     def _stop(sender: Any = None, **_: Any) -> None:
         runtime = getattr(app, "tideq_runtime", None)
         if runtime is not None and getattr(sender, "app", None) is app:
+            # The task threads have drained by now (warm shutdown); the leases were renewed
+            # until the last of them finished.
             runtime.engine.shutdown()
+            runtime.leases.stop()

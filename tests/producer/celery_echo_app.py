@@ -6,14 +6,15 @@ producer's hand-built messages, and answers every job with its own kwargs.
 
 The task is registered under tideq's real task name and stores its result through JobStore,
 as the real worker does, so the producer's wait/results see it like any finished job. Its text
-is the JSON of the kwargs it was called with (sorted keys), for the test to compare.
+is the JSON of its kwargs and of the request its record holds (sorted keys), for the test to
+compare.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import uuid
 
 from celery import Celery
 from kombu import Queue
@@ -23,6 +24,7 @@ from tasks.store import JobStore
 
 REDIS_URL = os.environ["TIDEQ_REDIS_URL"]
 RESULT_TTL_S = 600  # long enough for any test
+LEASE_S = 60.0
 
 app = Celery("tideq-echo", broker=REDIS_URL)
 app.conf.update(
@@ -39,10 +41,12 @@ store = JobStore.from_url(REDIS_URL, RESULT_TTL_S)
 
 
 @app.task(name=keys.TASK_GENERATE)
-def generate(job_id: str, batch_id: str, request: dict[str, Any]) -> str:
-    """Echo: the job's text is the JSON of the kwargs the task received."""
-    if store.start(job_id, batch_id, "echo", "cpu") in keys.TERMINAL_STATES:
+def generate(job_id: str, batch_id: str) -> str:
+    """Echo: the job's text is the JSON of its kwargs and the request its record holds."""
+    started = store.start(job_id, batch_id, "echo", "cpu", uuid.uuid4().hex, LEASE_S)
+    if not started.runnable:
         return "skipped"
+    request = started.request
     text = json.dumps({"job_id": job_id, "batch_id": batch_id, "request": request},
                       sort_keys=True)
     completion_tokens = len(text.split())

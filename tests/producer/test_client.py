@@ -14,8 +14,8 @@ import redis
 
 from producer import FileChangedError, Producer, UnknownBatchError, WaitTimeoutError
 from producer.cli import main
-from producer.messages import decode
 from tasks import keys
+from tasks.messages import decode
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -31,7 +31,7 @@ def finish(producer: Producer, batch_id: str, job: str, state: str = "done",
            text: str = "out", tokens: int = 3) -> None:
     """Play the worker: start the job, then finish it."""
     job_id = f"{batch_id}:{job}"
-    producer.store.start(job_id, batch_id, "w0", "0")
+    producer.store.start(job_id, batch_id, "w0", "0", "t-" + job_id, 60)
     if state == "done":
         producer.store.finish(job_id, batch_id, "done", result(text, tokens), tokens)
     else:
@@ -66,7 +66,10 @@ def test_submit_records_and_enqueues(producer: Producer, rdb: redis.Redis, mixed
     envelope, (args, kwargs, _) = decode(rdb.lindex("high", -1))  # type: ignore[arg-type]
     assert envelope["headers"]["id"] == f"{b}:L1"
     assert kwargs["job_id"] == f"{b}:L1" and kwargs["batch_id"] == b
-    assert kwargs["request"]["priority"] == "high"
+    # The request lives in the job's record; the message names the job only.
+    assert set(kwargs) == {"job_id", "batch_id"}
+    record = producer.store.job(f"{b}:L1")
+    assert record is not None and json.loads(record.fields["request"])["priority"] == "high"
     assert producer.status(b).by_priority["high"]["queued"] == 4
 
 
@@ -87,7 +90,8 @@ def test_chunks_keep_input_order(producer: Producer, rdb: redis.Redis,
     report = producer.submit(path)
     assert report.new == 10
     assert [r.line for r in producer.store.iter_jobs(report.batch_id)] == list(range(1, 11))
-    consumed = [decode(m)[1][1]["request"]["prompt"]
+    consumed = [json.loads(producer.store.job(decode(m)[1][1]["job_id"])  # type: ignore[union-attr]
+                           .fields["request"])["prompt"]
                 for m in reversed(rdb.lrange("low", 0, -1))]
     assert consumed == [f"p{i}" for i in range(10)]
 
@@ -109,7 +113,7 @@ def test_status_counts(producer: Producer, mixed: Path) -> None:
     b = producer.submit(mixed).batch_id
     finish(producer, b, "L1", tokens=5)
     finish(producer, b, "m1", state="failed")
-    producer.store.start(f"{b}:chat1", b, "w0", "0")
+    producer.store.start(f"{b}:chat1", b, "w0", "0", "t", 60)
     status = producer.status(b)
     assert status.by_priority["low"] == {"queued": 1, "running": 1, "done": 1, "failed": 1,
                                          "cancelled": 0}
@@ -152,7 +156,7 @@ def test_wait_timeout_says_how_far(producer: Producer, mixed: Path) -> None:
 def test_cancel(producer: Producer, mixed: Path) -> None:
     b = producer.submit(mixed).batch_id
     finish(producer, b, "L1")
-    producer.store.start(f"{b}:m1", b, "w0", "0")
+    producer.store.start(f"{b}:m1", b, "w0", "0", "t", 60)
     assert producer.cancel(b) == 2
     status = producer.status(b)
     assert status.cancelled and status.count("cancelled") == 2

@@ -18,8 +18,8 @@ from kombu import Queue
 
 from producer import Producer
 from producer.cli import main
-from producer.messages import MessageBuilder, decode, job_kwargs
 from tasks import keys
+from tasks.messages import MessageBuilder, decode, job_kwargs
 
 # Fields that differ between any two messages, or between two senders by design: the
 # delivery tag (a fresh uuid), reply_to (apply_async's per-thread oid; unused, results do not
@@ -59,7 +59,7 @@ def stable(envelope: dict[str, Any]) -> dict[str, Any]:
 def test_envelope_matches_what_celery_publishes(celery_app: Celery, rdb: redis.Redis,
                                                 queue: str) -> None:
     job_id, batch_id = "b-test:c-1", "b-test"
-    kwargs = job_kwargs(job_id, batch_id, REQUEST)
+    kwargs = {**job_kwargs(job_id, batch_id), "request": REQUEST}
     celery_app.send_task(keys.TASK_GENERATE, args=[], kwargs=kwargs, task_id=job_id,
                          queue=queue)
     assert rdb.llen(queue) == 1
@@ -77,7 +77,7 @@ def test_envelope_matches_what_celery_publishes(celery_app: Celery, rdb: redis.R
 
 
 def test_headers_match_as_task_v2(celery_app: Celery) -> None:
-    kwargs = job_kwargs("b:L1", "b", REQUEST)
+    kwargs = {**job_kwargs("b:L1", "b"), "request": REQUEST}
     message = celery_app.amqp.as_task_v2("b:L1", keys.TASK_GENERATE, args=[], kwargs=kwargs,
                                          ignore_result=None)
     ours = MessageBuilder().envelope("b:L1", keys.QUEUE_LOW, kwargs)
@@ -90,7 +90,7 @@ def test_headers_match_as_task_v2(celery_app: Celery) -> None:
 
 def test_build_is_json_dumps_of_the_envelope() -> None:
     builder = MessageBuilder(origin='node "x"@host')
-    kwargs = job_kwargs("b:L2", "b", {**REQUEST, "prompt": "x" * 3000})
+    kwargs = {**job_kwargs("b:L2", "b"), "request": {**REQUEST, "prompt": "x" * 3000}}
     raw = builder.build("b:L2", keys.QUEUE_HIGH, kwargs)
     envelope, body = decode(raw)
     assert raw == json.dumps(envelope).encode()
@@ -110,7 +110,7 @@ def test_delivery_tags_are_unique_uuid4() -> None:
 
 
 def test_producer_never_imports_torch_or_engine() -> None:
-    code = ("import sys, producer, producer.cli, producer.messages, producer.formats;"
+    code = ("import sys, producer, producer.cli, tasks.messages, producer.formats;"
             " bad = [m for m in sys.modules if m == 'torch' or m.split('.')[0] == 'engine'];"
             " assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True,

@@ -3,7 +3,8 @@
 `apply_async` costs over a millisecond a job (routing, signals, a kombu Producer, one LPUSH
 round trip each); a 100,000-line file would take minutes. Instead the producer builds the exact
 envelope that kombu's Redis channel LPUSHes onto a queue list and hands whole chunks of them to
-JobStore.enqueue (one Lua call per chunk). The layout follows, field for field:
+JobStore.enqueue (one Lua call per chunk); the workers' sweeper builds the same messages to
+re-enqueue a job whose message was lost. The layout follows, field for field:
 
 - celery.app.amqp.AMQP.as_task_v2: task protocol 2 headers, and the body `[args, kwargs,
   embed]` serialised as JSON;
@@ -50,9 +51,14 @@ _UUID_BITS: Final = 128
 _SLOT = re.compile(r'"@@(\w+)@@"')
 
 
-def job_kwargs(job_id: str, batch_id: str, request: dict[str, Any]) -> dict[str, Any]:
-    """The task's keyword arguments (the message contract with the worker)."""
-    return {"job_id": job_id, "batch_id": batch_id, "request": request}
+def job_kwargs(job_id: str, batch_id: str) -> dict[str, Any]:
+    """The task's keyword arguments (the message contract with the worker).
+
+    The request itself lives in the job's record (tasks/store.py), which the worker reads in
+    the same round trip that starts the job: a message is then small, carries no prompt text
+    into Flower or the worker logs, and can be rebuilt from the job id alone when the sweeper
+    re-enqueues a job whose message was lost."""
+    return {"job_id": job_id, "batch_id": batch_id}
 
 
 def _kwargsrepr(kwargs: dict[str, Any]) -> str:
@@ -156,10 +162,9 @@ class MessageBuilder:
             out.append(parts[i + 1])
         return "".join(out).encode(CONTENT_ENCODING)
 
-    def job_message(self, job_id: str, batch_id: str, queue: str,
-                    request: dict[str, Any]) -> bytes:
+    def job_message(self, job_id: str, batch_id: str, queue: str) -> bytes:
         """One tideq.generate message: task id = job id, args [], kwargs per the contract."""
-        return self.build(job_id, queue, job_kwargs(job_id, batch_id, request))
+        return self.build(job_id, queue, job_kwargs(job_id, batch_id))
 
 
 def _encode_body(kwargs: dict[str, Any]) -> str:
