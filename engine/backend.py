@@ -54,6 +54,12 @@ class GenerationBackend(ABC):
     def has_unfinished(self) -> bool:
         """Whether any request is waiting or running."""
 
+    def last_step_request_ids(self) -> set[str] | None:
+        """The requests the last `step` call ran (also when it raised), or None when the
+        backend cannot tell. The front blames a failed step on these only; None blames every
+        request the backend holds."""
+        return None
+
     def stats(self) -> dict[str, Any]:
         """Counters for logs and metrics (running, waiting, cache use, ...)."""
         return {}

@@ -19,11 +19,19 @@ import torch
 
 from engine.backend import GenerationBackend, StepOutput
 from engine.config import EngineConfig
+from engine.recovery import (
+    MAX_OUT_OF_MEMORY,
+    MAX_STEP_FAILURES,
+    StepFailure,
+    free_device_memory,
+    out_of_memory_error,
+    repeated_failure_error,
+)
 from engine.request import (
     PRIORITY_RANK,
     Completion,
     EngineError,
-    EngineOutOfMemoryError,
+    EngineShutDownError,
     PromptTooLongError,
     Request,
 )
@@ -76,6 +84,17 @@ class _Live:
     # Stop-string search resumes from here (characters of decoded output already checked).
     stop_checked: int = 0
     text: str | None = None
+    # Failed steps this request ran in, and out-of-memory errors it met (engine/recovery.py).
+    step_failures: int = 0
+    out_of_memory: int = 0
+
+    def restart(self) -> None:
+        """Forget the output: the backend computes the request again from its prompt. The
+        time it was first scheduled stays (queued_s is the wait before any work)."""
+        self.output_ids = []
+        self.first_token_at = None
+        self.stop_checked = 0
+        self.text = None
 
 
 class Engine:
@@ -96,7 +115,11 @@ class Engine:
         self._wakeup = threading.Event()
         self._stopped = False
         self._live: dict[str, _Live] = {}
-        self._counters = {"requests": 0, "generated_tokens": 0, "steps": 0, "failed": 0}
+        self._counters = {
+            "requests": 0, "generated_tokens": 0, "steps": 0, "failed": 0,
+            # Failed steps the engine recovered from (engine/recovery.py).
+            "step_errors": 0, "out_of_memory": 0,
+        }
         self._thread = threading.Thread(target=self._loop, name="tideq-engine", daemon=True)
         self._thread.start()
 
@@ -105,7 +128,7 @@ class Engine:
         """Queue a request; the future resolves to its Completion or raises an EngineError."""
         future: Future[Completion] = Future()
         if self._stopped:
-            future.set_exception(EngineError("engine is shut down"))
+            future.set_exception(EngineShutDownError("engine is shut down"))
             return future
         try:
             prompt_ids = self._prompt_token_ids(request)
@@ -164,29 +187,36 @@ class Engine:
     # --- the loop thread -------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopped:
-            self._drain_inbox()
-            if not self.backend.has_unfinished():
-                self._wakeup.wait(_IDLE_WAIT_S)
-                self._wakeup.clear()
-                continue
             try:
-                outputs = self.backend.step()
-            except torch.OutOfMemoryError as err:
-                # Nothing live can be trusted to finish; fail them all with a clear reason and
-                # keep serving (the next requests start from an empty cache).
-                self._fail_all(EngineOutOfMemoryError(f"device out of memory: {err}"))
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            except Exception as err:  # a bug or a device fault: report it on every future
+                self._iterate()
+            except Exception:  # a bug of the front itself; the loop must go on serving
+                log.exception("engine loop error; failing the live requests")
+                self._fail_all(EngineError("internal engine error; see the worker's log"))
+        self._drain_inbox()
+        self._fail_all(EngineShutDownError("engine is shut down"))
+
+    def _iterate(self) -> None:
+        self._drain_inbox()
+        if not self.backend.has_unfinished():
+            self._wakeup.wait(_IDLE_WAIT_S)
+            self._wakeup.clear()
+            return
+        try:
+            outputs = self.backend.step()
+        except Exception as err:
+            failure = StepFailure.of(err)
+            if failure.out_of_memory:
+                log.warning("engine step ran out of device memory: %s", failure.detail)
+            else:
                 log.exception("engine step failed")
-                self._fail_all(EngineError(f"engine step failed: {type(err).__name__}: {err}"))
-                continue
+        else:
             self._counters["steps"] += 1
             for out in outputs:
-                self._advance(out)
-        self._drain_inbox()
-        self._fail_all(EngineError("engine is shut down"))
+                self._advance_or_fail(out)
+            return
+        # Out of the except block, so that the exception (and the step's tensors its
+        # traceback holds) is gone before recovery frees device memory.
+        self._recover(failure)
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -199,13 +229,94 @@ class Engine:
                     continue
                 self._live[rid] = live
                 self._counters["requests"] += 1
-                self.backend.add_request(
-                    rid, live.prompt_token_ids, live.request.sampling,
-                    PRIORITY_RANK[live.request.priority],
-                )
+                self._admit(live)
             elif op == "abort" and item in self._live:
                 self.backend.abort_request(item)
                 self._finish(self._live[item], "cancelled")
+
+    def _admit(self, live: _Live) -> None:
+        """Hand a live request to the backend; one it refuses (a token outside the
+        vocabulary, more tokens than the KV cache holds, ...) fails alone."""
+        request = live.request
+        try:
+            self.backend.add_request(
+                request.request_id, live.prompt_token_ids, request.sampling,
+                PRIORITY_RANK[request.priority],
+            )
+        except Exception as err:
+            log.warning("request %s refused: %s: %s", request.request_id, type(err).__name__, err)
+            self._fail(live, _as_engine_error(request.request_id, err))
+
+    # --- when a step fails (engine/recovery.py has the policy) ------------------------------
+    def _recover(self, failure: StepFailure) -> None:
+        """Find the request at fault, fail it alone and re-admit the others from scratch.
+
+        The backend's state after a failed step is not trusted (a step may have raised
+        half-way), so every live request is aborted and re-admitted, in arrival order;
+        requests that arrived meanwhile wait in the inbox until recovery is done.
+        """
+        reported = self.backend.last_step_request_ids()
+        involved = [
+            live for rid, live in self._live.items() if reported is None or rid in reported
+        ] or list(self._live.values())  # no one named: blame everyone, or nothing would end
+        for rid in list(self._live):
+            self.backend.abort_request(rid)
+        if failure.out_of_memory:
+            self._counters["out_of_memory"] += 1
+            free_device_memory()
+        else:
+            self._counters["step_errors"] += 1
+        for live in involved:
+            self._blame(live, failure)
+        if not failure.out_of_memory:
+            for live in involved:
+                if live.request.request_id in self._live and not self._stopped:
+                    self._probe(live)
+        log.warning(
+            "engine recovered from a failed step (%s): %d request(s) ran in it; re-admitting"
+            " %d live request(s) from scratch",
+            failure.detail, len(involved), len(self._live),
+        )
+        for live in list(self._live.values()):
+            live.restart()
+            self._admit(live)
+
+    def _blame(self, live: _Live, failure: StepFailure) -> None:
+        """Count a failure against a request that ran in the failed step; fail it at its limit."""
+        rid = live.request.request_id
+        if failure.out_of_memory:
+            live.out_of_memory += 1
+            if live.out_of_memory >= MAX_OUT_OF_MEMORY:
+                log.warning("request %s fails: out of memory %d times", rid, live.out_of_memory)
+                self._fail(live, out_of_memory_error(rid, failure.detail))
+        else:
+            live.step_failures += 1
+            if live.step_failures >= MAX_STEP_FAILURES:
+                log.warning("request %s fails: in %d failed steps", rid, live.step_failures)
+                self._fail(live, repeated_failure_error(rid, live.step_failures, failure.detail))
+
+    def _probe(self, live: _Live) -> None:
+        """Run `live` alone for one step; if that raises, the request is at fault and fails.
+        The backend is left without it either way (survivors are re-admitted afterwards)."""
+        rid = live.request.request_id
+        try:
+            self.backend.add_request(
+                rid, live.prompt_token_ids, live.request.sampling,
+                PRIORITY_RANK[live.request.priority],
+            )
+            self.backend.step()
+        except Exception as err:
+            failure = StepFailure.of(err)
+        else:
+            self.backend.abort_request(rid)
+            return
+        self.backend.abort_request(rid)
+        log.warning("request %s fails alone in a step: %s", rid, failure.detail)
+        if failure.out_of_memory:
+            free_device_memory()
+            self._blame(live, failure)
+        else:
+            self._fail(live, _as_engine_error(rid, failure))
 
     def _advance(self, out: StepOutput) -> None:
         live = self._live.get(out.request_id)
@@ -264,10 +375,36 @@ class Engine:
         with self._tokenizer_lock:
             return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
+    def _advance_or_fail(self, out: StepOutput) -> None:
+        """`_advance`, where an error (say, in detokenising) fails only this request."""
+        try:
+            self._advance(out)
+        except Exception as err:
+            log.exception("request %s: handling its step output failed", out.request_id)
+            live = self._live.get(out.request_id)
+            if live is not None:
+                self.backend.abort_request(out.request_id)
+                self._fail(live, _as_engine_error(out.request_id, err))
+
+    def _fail(self, live: _Live, error: EngineError) -> None:
+        """Resolve one request with `error`; the caller has taken it out of the backend."""
+        self._live.pop(live.request.request_id, None)
+        if not live.future.done():
+            live.future.set_exception(error)
+        self._counters["failed"] += 1
+
     def _fail_all(self, error: EngineError) -> None:
         for rid, live in list(self._live.items()):
-            self.backend.abort_request(rid)
-            if not live.future.done():
-                live.future.set_exception(error)
-            self._counters["failed"] += 1
-        self._live.clear()
+            try:
+                self.backend.abort_request(rid)
+            except Exception:  # the last resort must not raise in its turn
+                log.exception("request %s: abort failed", rid)
+            self._fail(live, error)
+
+
+def _as_engine_error(request_id: str, err: BaseException | StepFailure) -> EngineError:
+    """An EngineError as it is (it names the request already); anything else wrapped."""
+    if isinstance(err, EngineError):
+        return err
+    detail = err.detail if isinstance(err, StepFailure) else f"{type(err).__name__}: {err}"
+    return EngineError(f"request {request_id}: engine step failed: {detail}")

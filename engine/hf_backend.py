@@ -86,6 +86,7 @@ class HFBackend(GenerationBackend):
         self._mask: torch.Tensor | None = None  # [B, T] 1 = real token
         self._last: torch.Tensor | None = None  # [B] last sampled token per row
         self._generated_total = 0
+        self._last_step_ids: set[str] | None = None
         log.info("hf backend: %s on %s (%s)", config.model_path, self.device, config.dtype)
 
     def add_request(
@@ -113,10 +114,15 @@ class HFBackend(GenerationBackend):
             "generated_tokens": self._generated_total,
         }
 
+    def last_step_request_ids(self) -> set[str] | None:
+        return self._last_step_ids
+
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        self._last_step_ids = None
         if not any(not r.finished for r in self._rows):
             return self._start_batch()
+        self._last_step_ids = {r.request_id for r in self._rows if not r.finished}
         return self._decode()
 
     def _start_batch(self) -> list[StepOutput]:
@@ -125,6 +131,7 @@ class HFBackend(GenerationBackend):
         self._waiting = self._waiting[len(batch) :]
         if not batch:
             return []
+        self._last_step_ids = {w.request_id for w in batch}
         width = max(len(w.prompt_token_ids) for w in batch)
         ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)  # [B, T]
         mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]

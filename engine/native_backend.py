@@ -21,7 +21,7 @@ from engine.config import EngineConfig
 from engine.kv_cache import BlockManager
 from engine.models import ARCHITECTURES
 from engine.parallel import ParallelGroup
-from engine.request import EngineError, EngineOutOfMemoryError, PromptTooLongError, SamplingParams
+from engine.request import EngineError, PromptTooLongError, SamplingParams
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -126,6 +126,7 @@ class NativeBackend(GenerationBackend):
             max_model_len=self.max_model_len,
             eos_token_ids=self.eos_token_ids,
         )
+        self._last_step_ids: set[str] | None = None
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, priority: int
@@ -150,17 +151,19 @@ class NativeBackend(GenerationBackend):
         self.scheduler.abort(request_id)
 
     def step(self) -> list[StepOutput]:
+        # Errors (torch.OutOfMemoryError included) go to the front, which isolates the request
+        # at fault and re-admits the others; it aborts every request first, which resets the
+        # scheduler's state of a step that never reached postprocess.
+        self._last_step_ids = None
         out = self.scheduler.schedule()
+        self._last_step_ids = {c.seq.seq_id for c in out.chunks}
         if out.is_empty:
             return []
-        try:
-            tokens = self.runner.execute(out)
-        except torch.OutOfMemoryError as exc:
-            raise EngineOutOfMemoryError(
-                "the device ran out of memory running a step; lower max_num_seqs "
-                "(batch_size_per_gpu), max_num_batched_tokens or the KV-cache share"
-            ) from exc
+        tokens = self.runner.execute(out)
         return self.scheduler.postprocess(out, tokens)
+
+    def last_step_request_ids(self) -> set[str] | None:
+        return self._last_step_ids
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

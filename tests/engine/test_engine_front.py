@@ -51,9 +51,20 @@ class ScriptedBackend(GenerationBackend):
         self.added: list[tuple[str, int]] = []
         self.aborted: list[str] = []
         self.fail_next: BaseException | None = None
+        # Raised by every step while set (an error that does not go away).
+        self.fail_always: BaseException | None = None
+        # Requests whose presence in a step makes it raise; requests add_request refuses;
+        # requests given a token id the tokenizer cannot decode.
+        self.poisoned: set[str] = set()
+        self.refused: set[str] = set()
+        self.undecodable: set[str] = set()
+        # Requests that make a step raise once they have produced this many tokens.
+        self.late_failure: dict[str, int] = {}
         self.step_sizes: list[int] = []
 
     def add_request(self, request_id, prompt_token_ids, sampling, priority):
+        if request_id in self.refused:
+            raise ValueError(f"{request_id} refused")
         self.live[request_id] = [0, sampling.max_tokens, priority]
         self.added.append((request_id, len(prompt_token_ids)))
 
@@ -68,11 +79,20 @@ class ScriptedBackend(GenerationBackend):
         if self.fail_next is not None:
             err, self.fail_next = self.fail_next, None
             raise err
+        if self.fail_always is not None:
+            raise self.fail_always
+        bad = sorted(self.poisoned & set(self.live)) + [
+            rid for rid, at in self.late_failure.items() if self.live.get(rid, [-1])[0] >= at
+        ]
+        if bad:
+            raise RuntimeError(f"poisoned {bad[0]}")
         self.step_sizes.append(len(self.live))
         outs = []
         for rid, state in list(self.live.items()):
             pos, max_tokens, _ = state
             token = ord(self.script[pos % len(self.script)])
+            if rid in self.undecodable:
+                token = -1
             state[0] += 1
             done = state[0] >= max_tokens
             if done:
@@ -166,21 +186,99 @@ def test_cancel_resolves_cancelled():
         engine.shutdown()
 
 
-def test_out_of_memory_fails_live_requests_and_the_engine_goes_on(engine_and_backend):
+def hold_steps(backend: ScriptedBackend) -> threading.Event:
+    """Make the backend's next step wait for the returned event, so that requests submitted
+    meanwhile share the step after it."""
+    gate = threading.Event()
+    original = backend.step
+    backend.step = lambda: (gate.wait(5), original())[1]  # type: ignore[method-assign]
+    return gate
+
+
+def test_out_of_memory_once_is_retried_from_scratch(engine_and_backend):
     engine, backend = engine_and_backend
     backend.fail_next = torch.OutOfMemoryError("CUDA out of memory (simulated)")
-    future = engine.submit(req("a", max_tokens=5))
-    with pytest.raises(EngineOutOfMemoryError, match="out of memory"):
-        future.result(5)
+    out = engine.submit(req("a", max_tokens=5)).result(5)
+    # The retry starts over: the text is whole, not the script shifted by a lost step.
+    assert (out.text, out.completion_tokens, out.finish_reason) == ("hello", 5, "length")
     assert "a" in backend.aborted
+    assert engine.stats()["out_of_memory"] == 1
+
+
+def test_out_of_memory_twice_fails_with_advice_and_the_engine_goes_on(engine_and_backend):
+    engine, backend = engine_and_backend
+    backend.fail_always = torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    futures = [engine.submit(req(rid, max_tokens=5)) for rid in ("a", "b")]
+    for future in futures:
+        with pytest.raises(EngineOutOfMemoryError) as info:
+            future.result(5)
+        message = str(info.value)
+        for setting in ("batch_size_per_gpu", "float16", "int8", "kv_cache_memory_fraction",
+                        "max_num_batched_tokens", "gpus_per_worker", "CUDA out of memory"):
+            assert setting in message
+    assert engine.stats()["out_of_memory"] == 2
+    backend.fail_always = None
+    assert engine.submit(req("c", max_tokens=2)).result(5).text == "he"
+
+
+def test_a_one_off_step_error_is_retried(engine_and_backend):
+    engine, backend = engine_and_backend
+    backend.fail_next = RuntimeError("boom")
+    out = engine.submit(req("a", max_tokens=5)).result(5)
+    assert (out.text, out.completion_tokens) == ("hello", 5)
+    assert engine.stats()["step_errors"] == 1 and engine.stats()["failed"] == 0
+
+
+def test_a_request_that_breaks_steps_fails_alone():
+    backend = ScriptedBackend()
+    backend.poisoned = {"bad"}
+    gate = hold_steps(backend)
+    engine = make_engine(backend)
+    try:
+        first = engine.submit(req("first", max_tokens=5))
+        rest = {rid: engine.submit(req(rid, max_tokens=4)) for rid in ("x", "bad", "y")}
+        gate.set()
+        with pytest.raises(EngineError, match="request bad: engine step failed: RuntimeError"):
+            rest["bad"].result(5)
+        assert first.result(5).text == "hello"
+        assert [rest[rid].result(5).text for rid in ("x", "y")] == ["hell", "hell"]
+        assert engine.stats()["failed"] == 1
+    finally:
+        engine.shutdown()
+
+
+def test_a_failure_no_probe_shows_fails_its_request_after_three_steps(engine_and_backend):
+    engine, backend = engine_and_backend
+    backend.late_failure = {"late": 3}  # its one-step probe passes every time
+    with pytest.raises(EngineError, match="request late: 3 engine steps failed.*poisoned late"):
+        engine.submit(req("late", max_tokens=5)).result(5)
+    assert engine.stats()["step_errors"] == 3
     assert engine.submit(req("b", max_tokens=2)).result(5).text == "he"
 
 
-def test_a_step_error_is_reported_on_the_futures(engine_and_backend):
+def test_a_refused_request_fails_alone(engine_and_backend):
     engine, backend = engine_and_backend
-    backend.fail_next = RuntimeError("boom")
-    with pytest.raises(EngineError, match="RuntimeError: boom"):
-        engine.submit(req("a", max_tokens=5)).result(5)
+    backend.refused = {"no"}
+    with pytest.raises(EngineError, match="no refused"):
+        engine.submit(req("no", max_tokens=2)).result(5)
+    assert engine.submit(req("yes", max_tokens=2)).result(5).text == "he"
+
+
+def test_an_error_handling_one_output_fails_only_that_request():
+    backend = ScriptedBackend()
+    backend.undecodable = {"bad"}
+    gate = hold_steps(backend)
+    engine = make_engine(backend)
+    try:
+        good = engine.submit(req("good", max_tokens=3))
+        bad = engine.submit(req("bad", max_tokens=3, stop=["x"]))
+        gate.set()
+        with pytest.raises(EngineError, match="request bad"):
+            bad.result(5)
+        assert good.result(5).text == "hel"
+        assert "bad" in backend.aborted
+    finally:
+        engine.shutdown()
 
 
 def test_duplicate_live_id_is_refused(engine_and_backend):

@@ -1,0 +1,162 @@
+"""Faults through the whole engine (front and native backend, tiny Llama on the CPU): a request
+that breaks a step fails alone, out-of-memory steps are retried, and the batch-mates' greedy
+outputs are those of an undisturbed run."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.native_backend import NativeBackend
+from engine.request import EngineError, EngineOutOfMemoryError, Request, SamplingParams
+from engine.scheduler import SchedulerOutput
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def engine_config(path: Path, **overrides: Any) -> EngineConfig:
+    settings: dict[str, Any] = dict(
+        dtype="float32", device="cpu", max_model_len=64, max_num_seqs=8, block_size=4,
+        backend="native",
+    )
+    settings.update(overrides)
+    return EngineConfig(model_path=str(path), **settings)
+
+
+class FaultyBackend(NativeBackend):
+    """The native backend, whose steps raise `error(request_id)` while they run a marked
+    request that has produced at least `from_token` tokens, `times` times (None: always)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.marked: set[str] = set()
+        self.from_token = 0
+        self.times: int | None = None
+        self.error: Callable[[str], Exception] = lambda rid: RuntimeError(f"poisoned {rid}")
+        self.raised = 0
+        execute = self.runner.execute
+
+        def guarded(out: SchedulerOutput) -> list[int]:
+            for chunk in out.chunks:
+                seq = chunk.seq
+                if (
+                    seq.seq_id in self.marked
+                    and seq.num_output_tokens >= self.from_token
+                    and (self.times is None or self.raised < self.times)
+                ):
+                    self.raised += 1
+                    raise self.error(seq.seq_id)
+            return execute(out)
+
+        self.runner.execute = guarded  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoint: Callable[[str], Path]) -> Path:
+    return checkpoint("llama")
+
+
+@pytest.fixture
+def faulty(llama: Path) -> Iterator[tuple[Engine, FaultyBackend]]:
+    config = engine_config(llama)
+    backend = FaultyBackend(config)
+    engine = Engine(config, backend=backend)
+    yield engine, backend
+    engine.shutdown()
+
+
+def requests(count: int, sampling: SamplingParams = GREEDY) -> list[Request]:
+    """r0, r1, ...: prompts of mixed lengths (shorter and longer than a block)."""
+    rng = random.Random(3)
+    lengths = [5, 17, 9, 26, 3]
+    return [
+        Request(
+            f"r{i}",
+            prompt_token_ids=[rng.randrange(4, 1000) for _ in range(lengths[i % len(lengths)])],
+            sampling=sampling,
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def clean_tokens(llama: Path) -> dict[str, list[int]]:
+    """Every request's greedy tokens from an undisturbed engine."""
+    engine = Engine(engine_config(llama))
+    try:
+        return {c.request_id: c.token_ids for c in engine.generate(requests(6))}
+    finally:
+        engine.shutdown()
+
+
+def submit_all(engine: Engine, batch: list[Request]) -> dict[str, Any]:
+    return {r.request_id: engine.submit(r) for r in batch}
+
+
+def test_a_request_that_breaks_its_step_fails_alone(
+    faulty: tuple[Engine, FaultyBackend], clean_tokens: dict[str, list[int]]
+) -> None:
+    engine, backend = faulty
+    backend.marked = {"r3"}
+    futures = submit_all(engine, requests(6))
+    with pytest.raises(EngineError, match="request r3: engine step failed: RuntimeError: poisoned"):
+        futures.pop("r3").result(60)
+    for rid, future in futures.items():
+        completion = future.result(60)
+        assert completion.token_ids == clean_tokens[rid], rid
+        assert completion.completion_tokens == GREEDY.max_tokens
+    stats = engine.stats()
+    assert stats["failed"] == 1 and stats["step_errors"] >= 1
+    assert stats["running"] == stats["waiting"] == 0
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_a_late_failure_fails_its_request_after_three_steps_and_serving_goes_on(
+    faulty: tuple[Engine, FaultyBackend], clean_tokens: dict[str, list[int]]
+) -> None:
+    """A failure from the request's 4th token on: its one-step probe passes, so it fails on
+    its third failed step, not in an endless retry."""
+    engine, backend = faulty
+    backend.marked = {"r1"}
+    backend.from_token = 3
+    batch = requests(2)
+    with pytest.raises(EngineError, match="request r1: 3 engine steps failed.*poisoned r1"):
+        engine.submit(batch[1]).result(60)
+    assert backend.raised == 3 and engine.stats()["step_errors"] == 3
+    assert engine.submit(batch[0]).result(60).token_ids == clean_tokens["r0"]
+
+
+def test_out_of_memory_once_is_retried(
+    faulty: tuple[Engine, FaultyBackend], clean_tokens: dict[str, list[int]]
+) -> None:
+    engine, backend = faulty
+    backend.marked = {f"r{i}" for i in range(6)}
+    backend.from_token = 2  # mid-decode, when the batch has tokens to lose
+    backend.times = 1
+    backend.error = lambda rid: torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    futures = submit_all(engine, requests(6))
+    for rid, future in futures.items():
+        assert future.result(60).token_ids == clean_tokens[rid], rid
+    assert engine.stats()["out_of_memory"] == 1 and engine.stats()["failed"] == 0
+
+
+def test_out_of_memory_again_fails_with_advice_then_serving_goes_on(
+    faulty: tuple[Engine, FaultyBackend], clean_tokens: dict[str, list[int]]
+) -> None:
+    engine, backend = faulty
+    batch = requests(3)
+    backend.marked = {"r0", "r1"}
+    backend.error = lambda rid: torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    futures = submit_all(engine, batch[:2])
+    for future in futures.values():
+        with pytest.raises(EngineOutOfMemoryError, match="batch_size_per_gpu.*gpus_per_worker"):
+            future.result(60)
+    assert engine.stats()["out_of_memory"] == 2
+    assert engine.submit(batch[2]).result(60).token_ids == clean_tokens["r2"]
