@@ -11,7 +11,8 @@ file name and line number. Parsing never touches Redis, so a whole file is check
 of it is enqueued.
 
 Numbers must be finite and within what the engine can take: temperature >= 0, top_p in (0, 1],
-top_k in 0..2**31-1, seed a signed 64-bit integer, max_tokens 1..limits.max_output_tokens.
+top_k in 0..2**31-1, seed in 0..2**63-1, max_tokens 1..limits.max_output_tokens: the ranges
+engine.request.SamplingParams accepts, so that a line that passes here cannot fail in a worker.
 (Python's json reads Infinity, NaN and 1e400 as floats; they are refused here, not in a worker.)
 A line may nest at most MAX_JSON_DEPTH arrays/objects deep.
 """
@@ -31,11 +32,10 @@ ENDPOINTS: Final = (ENDPOINT_CHAT, ENDPOINT_COMPLETIONS)
 
 Role = Literal["system", "user", "assistant"]
 
-# A seed must fit a signed 64-bit integer (what a torch generator's seed accepts).
-SEED_MIN: Final = -(2**63)
+# The engine's bounds (engine.request, which the producer does not import): a seed is a
+# non-negative 64-bit integer; top_k reaches torch as a 32-bit integer at most (0: no cut-off).
+SEED_MIN: Final = 0
 SEED_MAX: Final = 2**63 - 1
-# top_k: 0 means no cut-off; the cap, far above any vocabulary, keeps the engine's integer
-# tensor of top-k values from overflowing on an arbitrary JSON integer.
 TOP_K_MAX: Final = 2**31 - 1
 # Arrays/objects a line may nest. The formats need 5 (an OpenAI batch line's body, messages, a
 # message, its content parts, a part); anything deeper is refused before it is recursed into,

@@ -11,7 +11,14 @@ import pytest
 import redis
 
 from producer import InvalidFileError, Producer
-from producer.formats import MAX_JSON_DEPTH, SEED_MAX, SEED_MIN, TOP_K_MAX, LineInvalid, LineParser
+from producer.formats import (
+    MAX_JSON_DEPTH,
+    SEED_MAX,
+    SEED_MIN,
+    TOP_K_MAX,
+    LineInvalid,
+    LineParser,
+)
 from tests.producer.conftest import DEFAULT_MAX_TOKENS, MAX_OUTPUT_TOKENS
 
 CHAT = "/v1/chat/completions"
@@ -232,6 +239,20 @@ def test_numbers_at_the_edges_are_accepted(parser: LineParser, key: str, raw_val
     if key == "temperature":
         assert str(parser.parse(sampling_variants(key, raw_value)[0][0], 1)
                    .sampling[key]) != "-0.0"
+
+
+def test_bounds_are_the_engines(parser: LineParser) -> None:
+    # A line the producer accepts must not fail in the worker: the engine takes every edge
+    # value accepted above, and the producer refuses what the engine would.
+    from engine.request import MAX_SEED, MAX_TOP_K, SamplingParams
+
+    assert (SEED_MIN, SEED_MAX, TOP_K_MAX) == (0, MAX_SEED, MAX_TOP_K)
+    line = {"prompt": "a", "temperature": 1e-300, "top_p": 5e-324, "top_k": TOP_K_MAX,
+            "seed": SEED_MAX, "max_tokens": MAX_OUTPUT_TOKENS, "stop": ["x"]}
+    SamplingParams.from_dict(parser.parse(json.dumps(line), 1).sampling)
+    SamplingParams.from_dict(parser.parse(json.dumps({"prompt": "a", "seed": 0}), 1).sampling)
+    with pytest.raises(ValueError):
+        SamplingParams(seed=SEED_MIN - 1)
 
 
 def test_integer_of_too_many_digits_is_a_line_error(parser: LineParser) -> None:
