@@ -28,6 +28,8 @@ class EngineConfig:
         KV cache (GPU only).
     num_kv_blocks: an explicit KV-cache size in blocks; overrides the fraction (tests use it
         to force preemption; on CPU the default is enough blocks for max_num_seqs full sequences).
+        A cache shorter than max_model_len still serves: a request whose prompt and max_tokens
+        could never fit it fails alone (KVCacheTooSmallError).
     reserved_high_slots: running slots only `high` requests may take (priority allocation).
     max_prompt_tokens: the longest prompt accepted; default max_model_len - 1.
     enforce_eager: no CUDA graphs / compilation (debugging).

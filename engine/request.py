@@ -164,6 +164,10 @@ class EngineOutOfMemoryError(EngineError):
     """The device ran out of memory serving this request."""
 
 
+class KVCacheTooSmallError(EngineError):
+    """The request's prompt and output could never fit the KV cache, even alone."""
+
+
 class EngineShutDownError(EngineError):
     """The engine stopped (worker shutdown, or its loop died): not the request's fault, so a
     worker hands the job back instead of failing it."""

@@ -198,11 +198,19 @@ class ModelRunner:
             num_blocks = blocks_for_sequences(
                 self.config.max_num_seqs, max_model_len, self.block_size
             )
-        if num_blocks * self.block_size < max_model_len:
+        if num_blocks < 1:
             raise EngineError(
-                f"the KV cache ({num_blocks} blocks x {self.block_size} tokens) cannot hold one"
-                f" sequence of max_model_len={max_model_len} tokens: lower max_model_len or"
-                f" give the cache more memory (num_kv_blocks, kv_cache_memory_fraction)"
+                f"no device memory is left for the KV cache (one block takes {per_block} bytes):"
+                " raise kv_cache_memory_fraction, use a smaller dtype (float16, int8) or shard"
+                " the model over more GPUs"
+            )
+        if num_blocks * self.block_size < max_model_len:
+            # Still serving: a request that cannot fit fails alone when it is added
+            # (Scheduler.add), the others run.
+            log.warning(
+                "the KV cache (%d blocks x %d tokens) holds less than one sequence of"
+                " max_model_len=%d tokens; requests needing more are refused",
+                num_blocks, self.block_size, max_model_len,
             )
         return num_blocks
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from engine.backend import StepOutput
 from engine.kv_cache import BlockManager, block_hashes, cdiv
-from engine.request import FinishReason
+from engine.request import FinishReason, KVCacheTooSmallError
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -110,11 +110,38 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
+        """Queue a sequence; KVCacheTooSmallError if it could never fit the cache."""
         if seq.seq_id in self.seqs:
             raise ValueError(f"request {seq.seq_id} is already queued")
+        self._check_fits(seq)
         seq.status = SequenceStatus.WAITING
         self.seqs[seq.seq_id] = seq
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    def max_cached_tokens(self, seq: Sequence) -> int:
+        """The most tokens `seq` will hold in the cache: all but its last one (sampled when it
+        finishes, never computed), within max_model_len."""
+        return min(seq.num_prompt_tokens + seq.sampling.max_tokens, self.max_model_len) - 1
+
+    def _check_fits(self, seq: Sequence) -> None:
+        """Refuse a sequence that needs more blocks than the whole cache has. Admitted, it
+        would grow until no block is left, preempt itself, be re-admitted and grow again, for
+        ever. Below this bound a sequence alone in the cache always finishes, so preemption
+        can always make progress."""
+        manager = self.block_manager
+        tokens = self.max_cached_tokens(seq)
+        if cdiv(tokens, manager.block_size) <= manager.num_blocks:
+            return
+        capacity = manager.num_blocks * manager.block_size
+        raise KVCacheTooSmallError(
+            f"request {seq.seq_id}: needs KV-cache room for {tokens} tokens (a prompt of"
+            f" {seq.num_prompt_tokens} and up to {seq.sampling.max_tokens} new tokens, within"
+            f" max_model_len {self.max_model_len}), but the whole cache holds {capacity} tokens"
+            f" ({manager.num_blocks} blocks of {manager.block_size}). Lower max_tokens or the"
+            " prompt, or give the cache more memory: raise engine.kv_cache_memory_fraction (or"
+            " engine.num_kv_blocks), or use model.dtype float16 or int8 (smaller weights leave"
+            " the cache more room; float16 also halves a float32 cache)."
+        )
 
     def next_arrival(self) -> int:
         """A monotonically increasing admission stamp for a new sequence."""

@@ -1,6 +1,7 @@
 """Faults through the whole engine (front and native backend, tiny Llama on the CPU): a request
-that breaks a step fails alone, out-of-memory steps are retried, and the batch-mates' greedy
-outputs are those of an undisturbed run."""
+that breaks a step fails alone, out-of-memory steps are retried, a request too large for the
+KV cache is refused alone, a cache too small for the batch preempts; and the other requests'
+greedy outputs are those of an undisturbed run."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ import torch
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.native_backend import NativeBackend
-from engine.request import EngineError, EngineOutOfMemoryError, Request, SamplingParams
+from engine.request import (
+    EngineError,
+    EngineOutOfMemoryError,
+    KVCacheTooSmallError,
+    Request,
+    SamplingParams,
+)
 from engine.scheduler import SchedulerOutput
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -91,7 +98,7 @@ def clean_tokens(llama: Path) -> dict[str, list[int]]:
     """Every request's greedy tokens from an undisturbed engine."""
     engine = Engine(engine_config(llama))
     try:
-        return {c.request_id: c.token_ids for c in engine.generate(requests(6))}
+        return {c.request_id: c.token_ids for c in engine.generate(requests(8))}
     finally:
         engine.shutdown()
 
@@ -160,3 +167,39 @@ def test_out_of_memory_again_fails_with_advice_then_serving_goes_on(
             future.result(60)
     assert engine.stats()["out_of_memory"] == 2
     assert engine.submit(batch[2]).result(60).token_ids == clean_tokens["r2"]
+
+
+def test_a_request_too_large_for_the_kv_cache_fails_alone(
+    llama: Path, clean_tokens: dict[str, list[int]]
+) -> None:
+    # 8 blocks of 4 = 32 tokens of cache, less than max_model_len (64).
+    engine = Engine(engine_config(llama, num_kv_blocks=8))
+    try:
+        batch = requests(2)  # prompts of 5 and 17 tokens, 12 new: 16 and 28 tokens
+        prompt = batch[1].prompt_token_ids or []
+        sixteen = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+        fits = Request("big", prompt_token_ids=prompt, sampling=sixteen)  # 17 + 16 - 1 = 32
+        larger = Request("bigger", prompt_token_ids=[*prompt, 5], sampling=sixteen)  # 33
+        futures = submit_all(engine, [batch[0], fits, larger, batch[1]])
+        with pytest.raises(KVCacheTooSmallError, match="room for 33 tokens.*holds 32 tokens"):
+            futures["bigger"].result(60)
+        assert futures["big"].result(60).completion_tokens == 16
+        for rid in ("r0", "r1"):
+            assert futures[rid].result(60).token_ids == clean_tokens[rid]
+    finally:
+        engine.shutdown()
+
+
+def test_a_kv_cache_too_small_for_the_batch_preempts_and_outputs_are_unchanged(
+    llama: Path, clean_tokens: dict[str, list[int]]
+) -> None:
+    # The longest request holds 26 + 12 - 1 = 37 tokens: 10 blocks of 4; the cache has 12.
+    engine = Engine(engine_config(llama, num_kv_blocks=12))
+    try:
+        completions = engine.generate(requests(8))
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    assert {c.request_id: c.token_ids for c in completions} == clean_tokens
+    assert stats["num_preemptions"] > 0 and stats["failed"] == 0
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] == 12

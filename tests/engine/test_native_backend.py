@@ -11,7 +11,12 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.native_backend import NativeBackend, supports
-from engine.request import EngineError, PromptTooLongError, SamplingParams
+from engine.request import (
+    EngineError,
+    KVCacheTooSmallError,
+    PromptTooLongError,
+    SamplingParams,
+)
 
 
 def make_backend(path: Path, **overrides: object) -> NativeBackend:
@@ -81,9 +86,19 @@ def test_step_outputs_and_stats(llama: Path) -> None:
     assert backend.eos_token_ids >= {backend.tokenizer.eos_token_id}
 
 
-def test_cache_too_small_rejected(llama: Path) -> None:
-    with pytest.raises(EngineError, match="cannot hold one sequence"):
-        make_backend(llama, num_kv_blocks=3)
+def test_a_cache_shorter_than_max_model_len_refuses_only_what_cannot_fit(
+    llama: Path, drive: Callable[..., Any]
+) -> None:
+    # 3 blocks of 4 tokens, max_model_len 64: a 5-token prompt with 8 new tokens holds 12
+    # tokens in the cache (its last one is never computed), exactly the whole cache.
+    backend = make_backend(llama, num_kv_blocks=3)
+    fits = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    result = drive(backend, [("fits", list(range(10, 15)), fits, 1)])["fits"]
+    assert len(result.token_ids) == 8 and backend.stats()["num_preemptions"] == 0
+    too_many = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    with pytest.raises(KVCacheTooSmallError, match="room for 13 tokens.*holds 12 tokens"):
+        backend.add_request("too-long", list(range(10, 15)), too_many, 1)
+    assert not backend.has_unfinished()
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

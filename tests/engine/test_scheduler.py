@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from engine.kv_cache import BlockManager
-from engine.request import SamplingParams
+from engine.request import KVCacheTooSmallError, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 
@@ -169,10 +169,43 @@ def test_admission_leaves_running_sequences_room_to_grow() -> None:
     sched = make_scheduler(num_blocks=4, block_size=4)
     add(sched, "a", 3, max_tokens=8)
     step(sched)
-    add(sched, "b", 12, max_tokens=8)  # would take the 3 free blocks...
+    add(sched, "b", 12, max_tokens=4)  # would take the 3 free blocks...
     out = step(sched)  # ...that a, filling its first block now, needs one of next step
     assert set(scheduled(out)) == {"a"} and not out.preempted
     assert [s.seq_id for s in sched.waiting] == ["b"]
+
+
+def test_a_sequence_larger_than_the_whole_cache_is_refused() -> None:
+    # 4 blocks of 4: a 5-token prompt with 12 new tokens holds 16 in the cache (the last
+    # token is never computed); with 13 it would need a fifth block, which no preemption frees.
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    with pytest.raises(KVCacheTooSmallError, match=r"room for 17 tokens.*holds 16 tokens"):
+        add(sched, "big", 5, max_tokens=13, ignore_eos=True)
+    assert not sched.has_unfinished() and "big" not in sched.seqs
+    # max_model_len caps what max_tokens may ask for.
+    capped = make_scheduler(num_blocks=4, block_size=4, max_model_len=17)
+    add(capped, "capped", 5, max_tokens=10**6, ignore_eos=True)
+
+
+def test_a_sequence_filling_the_whole_cache_finishes_without_preempting_itself() -> None:
+    sched = make_scheduler(num_blocks=4, block_size=4, max_num_batched_tokens=3)
+    seq = add(sched, "fills", 5, max_tokens=12, ignore_eos=True)
+    steps = 0
+    while sched.has_unfinished():
+        step(sched)
+        steps += 1
+        assert steps < 50, "livelock"
+    assert seq.output_token_ids == [TOKEN] * 12 and sched.num_preemptions == 0
+    # With a second sequence it is preempted (it is the newer) and still finishes.
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    first = add(sched, "first", 5, max_tokens=8, ignore_eos=True)
+    second = add(sched, "second", 5, max_tokens=12, ignore_eos=True)
+    while sched.has_unfinished():
+        step(sched)
+        steps += 1
+        assert steps < 200, "livelock"
+    assert sched.num_preemptions > 0
+    assert first.output_token_ids == [TOKEN] * 8 and second.output_token_ids == [TOKEN] * 12
 
 
 def test_waiting_high_preempts_running_low_for_blocks() -> None:
