@@ -153,6 +153,11 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         return {**self._counters, "live": len(self._live), **self.backend.stats()}
 
+    def is_alive(self) -> bool:
+        """Whether the loop thread runs and the engine is not shut down (a health check:
+        requests are served only while this holds)."""
+        return not self._stopped and self._thread.is_alive()
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop; requests still live fail with EngineError."""
         self._stopped = True

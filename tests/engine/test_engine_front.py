@@ -294,6 +294,30 @@ def test_duplicate_live_id_is_refused(engine_and_backend):
     assert first.result(5).text == "hel"
 
 
+def test_is_alive_until_shutdown_and_through_failures():
+    backend = ScriptedBackend()
+    engine = make_engine(backend)
+    assert engine.is_alive()
+    backend.fail_always = torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    with pytest.raises(EngineOutOfMemoryError):
+        engine.submit(req("a", max_tokens=3)).result(5)
+    backend.fail_always = RuntimeError("boom")
+    with pytest.raises(EngineError):
+        engine.submit(req("b", max_tokens=3)).result(5)
+    assert engine.is_alive()
+    engine.shutdown()
+    assert not engine.is_alive()
+
+
+def test_is_alive_is_false_when_the_loop_thread_is_gone():
+    engine = make_engine(ScriptedBackend())
+    engine._stopped = True  # stop the loop without shutdown()'s bookkeeping
+    engine._wakeup.set()
+    engine._thread.join(5)
+    engine._stopped = False
+    assert not engine.is_alive()
+
+
 def test_shutdown_fails_pending_and_refuses_new():
     backend = ScriptedBackend()
     engine = make_engine(backend)
