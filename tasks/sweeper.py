@@ -118,8 +118,8 @@ class Sweeper:
 
     def _unacked_jobs(self) -> dict[str, float]:
         """Job id -> when it was taken, of every message a worker holds unacknowledged."""
-        taken_at = {_text(tag): score for tag, score in
-                    self.client.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)}
+        index: Any = self.client.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
+        taken_at = {_text(tag): float(score) for tag, score in index}
         out: dict[str, float] = {}
         for tag, raw in self.client.hscan_iter(UNACKED_KEY, count=1000):
             try:
@@ -177,7 +177,7 @@ class Sweeper:
         return 0
 
 
-def _job_id_of(message: bytes) -> str | None:
+def _job_id_of(message: bytes | str) -> str | None:
     try:
         envelope: Any = json.loads(message)
         return str(envelope["headers"]["id"])
@@ -185,9 +185,10 @@ def _job_id_of(message: bytes) -> str | None:
         return None
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _text(value: Any) -> str:
+    """A Redis reply as text (redis-py's hints cover every reply type; these are strings)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _opt(value: bytes | str | None) -> str | None:
+def _opt(value: Any) -> str | None:
     return None if value is None else _text(value)

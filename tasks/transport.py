@@ -16,24 +16,49 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Empty
+from kombu.transport.virtual import Message as VirtualMessage
 
 log = logging.getLogger(__name__)
 
-# What decoding a stray message raises: JSONDecodeError and UnicodeDecodeError are
-# ValueErrors; a JSON value that is not an envelope fails with the others.
-_UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, IndexError)
+
+class UnreadableMessageError(ValueError):
+    """A message from the queue that is not a kombu envelope."""
+
+
+# What decoding a stray message raises: JSONDecodeError, UnicodeDecodeError and a bad base64
+# body are ValueErrors. (kombu counts KeyError among its Redis *connection* errors, so a
+# missing envelope field must not surface as one: Message checks the fields first.)
+_UNREADABLE = (ValueError, TypeError, AttributeError, IndexError)
+
+
+class Message(VirtualMessage):
+    """kombu's message, refusing an envelope without the fields kombu and Celery read."""
+
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        properties = payload.get("properties") if isinstance(payload, dict) else None
+        info = properties.get("delivery_info") if isinstance(properties, dict) else None
+        if not (isinstance(info, dict) and "delivery_tag" in properties  # type: ignore[operator]
+                and {"exchange", "routing_key"} <= info.keys()
+                and isinstance(payload.get("headers", {}), dict)
+                and isinstance(payload.get("body", ""), str)):
+            raise UnreadableMessageError(f"not a task envelope: {str(payload)[:200]}")
+        super().__init__(payload, channel=channel, **kwargs)
 
 
 class Channel(kombu_redis.Channel):
+    Message = Message
+
     def _brpop_read(self, **options: Any) -> bool:
         try:
             return bool(super()._brpop_read(**options))
+        except UnreadableMessageError as err:
+            log.error("dropped a message: %s", err)
         except self.connection_errors:
             raise
         except _UNREADABLE as err:
             log.error("dropped a message that is not a task envelope (%s: %s)",
                       type(err).__name__, err)
-            raise Empty() from None
+        raise Empty()
 
 
 class Transport(kombu_redis.Transport):
