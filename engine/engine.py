@@ -3,6 +3,10 @@
 Any thread may call `submit`; one loop thread owns the backend and, at every step, runs every
 request that is live at that moment together (requests that arrive during a step join the
 next one). The backend works in token ids; this front turns text into ids and back.
+
+A request fails alone: one the backend refuses, one whose step raises (found by running the
+step's requests one at a time, engine/recovery.py) or one whose output cannot be handled fails
+its own future; the others go on, and the loop itself survives any error.
 """
 
 from __future__ import annotations

@@ -203,3 +203,47 @@ def test_a_kv_cache_too_small_for_the_batch_preempts_and_outputs_are_unchanged(
     assert {c.request_id: c.token_ids for c in completions} == clean_tokens
     assert stats["num_preemptions"] > 0 and stats["failed"] == 0
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"] == 12
+
+
+def _real_out_of_memory(request_id: str) -> Exception:
+    """A genuine torch.OutOfMemoryError from the CUDA allocator (a petabyte asked for)."""
+    try:
+        torch.empty(1 << 50, dtype=torch.uint8, device="cuda")
+    except torch.OutOfMemoryError as err:
+        return err
+    raise AssertionError("a petabyte was allocated")
+
+
+@pytest.mark.gpu
+def test_recovery_on_the_gpu_keeps_graph_decoding_outputs(llama: Path) -> None:
+    """With CUDA graphs and the decode lookahead: a real out-of-memory error mid-decode, then a
+    request that breaks its steps; the other requests' outputs are an undisturbed run's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    config = engine_config(llama, device="cuda")
+    clean_engine = Engine(config)
+    try:
+        clean = {c.request_id: c.token_ids for c in clean_engine.generate(requests(6))}
+    finally:
+        clean_engine.shutdown()
+    backend = FaultyBackend(config)
+    assert backend.runner.graphs is not None
+    engine = Engine(config, backend=backend)
+    try:
+        backend.marked = {f"r{i}" for i in range(6)}
+        backend.from_token, backend.times, backend.error = 3, 1, _real_out_of_memory
+        futures = submit_all(engine, requests(6))
+        assert {rid: f.result(120).token_ids for rid, f in futures.items()} == clean
+        assert engine.stats()["out_of_memory"] == 1
+
+        backend.marked, backend.from_token, backend.times = {"r2"}, 0, None
+        backend.error = lambda rid: RuntimeError(f"poisoned {rid}")
+        futures = submit_all(engine, requests(6))
+        with pytest.raises(EngineError, match="request r2: engine step failed"):
+            futures.pop("r2").result(120)
+        assert {rid: f.result(120).token_ids for rid, f in futures.items()} == {
+            rid: tokens for rid, tokens in clean.items() if rid != "r2"
+        }
+        assert engine.is_alive()
+    finally:
+        engine.shutdown()
