@@ -11,17 +11,23 @@ Machine-readable output (the batch id of submit, the JSONL of results) goes to s
 to stderr. Exit codes: 0 ok; 1 jobs failed or were cancelled (wait), unknown batch (status,
 results, cancel); 2 invalid file or arguments, unknown batch or timeout (wait); 3 Redis cannot
 be reached.
+
+Commands ride out a Redis restart (each retries for DEFAULT_OUTAGE_S); wait keeps waiting
+through longer outages, saying so. A submit that Redis interrupts still prints its batch id on
+stdout, says on stderr how many jobs went in and the command that enqueues the rest, and exits 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Final, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from rich.console import Console
@@ -37,13 +43,15 @@ from rich.table import Table
 
 from producer.client import (
     BatchStatus,
+    FileChangedError,
     InvalidFileError,
     Producer,
+    SubmitInterruptedError,
     SubmitReport,
     UnknownBatchError,
     WaitTimeoutError,
 )
-from tasks import keys
+from tasks import keys, redis_client
 from tasks.config import ConfigError, config_source, load_config
 
 EXIT_OK: Final = 0
@@ -107,10 +115,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Producer(config) as producer:
             return commands[args.command](producer, args, err)
-    except redis.ConnectionError as e:
-        err.print(f"cannot reach Redis at {config.redis.url} (config: "
+    except redis_client.OUTAGE_ERRORS as e:
+        err.print(f"cannot reach Redis at {_safe_url(config.redis.url)} (config: "
                   f"{config_source(args.config)}): {e}", markup=False, highlight=False)
         return EXIT_UNAVAILABLE
+    except redis.RedisError as e:
+        err.print(f"Redis at {_safe_url(config.redis.url)} (config: "
+                  f"{config_source(args.config)}) failed: {e}", markup=False, highlight=False)
+        return EXIT_UNAVAILABLE
+
+
+def _safe_url(url: str) -> str:
+    """The URL with its password, if any, masked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _submit(producer: Producer, args: argparse.Namespace, err: Console) -> int:
@@ -120,6 +146,21 @@ def _submit(producer: Producer, args: argparse.Namespace, err: Console) -> int:
     except InvalidFileError as e:
         _print_errors(err, [str(x) for x in e.errors], e.error_count)
         err.print("nothing was enqueued", highlight=False)
+        return EXIT_INVALID
+    except SubmitInterruptedError as e:
+        what = "became unreachable" if e.unreachable else "failed"
+        err.print(f"batch {e.batch_id}: at least {e.enqueued} of {_plural(e.accepted, 'job')}"
+                  f" enqueued before Redis {what} ({e.cause}); run `{_resubmit(args, e.batch_id)}`"
+                  " again to enqueue the rest, without duplicates", markup=False, highlight=False)
+        print(e.batch_id, flush=True)
+        return EXIT_UNAVAILABLE
+    except FileChangedError as e:
+        err.print(f"producer submit: {e}", markup=False, highlight=False)
+        if e.batch_id is not None:
+            err.print(f"batch {e.batch_id}: at least {_plural(e.enqueued, 'job')} enqueued;"
+                      f" `{_resubmit(args, e.batch_id)}` adds the missing ones (lines already"
+                      " enqueued keep what they had)", markup=False, highlight=False)
+            print(e.batch_id, flush=True)
         return EXIT_INVALID
     except (OSError, ValueError) as e:
         err.print(f"producer submit: {e}", markup=False, highlight=False)
@@ -131,6 +172,18 @@ def _submit(producer: Producer, args: argparse.Namespace, err: Console) -> int:
     if args.wait:
         return _wait_for(producer, report.batch_id, args.timeout, err)
     return EXIT_OK
+
+
+def _resubmit(args: argparse.Namespace, batch_id: str) -> str:
+    """The submit command line that adds the rest of an interrupted batch."""
+    words = ["producer", "submit", args.file, "--batch-id", batch_id]
+    if args.priority != keys.QUEUE_LOW:
+        words += ["--priority", args.priority]
+    if args.skip_invalid:
+        words.append("--skip-invalid")
+    if args.config is not None:
+        words += ["--config", args.config]
+    return shlex.join(words)
 
 
 def _print_errors(err: Console, errors: list[str], count: int) -> None:
@@ -203,9 +256,20 @@ def _wait_for(producer: Producer, batch_id: str, timeout: float | None, err: Con
                         cancelled=status.count("cancelled"),
                         tps=(status.completion_tokens - first_tokens[0]) / elapsed)
 
+    url = _safe_url(producer.config.redis.url)
+
+    def outage(e: Exception | None) -> None:
+        if e is not None:
+            until = "it is back" if timeout is None else "it is back or the timeout"
+            err.print(f"Redis at {url} is unreachable ({e}); retrying until {until}",
+                      markup=False, highlight=False)
+        else:
+            err.print(f"Redis at {url} is reachable again; still waiting", markup=False,
+                      highlight=False)
+
     try:
         with progress:
-            status = producer.wait(batch_id, timeout=timeout, progress=update)
+            status = producer.wait(batch_id, timeout=timeout, progress=update, on_outage=outage)
     except UnknownBatchError:
         return _unknown(err, batch_id, EXIT_INVALID)
     except WaitTimeoutError as e:

@@ -9,6 +9,11 @@ submit() reads the file twice and never holds it in memory: pass 1 validates eve
 keeps a byte of state per line (plus each custom_id, to find duplicates); only if the whole file
 is good (or skip_invalid is set) does pass 2 parse it again, build each job's Celery message and
 hand chunks to JobStore.enqueue, one Redis round trip per chunk, while the next chunk is built.
+
+Redis going away is ridden out: every command is retried through an outage of up to outage_s
+(tasks.redis_client.connect), and wait() keeps polling through longer ones. A submit that still
+cannot finish raises SubmitInterruptedError, which names the batch and how far it got; submitting
+the file again to that batch enqueues the rest (JobStore.enqueue skips jobs already recorded).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any, Final
 import redis
 
 from producer.formats import ENDPOINT_CHAT, LineInvalid, LineParser, line_custom_id_collision
-from tasks import keys
+from tasks import keys, redis_client
 from tasks.config import DeploymentConfig
 from tasks.messages import MessageBuilder
 from tasks.store import JobRecord, JobStore, QueuedJob, UnknownBatchError
@@ -37,6 +42,7 @@ __all__ = [
     "InvalidFileError",
     "LineError",
     "Producer",
+    "SubmitInterruptedError",
     "SubmitReport",
     "UnknownBatchError",
     "WaitTimeoutError",
@@ -50,6 +56,13 @@ ENQUEUE_CHUNK: Final = 1000
 MAX_KEPT_ERRORS: Final = 10_000
 # Seconds between polls of a batch's counters in wait().
 DEFAULT_POLL_S: Final = 0.5
+# Seconds of a Redis outage that each command rides out (retrying with backoff) before it fails:
+# a restart takes a few seconds, a failover tens.
+DEFAULT_OUTAGE_S: Final = 30.0
+# wait() polls through a client that gives up sooner, so that it can say Redis is unreachable
+# while it keeps trying; between failed polls it backs off from poll_s up to this.
+POLL_OUTAGE_S: Final = 1.0
+POLL_BACKOFF_CAP_S: Final = 4.0
 # Random hex digits of a generated batch id: 48 bits, collisions are not a concern.
 BATCH_ID_HEX_DIGITS: Final = 12
 BATCH_ID_PREFIX: Final = "b-"
@@ -91,7 +104,42 @@ class InvalidFileError(ValueError):
 
 class FileChangedError(RuntimeError):
     """The file changed between validation and enqueueing; part of it may be enqueued.
-    Submitting it again to the same batch adds only the missing jobs."""
+    Submitting it again to the same batch adds only the missing jobs.
+
+    submit() sets batch_id (the batch it was enqueueing to) and enqueued (jobs known to be in)."""
+
+    batch_id: str | None = None
+    enqueued: int = 0
+
+
+class SubmitInterruptedError(redis.RedisError):
+    """Redis failed (past the outage the client rides out) while submit() was enqueueing.
+
+    Part of the batch may be in Redis: submit the same file again with batch_id=.batch_id (and
+    the same priority) to enqueue the rest; jobs already recorded are not enqueued twice.
+
+    Attributes:
+        batch_id, priority: where the jobs were going.
+        enqueued: jobs enqueued by the chunks whose Redis call returned. The chunk in flight
+            when Redis failed may have gone in as well: at least this many are in.
+        accepted: the jobs of the file (its valid lines).
+        cause: the Redis error (also __cause__).
+    """
+
+    def __init__(self, batch_id: str, priority: str, enqueued: int, accepted: int,
+                 cause: redis.RedisError) -> None:
+        what = ("became unreachable" if isinstance(cause, redis_client.OUTAGE_ERRORS)
+                else "failed")
+        super().__init__(
+            f"batch {batch_id}: at least {enqueued} of {accepted} jobs enqueued before Redis"
+            f" {what} ({cause}); submit the file again with batch id {batch_id} to enqueue the"
+            " rest, without duplicates")
+        self.batch_id = batch_id
+        self.priority = priority
+        self.enqueued = enqueued
+        self.accepted = accepted
+        self.cause = cause
+        self.unreachable = isinstance(cause, redis_client.OUTAGE_ERRORS)
 
 
 class WaitTimeoutError(TimeoutError):
@@ -162,17 +210,21 @@ class BatchStatus:
 
 
 ProgressCallback = Callable[[BatchStatus], None]
+# Called by wait() with the error when Redis stops answering, with None when it answers again.
+OutageCallback = Callable[[Exception | None], None]
 
 
 @dataclass
 class _Scan:
-    """Pass 1's result: per-line state and the errors found."""
+    """Pass 1's result: per-line state and the errors found; then pass 2's progress."""
 
     flags: bytearray
     valid: int = 0
     invalid: int = 0  # bad lines
     error_count: int = 0  # problems found (a bad line may have several)
     errors: list[LineError] = field(default_factory=list)
+    # Pass 2: jobs enqueued by the chunks whose JobStore.enqueue call has returned.
+    enqueued_new: int = 0
 
     def bad_line(self, errors: list[LineError]) -> None:
         self.invalid += 1
@@ -185,19 +237,31 @@ class Producer:
 
     Args:
         config: the deployment (redis.url, redis.result_ttl_s, the limits lines must respect).
-        client: a Redis client to use instead of one made from config.redis.url.
+        client: a Redis client to use instead of one made from config.redis.url (wait() then
+            polls through it too).
+        outage_s: seconds of a Redis outage (a restart, a failover) that each command rides
+            out before it fails; default DEFAULT_OUTAGE_S.
     """
 
-    def __init__(self, config: DeploymentConfig, client: redis.Redis | None = None) -> None:
+    def __init__(self, config: DeploymentConfig, client: redis.Redis | None = None,
+                 outage_s: float | None = None) -> None:
         self.config = config
-        self.client = client or redis.Redis.from_url(config.redis.url)
+        if outage_s is None:
+            outage_s = DEFAULT_OUTAGE_S
+        self.client = client or redis_client.connect(config.redis.url, outage_s=outage_s)
         self.store = JobStore(self.client, config.redis.result_ttl_s)
+        # wait()'s polls: quick to fail, so that wait() can say so while it keeps polling.
+        self._poll_client = client or redis_client.connect(
+            config.redis.url, outage_s=min(outage_s, POLL_OUTAGE_S))
+        self._poll_store = JobStore(self._poll_client, config.redis.result_ttl_s)
         self.parser = LineParser(config.limits.max_output_tokens,
                                  config.limits.default_max_tokens)
         self.messages = MessageBuilder()
 
     def close(self) -> None:
         self.client.close()
+        if self._poll_client is not self.client:
+            self._poll_client.close()
 
     def __enter__(self) -> Producer:
         return self
@@ -219,8 +283,10 @@ class Producer:
             InvalidFileError: the file is empty, or has errors and skip_invalid is off, or no
                 line is valid; nothing was enqueued.
             ValueError: unknown priority or malformed batch_id.
-            FileChangedError: the file changed while it was being enqueued.
-            redis.RedisError: Redis cannot be reached.
+            FileChangedError: the file changed while it was being enqueued (.batch_id and
+                .enqueued say how far it got).
+            SubmitInterruptedError: Redis failed while jobs were being enqueued (after riding
+                out outage_s of it); it says which batch and how many jobs went in.
         """
         if priority not in keys.QUEUES:
             raise ValueError(f"priority: must be one of {', '.join(keys.QUEUES)}, not {priority!r}")
@@ -239,7 +305,14 @@ class Producer:
             raise InvalidFileError([LineError(name, None, "", "empty file (no JSON lines)")])
         if scan.invalid and (not skip_invalid or scan.valid == 0):
             raise InvalidFileError(scan.errors, scan.error_count)
-        new = self._enqueue(name, scan, batch_id, priority)
+        try:
+            new = self._enqueue(name, scan, batch_id, priority)
+        except redis.RedisError as err:
+            raise SubmitInterruptedError(batch_id, priority, scan.enqueued_new, scan.valid,
+                                         err) from err
+        except FileChangedError as err:
+            err.batch_id, err.enqueued = batch_id, scan.enqueued_new
+            raise
         return SubmitReport(
             batch_id=batch_id,
             priority=priority,
@@ -334,13 +407,20 @@ class Producer:
                 if len(chunk) >= ENQUEUE_CHUNK:
                     if pending is not None:
                         new += pending.result()
-                    pending = pool.submit(self.store.enqueue, batch_id, priority, chunk)
+                    pending = pool.submit(self._enqueue_chunk, scan, batch_id, priority, chunk)
                     chunk = []
             if pending is not None:
                 new += pending.result()
-            new += self.store.enqueue(batch_id, priority, chunk)
+            new += self._enqueue_chunk(scan, batch_id, priority, chunk)
         if enqueued != scan.valid:
             raise FileChangedError(f"{path}: shrank while it was being submitted")
+        return new
+
+    def _enqueue_chunk(self, scan: _Scan, batch_id: str, priority: str,
+                       chunk: list[QueuedJob]) -> int:
+        """JobStore.enqueue, counting what went in (for SubmitInterruptedError)."""
+        new = self.store.enqueue(batch_id, priority, chunk)
+        scan.enqueued_new += new
         return new
 
     # --- follow a batch ------------------------------------------------------------------
@@ -353,34 +433,66 @@ class Producer:
         batch_id: str,
         timeout: float | None = None,
         progress: ProgressCallback | None = None,
-        poll_s: float = DEFAULT_POLL_S,
+        poll_s: float | None = None,
+        on_outage: OutageCallback | None = None,
     ) -> BatchStatus:
         """Block until every job of the batch is finished (done, failed or cancelled).
 
+        Once the batch has been read, Redis going away does not end the wait: it keeps polling,
+        backing off up to POLL_BACKOFF_CAP_S between attempts, until Redis answers again or
+        the timeout passes.
+
         Args:
             timeout: seconds to wait at most; None waits for ever.
-            progress: called with the status after every poll.
-            poll_s: seconds between polls.
+            progress: called with the status after every successful poll.
+            poll_s: seconds between polls (default DEFAULT_POLL_S).
+            on_outage: called once with the error when Redis stops answering, and with None
+                when it answers again.
         Returns:
             The final status; `.succeeded` tells whether every job is done.
         Raises:
             UnknownBatchError: no such batch (never submitted, or expired).
             WaitTimeoutError: still running at the timeout (its .status is the last seen).
+            redis.ConnectionError, redis.TimeoutError: Redis could not be reached for the
+                first poll (past outage_s).
         """
+        if poll_s is None:
+            poll_s = DEFAULT_POLL_S
         deadline = None if timeout is None else time.monotonic() + timeout
+        # The first read goes through the patient client: a batch id that reaches no Redis at
+        # all is an error, as for status(); after that, outages are waited out.
+        status = self.status(batch_id)
+        outage: Exception | None = None
+        backoff = poll_s
         while True:
-            status = self.status(batch_id)
-            if progress is not None:
-                progress(status)
-            if status.finished:
-                return status
+            if outage is None:
+                if progress is not None:
+                    progress(status)
+                if status.finished:
+                    return status
+                pause = poll_s
+            else:
+                pause = backoff
+                backoff = min(backoff * 2, max(POLL_BACKOFF_CAP_S, poll_s))
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WaitTimeoutError(status)
-                time.sleep(min(poll_s, left))
-            else:
-                time.sleep(poll_s)
+                pause = min(pause, left)
+            time.sleep(pause)
+            try:
+                status = BatchStatus.from_counts(batch_id,
+                                                 self._poll_store.batch_counts(batch_id))
+            except redis_client.OUTAGE_ERRORS as err:
+                if outage is None:
+                    outage, backoff = err, poll_s
+                    if on_outage is not None:
+                        on_outage(err)
+                continue
+            if outage is not None:
+                outage = None
+                if on_outage is not None:
+                    on_outage(None)
 
     def cancel(self, batch_id: str) -> int:
         """Cancel the batch; returns how many queued jobs were cancelled (running ones are

@@ -301,8 +301,9 @@ def test_cli_bad_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 def test_cli_redis_down(monkeypatch: pytest.MonkeyPatch,
                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("TIDEQ_CONFIG", raising=False)
-    # Port 1 on localhost: nothing listens there.
+    # Port 1 on localhost: nothing listens there; an outage is ridden out this long only.
     monkeypatch.setenv("TIDEQ_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setattr("producer.client.DEFAULT_OUTAGE_S", 0.2)
     assert main(["status", "b"]) == 3
     assert "cannot reach Redis" in capsys.readouterr().err
 
