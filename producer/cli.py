@@ -24,8 +24,10 @@ import json
 import shlex
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from itertools import chain
 from typing import Final, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
@@ -194,9 +196,9 @@ def _print_errors(err: Console, errors: list[str], count: int) -> None:
 
 
 def _print_report(err: Console, r: SubmitReport) -> None:
-    skipped = f", {r.skipped} invalid lines skipped" if r.skipped else ""
+    skipped = f", {_plural(r.skipped, 'invalid line')} skipped" if r.skipped else ""
     err.print(
-        f"batch [bold]{r.batch_id}[/]: {r.accepted} jobs accepted, {r.new} new, priority"
+        f"batch [bold]{r.batch_id}[/]: {_plural(r.accepted, 'job')} accepted, {r.new} new, priority"
         f" {r.priority}{skipped} (validated in {r.validate_s:.2f}s, enqueued in"
         f" {r.enqueue_s:.2f}s)", highlight=False)
 
@@ -289,15 +291,26 @@ def _results(producer: Producer, args: argparse.Namespace, err: Console) -> int:
     except UnknownBatchError:
         return _unknown(err, args.batch, EXIT_FAILED)
     count = 0
+    # States of the jobs not finished yet (an OpenAI batch row has "state" only then).
+    unfinished: Counter[str] = Counter()
     with _output(args.output) as out:
-        if first is not None:
-            out.write(json.dumps(first, ensure_ascii=False) + "\n")
-            count = 1
-        for row in rows:
+        for row in chain(() if first is None else (first,), rows):
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
+            state = row.get("state")
+            if state is not None and state not in keys.TERMINAL_STATES:
+                unfinished[state] += 1
     if args.output:
-        err.print(f"{count} results written to {args.output}", highlight=False)
+        err.print(f"{_plural(count, 'result')} written to {args.output}", markup=False,
+                  highlight=False)
+    if unfinished:
+        n = sum(unfinished.values())
+        order = [s for s in keys.STATES if s in unfinished]
+        order += sorted(set(unfinished) - set(order))  # "missing": the record expired
+        states = ", ".join(f"{unfinished[s]} {s}" for s in order)
+        err.print(f"warning: batch {args.batch}: {n} of {_plural(count, 'job')}"
+                  f" {'is' if n == 1 else 'are'} not finished yet ({states}); their rows carry"
+                  " no output", markup=False, highlight=False)
     return EXIT_OK
 
 
@@ -310,8 +323,8 @@ def _cancel(producer: Producer, args: argparse.Namespace, err: Console) -> int:
         n = producer.cancel(args.batch)
     except UnknownBatchError:
         return _unknown(err, args.batch, EXIT_FAILED)
-    err.print(f"batch {args.batch}: {n} queued jobs cancelled; running jobs stop at their"
-              " next cancellation check", highlight=False)
+    err.print(f"batch {args.batch}: {_plural(n, 'queued job')} cancelled; running jobs stop at"
+              " their next cancellation check", highlight=False)
     return EXIT_OK
 
 
