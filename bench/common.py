@@ -230,18 +230,19 @@ def repeat(
 
 
 # --- results ---------------------------------------------------------------------------------
-def result_path(out_dir: Path, record: dict[str, Any]) -> Path:
-    """DATE_CARD_WORKLOAD_MODEL.json, card and workload slugged (BENCHMARKS.md)."""
-    name = "_".join(
-        [record["date"], slug(record["card"]), slug(record["workload"]), slug(record["model"])]
-    )
-    return out_dir / f"{name}.json"
+def result_path(out_dir: Path, record: dict[str, Any], suffix: str | None = None) -> Path:
+    """DATE_CARD_WORKLOAD_MODEL[_SUFFIX].json, card and workload slugged (BENCHMARKS.md). The
+    suffix tells apart several files of one workload and model (one per GPU count, say)."""
+    parts = [record["date"], slug(record["card"]), slug(record["workload"]), slug(record["model"])]
+    if suffix:
+        parts.append(slug(suffix))
+    return out_dir / f"{'_'.join(parts)}.json"
 
 
-def write_result(out_dir: Path, record: dict[str, Any]) -> Path:
+def write_result(out_dir: Path, record: dict[str, Any], suffix: str | None = None) -> Path:
     """Write one JSON object (atomically: a reader never sees half a file)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = result_path(out_dir, record)
+    path = result_path(out_dir, record, suffix)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     tmp.replace(path)

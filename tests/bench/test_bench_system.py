@@ -1,0 +1,176 @@
+"""bench/bench_system.py on a CPU: the tiny model, --quick sizes, a redis-server of the test's
+own, real worker processes started as the README starts them. Checks the JSON files and that
+every process the bench started is gone, not the speeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.bench_system import group_members, percentile, summarize_jobs
+from tasks.store import JobRecord
+from tests.redis_proc import RedisProcess
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = REPO_ROOT / "bench" / "bench_system.py"
+REQUIRED = {"workload", "model", "card", "gpus", "date", "commit", "unit", "project", "peers",
+            "ratios", "settings", "details", "errors", "skipped"}
+
+
+@pytest.fixture
+def models(tmp_path: Path, tiny_llama: Path) -> Path:
+    """--model-dir holding the session's tiny checkpoint as `llama-tiny`, so the bench finds it
+    built (it is what `--model tiny` would build)."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "llama-tiny").symlink_to(tiny_llama)
+    return folder
+
+
+def cpu_config(path: Path, redis_url: str) -> Path:
+    """A CPU deployment: one worker of 8 threads, prompts up to 470 tokens, short leases so a
+    killed worker's jobs come back within seconds."""
+    path.write_text(yaml.safe_dump({
+        "redis": {"url": redis_url, "lease_s": 2.0, "sweep_interval_s": 1.0},
+        "model": {"path": "unused", "build_if_missing": False, "dtype": "float32",
+                  "max_model_len": 1024},
+        "limits": {"max_prompt_tokens": 512, "max_output_tokens": 64, "default_max_tokens": 16},
+        "num_gpus": 0, "batch_size_per_gpu": 8, "num_workers": 8, "cancel_poll_s": 0.1,
+    }))
+    return path
+
+
+def bench_cmd(config: Path, models: Path, out: Path, redis_url: str, *extra: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--config", str(config), "--model", "tiny",
+            "--model-dir", str(models), "--quick", "--redis-url", redis_url, "--out", str(out),
+            *extra]
+
+
+@pytest.mark.timeout(180)
+def test_quick_cpu_run_writes_system_and_reliability(
+    tmp_path: Path, private_redis: RedisProcess, models: Path
+) -> None:
+    out = tmp_path / "results"
+    config = cpu_config(tmp_path / "cpu.yaml", private_redis.url())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TIDEQ_COMMIT": "test-sha"}
+    proc = subprocess.run(
+        bench_cmd(config, models, out, private_redis.url(), "--workload", "all",
+                  "--kill-worker"),
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "tideq benchmarks" in proc.stdout  # the final table
+    assert "W-scale N=1: not run" in proc.stdout  # on a CPU: no file, no failure
+
+    files = sorted(f.name.split("_", 2)[2] for f in out.glob("*.json"))
+    assert files == ["reliability_tiny.json", "w-system_tiny.json"]
+    recs = {}
+    for f in out.glob("*.json"):
+        rec = json.loads(f.read_text())
+        assert not REQUIRED - set(rec), REQUIRED - set(rec)
+        assert rec["commit"] == "test-sha" and rec["gpus"] == 0 and rec["model"] == "tiny"
+        assert rec["errors"] == {} and rec["skipped"] == {}, (rec["errors"], rec["skipped"])
+        assert f.name.startswith(f"{rec['date']}_cpu")
+        recs[rec["workload"]] = rec
+
+    system = recs["W-system"]
+    assert system["unit"] == "tokens/s" and system["project"] > 0
+    assert system["peers"]["engine_alone"] > 0
+    assert system["ratios"]["vs_engine_alone"] == pytest.approx(
+        system["project"] / system["peers"]["engine_alone"])
+    (run,) = system["details"]["runs"]
+    assert run["jobs"] == 16 and run["states"] == {"done": 16}
+    assert run["output_tokens"] == 16 * 8 and run["short_outputs"] == 0  # EOS never ended one
+    assert run["first_started_s"] > 0 and run["jobs_per_s"] > 0
+    assert run["samples"]["samples"] >= 1  # the worker's metrics endpoint answered
+    (alone,) = system["details"]["engine_alone"]["runs"]
+    assert alone["jobs"] == 16 and alone["output_tokens"] == 16 * 8
+    prompts = system["settings"]["reps"][0]
+    assert 40 <= prompts["prompt_tokens_min"] <= prompts["prompt_tokens_max"] <= 470
+    assert system["diagnostics"]["worker_start_s"] > 0
+
+    rel = recs["reliability"]
+    assert rel["jobs"] == 32 and rel["counts"] == {"done": 32}
+    assert rel["ok"] is True and all(rel["checks"].values()), rel["checks"]
+    assert rel["ratios"]["done_fraction"] == 1.0 and rel["project"] > 0
+    assert rel["stuck"]["queue_lengths"] == {"high": 0, "low": 0}
+    kill = rel["details"]["kill"]
+    assert kill["new_worker_ready_s"] > 0
+    if kill["killed_jobs"]:  # jobs were running when the worker died: all ran again
+        assert rel["recovery_s"] > 0 and kill["killed_not_rerun"] == []
+        assert kill["killed_with_deliveries"] == kill["killed_jobs"]
+    assert private_redis.client().dbsize() == 0  # the bench flushed its database
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_every_process_it_started(
+    tmp_path: Path, private_redis: RedisProcess, models: Path
+) -> None:
+    """SIGTERM (what `timeout` sends) while a child process of the bench runs: the bench stops
+    the child's process group, writes its file with the phase marked interrupted, exits 130.
+    (Workers are stopped by the same code.)"""
+    out = tmp_path / "results"
+    config = cpu_config(tmp_path / "cpu.yaml", private_redis.url())
+    log_path = tmp_path / "bench.log"
+    with log_path.open("w") as log:
+        bench = subprocess.Popen(
+            bench_cmd(config, models, out, private_redis.url(), "--workload", "system"),
+            cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        pid = None
+        deadline = time.monotonic() + 90
+        while pid is None and time.monotonic() < deadline and bench.poll() is None:
+            for line in log_path.read_text().splitlines():
+                if "started engine-alone (pid " in line:
+                    pid = int(line.split("(pid ")[1].split(")")[0])
+            time.sleep(0.05)
+        assert pid is not None, log_path.read_text()[-3000:]
+        assert group_members(pid)  # the child runs, in a process group of its own
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(60) == 130, log_path.read_text()[-3000:]
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert group_members(pid) == []
+    (f,) = out.glob("*.json")
+    rec = json.loads(f.read_text())
+    assert rec["workload"] == "W-system" and rec["project"] is None
+    assert rec["skipped"]["engine_alone"] == "interrupted"
+    assert private_redis.client().dbsize() == 0
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert percentile([], 0.5) is None
+    assert percentile([3.0], 0.99) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == pytest.approx(2.5)
+    assert percentile(range(101), 0.99) == pytest.approx(99.0)
+
+
+def test_summarize_jobs_counts_tokens_from_submit_to_last_result() -> None:
+    def record(i: int, state: str, fin: float, tokens: int) -> JobRecord:
+        fields = {"submitted_at": "100.0", "started_at": str(100.5 + i), "finished_at": str(fin)}
+        result = {"completion_tokens": tokens, "prompt_tokens": 50, "finish_reason": "length",
+                  "queued_s": 0.1, "first_token_s": 0.2, "worker": "w@h"}
+        return JobRecord(f"b:L{i}", state, i, None, "low", None,
+                         result if state == "done" else None, None, fields)
+
+    records = [record(0, "done", 102.0, 8), record(1, "done", 104.0, 8),
+               record(2, "failed", 103.0, 0)]
+    out = summarize_jobs(records, t_submit=100.0, max_tokens=8)
+    assert out["states"] == {"done": 2, "failed": 1}
+    assert out["output_tokens"] == 16 and out["short_outputs"] == 0
+    assert out["seconds"] == pytest.approx(4.0)
+    assert out["tokens_per_s"] == pytest.approx(4.0)
+    assert out["first_started_s"] == pytest.approx(0.5)
+    assert out["workers"] == {"w@h": 2}
