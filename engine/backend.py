@@ -63,3 +63,51 @@ class GenerationBackend(ABC):
     def stats(self) -> dict[str, Any]:
         """Counters for logs and metrics (running, waiting, cache use, ...)."""
         return {}
+
+
+def require_checkpoint(model_path: str) -> None:
+    """Refuse a model path that is not a checkpoint folder, saying what is expected (the
+    loaders would otherwise take it for a hub id and fail with a message about repo ids)."""
+    from pathlib import Path
+
+    from engine.request import EngineError
+
+    folder = Path(model_path)
+    if not (folder / "config.json").is_file():
+        what = "has no config.json" if folder.is_dir() else "does not exist"
+        raise EngineError(
+            f"model path {model_path}: {what}; give the folder of a Hugging Face checkpoint"
+            " (config.json, *.safetensors, tokenizer files). Hub ids are not downloaded:"
+            " fetch the model first (e.g. `huggingface-cli download ID --local-dir DIR`)"
+        )
+
+
+def create_backend(config: Any, group: Any = None) -> GenerationBackend:
+    """The backend config.backend names (config: an EngineConfig); "auto" takes the native
+    one where it supports the checkpoint's architecture, and says which it chose. `group`:
+    the ParallelGroup of a sharded model (native backend only)."""
+    import logging
+
+    from engine.request import EngineError
+
+    choice = config.backend
+    if choice == "auto":
+        from engine import native_backend
+
+        choice = "native" if native_backend.supports(config.model_path) else "hf"
+        logging.getLogger(__name__).info("backend auto: chose %s for %s", choice,
+                                         config.model_path)
+    if choice == "native":
+        from engine.native_backend import NativeBackend
+
+        return NativeBackend(config, group)
+    if group is not None and group.world_size > 1:
+        raise EngineError(f"backend {choice!r} cannot shard a model; use the native backend"
+                          " (a Llama-family architecture) or gpus_per_worker: 1")
+    if choice == "echo":
+        from engine.echo_backend import EchoBackend
+
+        return EchoBackend(config)
+    from engine.hf_backend import HFBackend
+
+    return HFBackend(config)

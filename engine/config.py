@@ -60,11 +60,16 @@ class EngineConfig:
     decode_lookahead: bool = True
     # On by default: greedy outputs are unchanged, and unshared prompts lose nothing.
     enable_prefix_caching: bool = True
-    # Sharding over a GPU group (the multi-GPU part is built by a later change; group size 1 now).
+    # Sharding over a group of devices, one process per device (engine/core_process.py).
     shard_strategy: ShardStrategy = "none"
     group_size: int = 1
     distributed_backend: Literal["nccl", "gloo"] = "nccl"
     seed: int = 0
+    # Where the scheduler and the model run: "process", spawned processes (rank 0 and one per
+    # further device), so that the front's Python work (task threads, Redis, detokenising)
+    # never competes with the step loop for one GIL; "thread", a thread of this process (tests
+    # that hand the engine a ready backend, and debugging).
+    core: Literal["process", "thread"] = "process"
 
     def __post_init__(self) -> None:
         if self.max_model_len < 2:

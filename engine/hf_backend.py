@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from engine.backend import GenerationBackend, StepOutput
 from engine.config import EngineConfig
+from engine.devices import resolve_device
 from engine.request import SamplingParams
 from engine.sampler import make_generator, sample
 
@@ -60,8 +61,6 @@ class _Waiting:
 
 class HFBackend(GenerationBackend):
     def __init__(self, config: EngineConfig) -> None:
-        from engine.engine import resolve_device
-
         if config.dtype == "int8":
             raise ValueError("dtype int8 needs the native backend")
         self.config = config

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -131,11 +134,32 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
     metrics = WorkerMetrics(engine)
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
-    log.info("worker %s ready: model %s on %s, backend stats %s", worker_name,
-             config.model.path, gpu_label, engine.backend.stats())
+    watch_engine(engine, worker_name)
+    log.info("worker %s ready: model %s on %s, engine stats %s", worker_name,
+             config.model.path, gpu_label, engine.stats())
     return WorkerRuntime(config, engine, store, worker_name, gpu_label,
                          os.path.basename(os.path.normpath(config.model.path)), leases,
                          metrics)
+
+
+def watch_engine(engine: Any, worker_name: str, interval_s: float = 1.0) -> threading.Thread:
+    """End the worker when its engine core dies (a rank process killed, a device fault): a
+    worker without an engine must not take jobs. Its running jobs fail back to the sweeper
+    (their leases lapse), and the launcher or the service manager starts a new worker."""
+
+    def watch() -> None:
+        while engine.is_alive():
+            time.sleep(interval_s)
+        if engine.stopped:
+            return  # shut down on purpose
+        log.critical("worker %s: its engine core is gone (%s); stopping the worker, its jobs"
+                     " return through the sweeper", worker_name,
+                     engine.gone_reason or "see the log above")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="tideq-engine-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def start_lease_keeper(config: DeploymentConfig, store: JobStore,

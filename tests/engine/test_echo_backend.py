@@ -22,6 +22,6 @@ def test_echo_answers_with_the_prompt_start(tiny_llama: Path) -> None:
         assert whole.token_ids == ids[:2] and whole.completion_tokens == 2  # the whole prompt
         text = engine.generate([Request("c", prompt="hello there")])[0]
         assert text.prompt_tokens > 0 and text.token_ids
-        assert engine.backend.stats() == {}  # no scheduler, no cache behind it
+        assert "running" not in engine.stats()  # no scheduler, no cache behind it
     finally:
         engine.shutdown()

@@ -7,6 +7,8 @@ front's logic, not generation (the native and transformers backends have their o
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import wait
 from typing import Any
 
@@ -19,6 +21,7 @@ from engine.engine import Engine
 from engine.request import (
     EngineError,
     EngineOutOfMemoryError,
+    EngineShutDownError,
     PromptTooLongError,
     Request,
     SamplingParams,
@@ -61,6 +64,9 @@ class ScriptedBackend(GenerationBackend):
         # Requests that make a step raise once they have produced this many tokens.
         self.late_failure: dict[str, int] = {}
         self.step_sizes: list[int] = []
+        # Seconds each step takes: the core runs ahead of the front, so a test that needs the
+        # front's abort to arrive before the end of a request slows the steps down.
+        self.step_delay = 0.0
 
     def add_request(self, request_id, prompt_token_ids, sampling, priority):
         if request_id in self.refused:
@@ -76,6 +82,7 @@ class ScriptedBackend(GenerationBackend):
         return bool(self.live)
 
     def step(self):
+        time.sleep(self.step_delay)
         if self.fail_next is not None:
             err, self.fail_next = self.fail_next, None
             raise err
@@ -128,9 +135,10 @@ def test_text_tokens_and_counts(engine_and_backend):
 
 def test_stop_string_cuts_text_and_aborts(engine_and_backend):
     engine, backend = engine_and_backend
-    out = engine.submit(req("a", max_tokens=15, stop=[" wor", "xyz"])).result(5)
+    backend.step_delay = 0.02
+    out = engine.submit(req("a", max_tokens=60, stop=[" wor", "xyz"])).result(5)
     assert (out.text, out.finish_reason) == ("hello", "stop")
-    assert "a" in backend.aborted
+    eventually(lambda: "a" in backend.aborted)  # the abort reaches the core after the result
 
 
 def test_chat_messages_use_the_template(engine_and_backend):
@@ -181,9 +189,17 @@ def test_cancel_resolves_cancelled():
         engine.cancel("a")
         gate.set()
         assert future.result(5).finish_reason == "cancelled"
-        assert "a" in backend.aborted
+        eventually(lambda: "a" in backend.aborted)
     finally:
         engine.shutdown()
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for something another thread does (the core applies messages asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
 
 
 def hold_steps(backend: ScriptedBackend) -> threading.Event:
@@ -267,16 +283,17 @@ def test_a_refused_request_fails_alone(engine_and_backend):
 def test_an_error_handling_one_output_fails_only_that_request():
     backend = ScriptedBackend()
     backend.undecodable = {"bad"}
+    backend.step_delay = 0.02
     gate = hold_steps(backend)
     engine = make_engine(backend)
     try:
         good = engine.submit(req("good", max_tokens=3))
-        bad = engine.submit(req("bad", max_tokens=3, stop=["x"]))
+        bad = engine.submit(req("bad", max_tokens=60, stop=["x"]))
         gate.set()
         with pytest.raises(EngineError, match="request bad"):
             bad.result(5)
         assert good.result(5).text == "hel"
-        assert "bad" in backend.aborted
+        eventually(lambda: "bad" in backend.aborted)
     finally:
         engine.shutdown()
 
@@ -309,13 +326,17 @@ def test_is_alive_until_shutdown_and_through_failures():
     assert not engine.is_alive()
 
 
-def test_is_alive_is_false_when_the_loop_thread_is_gone():
-    engine = make_engine(ScriptedBackend())
-    engine._stopped = True  # stop the loop without shutdown()'s bookkeeping
-    engine._wakeup.set()
-    engine._thread.join(5)
-    engine._stopped = False
-    assert not engine.is_alive()
+def test_when_the_core_dies_live_requests_fail_and_is_alive_turns_false():
+    backend = ScriptedBackend()
+    engine = make_engine(backend)
+    # An error no recovery catches ends the core's loop, as a killed core process would.
+    backend.fail_always = SystemExit("core killed")
+    with pytest.raises(EngineShutDownError, match="engine core"):
+        engine.submit(req("a", max_tokens=3)).result(5)
+    eventually(lambda: not engine.is_alive())
+    with pytest.raises(EngineShutDownError):
+        engine.submit(req("b", max_tokens=3)).result(5)
+    engine.shutdown()
 
 
 def test_shutdown_fails_pending_and_refuses_new():
