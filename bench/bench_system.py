@@ -137,8 +137,8 @@ class Sizes:
     prompt_min: int = 40
     prompt_max: int = 470  # inclusive
     max_tokens: int = 128
-    warmup_jobs: int = 256
-    reps: int = 2
+    warmup_jobs: int = 512
+    reps: int = 3
     high_jobs: int = 50
     high_interval_s: float = 0.2
     high_prompt_tokens: int = 128
@@ -1525,8 +1525,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, help="output tokens per job (128)")
     p.add_argument("--prompt-min", type=int, help="shortest prompt in tokens (40)")
     p.add_argument("--prompt-max", type=int, help="longest prompt in tokens (470)")
-    p.add_argument("--warmup-jobs", type=int, help="jobs of the warm-up batch (256)")
-    p.add_argument("--reps", type=int, help="timed runs of W-system / W-scale (2)")
+    p.add_argument("--warmup-jobs", type=int, help="jobs of the warm-up batch (512)")
+    p.add_argument("--reps", type=int, help="timed runs of W-system / W-scale (3)")
     p.add_argument("--reliability-jobs", type=int, help="reliability jobs (4096)")
     p.add_argument("--reliability-tokens", type=int, help="reliability output tokens (128)")
     p.add_argument("--flood-jobs", type=int, help="W-priority low flood per worker (4096)")
