@@ -20,7 +20,7 @@ from torch import nn
 
 from engine.attention import PagedAttention
 from engine.models import CausalLM, model_class
-from engine.parallel import LinearBase, ParallelGroup, load_slice
+from engine.parallel import LayerSplit, LinearBase, ParallelGroup, load_slice
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,16 @@ def checkpoint_files(model_path: str | Path) -> list[Path]:
 
 
 def build_model(
-    hf_config: Any, group: ParallelGroup, attention: PagedAttention, max_positions: int
+    hf_config: Any,
+    group: ParallelGroup,
+    attention: PagedAttention,
+    max_positions: int,
+    split_layers: bool = False,
 ) -> CausalLM:
-    """The architecture's module on the meta device (parameters have shapes, no storage)."""
+    """The architecture's module on the meta device (parameters have shapes, no storage).
+
+    The group shards every layer (tensor parallel), or with split_layers gives each rank
+    consecutive whole layers (engine.parallel.LayerSplit)."""
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures:
         raise ValueError("config.json names no architecture")
@@ -52,8 +59,12 @@ def build_model(
         raise ValueError("quantised checkpoints are not supported by the native backend")
     cls = model_class(architectures[0])
     args = cls.args_class.from_hf(hf_config)
+    if split_layers:
+        split, tensor_group = LayerSplit.of(group, args.num_layers), ParallelGroup()
+    else:
+        split, tensor_group = LayerSplit.whole(args.num_layers), group
     with torch.device("meta"):
-        model = cls(args, group, attention, max_positions)
+        model = cls(args, tensor_group, attention, max_positions, split)
     model.tie_weights()
     return model
 
@@ -91,17 +102,17 @@ def load_weights(model: CausalLM, model_path: str | Path) -> None:
     params = dict(model.named_parameters())
     packed = model.packed_modules
     shards_of = Counter(target for target, _ in packed.values())
-    tied = model.args.tie_word_embeddings
     loaded: Counter[str] = Counter()
     for file in checkpoint_files(model_path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if key.endswith(IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
+                target = None if key.endswith(IGNORED_SUFFIXES) else model.checkpoint_target(key)
+                if target is None:  # recomputed, or not held by this rank
                     continue
-                name, shard = key, None
+                name, shard = target, None
                 for ckpt_module, (module_name, shard_id) in packed.items():
-                    if f".{ckpt_module}." in key:
-                        name = key.replace(f".{ckpt_module}.", f".{module_name}.")
+                    if f".{ckpt_module}." in target:
+                        name = target.replace(f".{ckpt_module}.", f".{module_name}.")
                         shard = shard_id
                         break
                 if name not in params:
@@ -137,16 +148,20 @@ def load_model(
     attention: PagedAttention,
     max_positions: int,
     int8: bool = False,
+    split_layers: bool = False,
 ) -> CausalLM:
     """Build, allocate and load the model for this rank; returns it in eval mode.
 
     Args:
         hf_config: the transformers config of the checkpoint.
         dtype: of the activations and the unquantised weights.
+        group: the ranks the model is sharded over.
         max_positions: longest sequence the position tables must cover.
         int8: weight-only int8 linear layers (quantised per output row while loading).
+        split_layers: shard by layers (each rank holds consecutive whole layers) instead of
+            slicing every layer over the group.
     """
-    model = build_model(hf_config, group, attention, max_positions)
+    model = build_model(hf_config, group, attention, max_positions, split_layers)
     if int8:
         quantize_int8(model)
     materialise(model, device, dtype)

@@ -45,11 +45,17 @@ def supports(model_path: str | Path) -> bool:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device a config names; "cuda" (and "auto" on a GPU machine) is the current CUDA
+    device with its index, which the process of each rank of a group sets to its own GPU
+    (torch.cuda.set_device) before building its backend."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"device {name!r} asked for, but CUDA is not available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError(f"device {name!r} asked for, but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -84,9 +90,14 @@ class NativeBackend(GenerationBackend):
 
     Args:
         config: engine settings; model_path must hold a supported architecture.
-        group: the ranks the model is sharded over (a group of one when None). Each rank
-            builds its own backend; all ranks must be fed the same requests in the same order,
-            so that their schedulers stay in step.
+        group: the ranks the model is sharded over (a group of one when None), as
+            config.shard_strategy says ("tensor" or "layer"). Each rank runs in its own
+            process, with torch.distributed initialised (config.distributed_backend: NCCL for
+            GPUs, gloo for the CPU) and, on a GPU, its own device made current; it builds its
+            own backend, and all ranks must then be fed the same calls (add_request,
+            abort_request, step) in the same order, so that their schedulers make the same
+            decisions and their collectives line up. Every rank's step returns the same
+            outputs.
     """
 
     def __init__(self, config: EngineConfig, group: ParallelGroup | None = None) -> None:
@@ -97,8 +108,7 @@ class NativeBackend(GenerationBackend):
         if config.group_size != self.group.world_size:
             raise EngineError(
                 f"group_size {config.group_size} needs a ParallelGroup of that many ranks, one"
-                f" process each (got a group of {self.group.world_size}); launching the ranks of"
-                " a sharded group is not built yet"
+                f" process each (got a group of {self.group.world_size})"
             )
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype)

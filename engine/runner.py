@@ -1,15 +1,22 @@
 """Runs the model for one scheduled step: builds the flat token batch, runs the forward pass
 over the paged KV cache and samples the next token of every sequence whose chunk completed.
 
-The runner owns the model and the cache tensors of its rank. Rank 0 builds the step's inputs
-from the scheduler's output; in a sharded group the same inputs would be broadcast to the other
-ranks, each of which runs `forward` on its slice (only group size 1 is wired up for now).
+The runner owns the model and the cache tensors of its rank. In a sharded group every rank
+has its own scheduler, fed the same calls, so every rank builds the same step inputs from its
+own (identical) scheduler output and no inputs travel; what must agree afterwards is the
+sampled tokens, which every rank's scheduler appends:
+
+- tensor parallel: every rank computes the same gathered logits, so greedy rows agree as they
+  are; rows drawn at random are broadcast from rank 0 (the ranks' random generators differ);
+- layer split: only the last rank computes logits; its tokens are broadcast to the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +106,12 @@ class ModelRunner:
             (plain PyTorch with config.enforce_eager, or on the CPU).
 
     On a GPU without enforce_eager, pure decode steps replay CUDA graphs (engine.cuda_graphs)
-    captured once the cache exists; other steps run eagerly.
+    captured once the cache exists (on every rank of a tensor-parallel group, each capturing
+    the same batch sizes in the same order, collectives included); other steps, and every
+    step of a layer split, run eagerly.
+
+    In a group (group.world_size > 1) config.shard_strategy picks tensor parallelism or the
+    layer split; every rank must be fed the same steps in the same order.
     """
 
     def __init__(
@@ -116,9 +128,20 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.group = group
+        if group.world_size > 1 and config.shard_strategy not in ("tensor", "layer"):
+            raise EngineError(
+                f"a group of {group.world_size} ranks needs shard_strategy tensor or layer,"
+                f" not {config.shard_strategy!r}"
+            )
+        self.split_layers = group.world_size > 1 and config.shard_strategy == "layer"
         self.block_size = config.block_size
         fast = device.type == "cuda" and not config.enforce_eager
         self.attention: PagedAttention = attention or default_attention(fast)
+        with self._on_device():
+            self._build(config, hf_config, max_model_len, fast)
+
+    def _build(self, config: EngineConfig, hf_config: Any, max_model_len: int, fast: bool) -> None:
+        device, dtype, group = self.device, self.dtype, self.group
         self.model: CausalLM = load_model(
             hf_config,
             config.model_path,
@@ -128,14 +151,18 @@ class ModelRunner:
             self.attention,
             max_model_len,
             int8=config.dtype == "int8",
+            split_layers=self.split_layers,
         )
         if fast:  # fused norm / rotary / activation kernels
             use_triton = getattr(self.model, "use_triton_kernels", None)
             if use_triton is not None:
                 use_triton()
         args = self.model.args
-        self.num_layers = args.num_layers
-        self.num_kv_heads = group.split(args.num_kv_heads, "key/value heads")
+        # This rank's layers and key/value heads: all heads of its layers in a layer split,
+        # its share of every layer's heads in tensor parallelism.
+        self.num_layers = self.model.layer_split.num_local_layers
+        heads_group = ParallelGroup() if self.split_layers else group
+        self.num_kv_heads = heads_group.split(args.num_kv_heads, "key/value heads")
         self.head_dim = args.head_dim
         self.vocab_size = args.vocab_size
         self.num_blocks = self._decide_num_blocks(max_model_len)
@@ -167,7 +194,9 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.lookahead: Lookahead | None = None
         self.graphs: DecodeGraphs | None = None
-        if fast and group.world_size == 1:
+        # The layer split runs eagerly: it exists for capacity (a model too large for one
+        # device), not speed, and its ranks take turns within a step anyway.
+        if fast and not self.split_layers:
             self.graphs = DecodeGraphs(
                 self.model,
                 self.kv_caches,
@@ -192,12 +221,19 @@ class ModelRunner:
         if self.config.num_kv_blocks is not None:
             num_blocks = self.config.num_kv_blocks
         elif self.device.type == "cuda":
+            # A group's first collective creates NCCL's communicator and its device buffers,
+            # which must be in place before the free memory is measured.
+            self.group.min(0, self.device)
             free, _ = torch.cuda.mem_get_info(self.device)
             num_blocks = int(free * self.config.kv_cache_memory_fraction) // per_block
         else:
             num_blocks = blocks_for_sequences(
                 self.config.max_num_seqs, max_model_len, self.block_size
             )
+        # Every rank's scheduler must hand out the same blocks, so the group agrees on the
+        # smallest cache any rank can hold (free memory differs between devices, and the
+        # ranks of a layer split hold different layers and weights).
+        num_blocks = self.group.min(num_blocks, self.device)
         if num_blocks < 1:
             raise EngineError(
                 f"no device memory is left for the KV cache (one block takes {per_block} bytes):"
@@ -214,9 +250,24 @@ class ModelRunner:
             )
         return num_blocks
 
+    @contextlib.contextmanager
+    def _on_device(self) -> Iterator[None]:
+        """This rank's GPU as the current device (Triton launches on the current device, and
+        a step may run in another thread than the one that built the runner)."""
+        if self.device.type != "cuda":
+            yield
+            return
+        with torch.cuda.device(self.device):
+            yield
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[int]:
-        """Run one step; return the sampled token of each of `out.sampling_chunks`."""
+        """Run one step; return the sampled token of each of `out.sampling_chunks` (the same
+        on every rank of a group)."""
+        with self._on_device():
+            return self._execute(out)
+
+    def _execute(self, out: SchedulerOutput) -> list[int]:
         t0 = time.perf_counter()
         start = self._event() if self.profile is not None else None
         chunks = out.chunks
@@ -232,7 +283,7 @@ class ModelRunner:
                 self._record(kind, out, t0, t_enqueued, start if kind == "graph" else None, end)
             return result
         logits = self._eager(out)
-        if logits is None:
+        if not out.sampling_chunks:
             if self.profile is not None:
                 self._record("eager", out, t0, time.perf_counter(), None, None)
             return []
@@ -317,7 +368,8 @@ class ModelRunner:
         return Lookahead(inputs.seq_ids, positions, slots, ahead)
 
     def _eager(self, out: SchedulerOutput) -> torch.Tensor | None:
-        """Any step, run eagerly; logits [N, V] of the sampling rows."""
+        """Any step, run eagerly; logits [N, V] of the sampling rows (None when no chunk
+        samples, or on a rank of a layer split without the vocabulary head)."""
         ids: list[int] = []
         positions: list[int] = []
         specs: list[ChunkSpec] = []
@@ -335,25 +387,40 @@ class ModelRunner:
         packed = torch.tensor(ids + positions + last_rows, dtype=torch.long)
         packed = packed.to(self.device, non_blocking=True)
         input_ids, pos, rows = packed.split([t, t, len(last_rows)])  # [T], [T], [N]
+        # Every rank of a layer split runs its layers here, taking its input from the rank
+        # before and handing its output on (inside the model).
         hidden: torch.Tensor = self.model(input_ids, pos, self.kv_caches, meta)  # [T, D]
-        if not last_rows:
+        if not last_rows or not self.model.layer_split.is_last:
             return None
         logits: torch.Tensor = self.model.compute_logits(hidden[rows])  # [N, V]
         return logits
 
-    def _sample(self, logits: torch.Tensor, out: SchedulerOutput) -> torch.Tensor:
-        """The next token of each sampling chunk, on the device ([N] long)."""
+    def _sample(self, logits: torch.Tensor | None, out: SchedulerOutput) -> torch.Tensor:
+        """The next token of each sampling chunk ([N] long), the same on every rank.
+
+        logits: [N, V], or None on a rank of a layer split without the vocabulary head."""
         chunks = out.sampling_chunks
         params = [c.seq.sampling for c in chunks]
-        if all(p.greedy for p in params):
-            return logits.argmax(dim=-1)
-        generators = [
-            None
-            if c.seq.sampling.greedy
-            else self._generator(c.seq.sampling.seed, c.seq.num_output_tokens)
-            for c in chunks
-        ]
-        return sample(logits, params, generators)
+        greedy = all(p.greedy for p in params)
+        if logits is None:  # filled by the last rank's broadcast below
+            tokens = torch.empty(len(chunks), dtype=torch.long, device=self.device)
+        elif greedy:
+            tokens = logits.argmax(dim=-1)
+        else:
+            generators = [
+                None
+                if c.seq.sampling.greedy
+                else self._generator(c.seq.sampling.seed, c.seq.num_output_tokens)
+                for c in chunks
+            ]
+            tokens = sample(logits, params, generators)
+        if self.split_layers:
+            return self.group.broadcast(tokens, self.model.layer_split.last_rank)
+        if not greedy:
+            # Tensor parallel: the logits are the same on every rank, but unseeded rows draw
+            # from each process's own generator; rank 0's draw is the group's.
+            return self.group.broadcast(tokens, 0)
+        return tokens
 
     def _event(self) -> torch.cuda.Event | None:
         if self.device.type != "cuda":

@@ -10,6 +10,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from engine.parallel import LayerSplit
+
 # config.json architecture -> module under engine.models. Llama, Qwen2 and Mistral differ only
 # in biases, sliding windows and defaults, which the llama module reads from the config.
 ARCHITECTURES: dict[str, str] = {
@@ -32,13 +34,25 @@ class ModelShape(Protocol):
 class CausalLM(nn.Module, abc.ABC):
     """A decoder over a flat token batch and a paged KV cache.
 
-    Subclasses are built on the meta device (see engine.loader) from `args_class.from_hf`.
+    Subclasses are built on the meta device (see engine.loader) from `args_class.from_hf` as
+    `cls(args, group, attention, max_positions, layer_split)`: `group` shards every layer
+    (tensor parallel; a group of one when the model is split by layers), `layer_split` says
+    which layers this rank holds. The forward pass of a layer-split rank takes its input
+    from the previous rank and hands its output to the next one itself; only the last rank
+    computes logits.
     """
 
     args: ModelShape
     args_class: ClassVar[Any]
+    layer_split: LayerSplit
     # checkpoint module name -> (module name here, shard id) for projections fused here.
     packed_modules: ClassVar[dict[str, tuple[str, Any]]] = {}
+
+    def checkpoint_target(self, key: str) -> str | None:
+        """The parameter here that checkpoint tensor `key` loads into (before the fusing of
+        `packed_modules`), or None when this rank does not hold it (another rank's layers,
+        a tied head's duplicate)."""
+        return key
 
     def tie_weights(self) -> None:
         """Share the embedding and output weights when the checkpoint ties them."""

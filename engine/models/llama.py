@@ -2,8 +2,9 @@
 optional QKV bias and sliding window, SwiGLU MLP, tied or untied embeddings.
 
 Works on a flat token batch ([T] ids and positions, no padding) over a paged KV cache, with
-tensor-parallel layers from engine.parallel. Module names follow the Hugging Face checkpoint,
-except the fused `qkv_proj` and `gate_up_proj` (see `packed_modules`).
+tensor-parallel layers from engine.parallel, or only some layers (engine.parallel.LayerSplit).
+Module names follow the Hugging Face checkpoint, except the fused `qkv_proj` and
+`gate_up_proj` (see `packed_modules`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from engine.attention import AttentionMetadata, PagedAttention
 from engine.models import CausalLM
 from engine.parallel import (
+    LayerSplit,
     LinearBase,
     MergedColumnParallelLinear,
     ParallelGroup,
@@ -340,17 +342,34 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
+class MissingLayer(nn.Module):
+    """The place of a layer another rank holds (layer split): keeps the layers' indices, and
+    so the checkpoint's names, of the ones this rank holds."""
+
+
 class LlamaModel(nn.Module):
     def __init__(
-        self, args: LlamaArgs, group: ParallelGroup, attention: PagedAttention, max_positions: int
+        self,
+        args: LlamaArgs,
+        group: ParallelGroup,
+        attention: PagedAttention,
+        max_positions: int,
+        split: LayerSplit,
     ) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, group)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(args, i, group, attention) for i in range(args.num_layers)
+        self.split = split
+        self.embed_tokens = (
+            VocabParallelEmbedding(args.vocab_size, args.hidden_size, group)
+            if split.is_first
+            else None
         )
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(args, i, group, attention) if split.holds(i) else MissingLayer()
+            for i in range(args.num_layers)
+        )
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if split.is_last else None
         self.rotary_emb = RotaryEmbedding(args.head_dim, max_positions, args.rope_parameters)
+        self.hidden_size = args.hidden_size
         self.fused_rope = False
 
     def forward(
@@ -360,18 +379,39 @@ class LlamaModel(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        # input_ids, positions: [T] -> hidden: [T, D]
-        x = self.embed_tokens(input_ids)
+        # input_ids, positions: [T] -> hidden: [T, D]: the final norm's output on the last
+        # rank of a layer split (or the whole model); on other ranks the residual stream
+        # handed to the next rank.
+        split = self.split
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(input_ids)
+        else:  # a later rank of a layer split: the previous rank's stream
+            dtype = self.activation_dtype()
+            x = split.recv_hidden((input_ids.shape[0], self.hidden_size), dtype, input_ids.device)
         if self.fused_rope:  # the kernel reads the float32 tables at each position
             rope = Rope(positions, self.rotary_emb.cos, self.rotary_emb.sin)
         else:
             rope = Rope(positions, *self.rotary_emb(positions, x.dtype))
         residual: torch.Tensor | None = None
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
+        layers = self.layers[split.start : split.end]
+        for layer, cache in zip(layers, kv_caches, strict=True):
             x, residual = layer(x, residual, rope, cache, meta)
+        if self.norm is None:
+            # One tensor, the stream x + residual, rounded as the next layer's add would round
+            # it, so the next rank's first layer (residual None) computes exactly what it
+            # would unsplit.
+            stream = x if residual is None else residual + x
+            split.send_hidden(stream)
+            return stream
         if residual is None:
             return self.norm(x)
         return self.norm.add_forward(x, residual)[0]
+
+    def activation_dtype(self) -> torch.dtype:
+        """The activation dtype (that of the norm weights; int8 quantises linear layers only)."""
+        layer = self.layers[self.split.start]
+        assert isinstance(layer, LlamaDecoderLayer)
+        return layer.input_layernorm.weight.dtype
 
 
 class LlamaForCausalLM(CausalLM):
@@ -387,16 +427,43 @@ class LlamaForCausalLM(CausalLM):
     }
 
     def __init__(
-        self, args: LlamaArgs, group: ParallelGroup, attention: PagedAttention, max_positions: int
+        self,
+        args: LlamaArgs,
+        group: ParallelGroup,
+        attention: PagedAttention,
+        max_positions: int,
+        layer_split: LayerSplit | None = None,
     ) -> None:
         super().__init__()
         self.args: LlamaArgs = args
-        self.model = LlamaModel(args, group, attention, max_positions)
-        self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, group)
+        self.layer_split = layer_split or LayerSplit.whole(args.num_layers)
+        self.model = LlamaModel(args, group, attention, max_positions, self.layer_split)
+        self.lm_head = (
+            ParallelLMHead(args.vocab_size, args.hidden_size, group)
+            if self.layer_split.is_last
+            else None
+        )
 
     def tie_weights(self) -> None:
-        if self.args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        embed = self.model.embed_tokens
+        if self.args.tie_word_embeddings and embed is not None and self.lm_head is not None:
+            self.lm_head.weight = embed.weight
+
+    def checkpoint_target(self, key: str) -> str | None:
+        split = self.layer_split
+        tied = self.args.tie_word_embeddings
+        if key == "lm_head.weight":  # a tied checkpoint's copy is skipped: the embedding loads
+            return key if split.is_last and not tied else None
+        if key == "model.embed_tokens.weight":
+            if split.is_first:
+                return key
+            # The last rank of a split without the embedding: its tied head loads the table.
+            return "lm_head.weight" if tied and split.is_last else None
+        if key.startswith("model.norm."):
+            return key if split.is_last else None
+        if key.startswith("model.layers."):
+            return key if split.holds(int(key.split(".")[2])) else None
+        return key
 
     def init_buffers(self) -> None:
         self.model.rotary_emb.init_buffers()
@@ -426,6 +493,7 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, D] -> logits: [N, V]
+        assert self.lm_head is not None, "only the last rank of a layer split has the head"
         logits: torch.Tensor = self.lm_head(hidden)
         return logits
 
