@@ -11,6 +11,7 @@ A worker that dies is started again (its unacknowledged jobs are redelivered by 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -29,6 +30,8 @@ log = logging.getLogger("tideq.launch")
 # A worker that dies sooner than this after its start is not restarted in a tight loop: the
 # launcher waits this long first (a broken config would otherwise spin).
 _RESTART_BACKOFF_S = 5.0
+# prctl(2) option: the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -67,7 +70,10 @@ def plan_workers(config: DeploymentConfig) -> list[WorkerSpec]:
         high_only = (config.gpu_allocation_strategy == "priority"
                      and g < config.high_only_workers)
         queues = (keys.QUEUE_HIGH,) if high_only else keys.QUEUES
-        specs.append(WorkerSpec(f"gpu{g}", list(range(g * k, (g + 1) * k)), queues, g))
+        gpus = list(range(g * k, (g + 1) * k))
+        # Named after its GPUs: gpu3, or gpu2-3 for a group of two.
+        name = f"gpu{gpus[0]}" if k == 1 else f"gpu{gpus[0]}-{gpus[-1]}"
+        specs.append(WorkerSpec(name, gpus, queues, g))
     return specs
 
 
@@ -132,7 +138,7 @@ def _supervise(specs: list[WorkerSpec], config: DeploymentConfig, config_path: s
 
     def start(spec: WorkerSpec) -> None:
         proc = subprocess.Popen(spec.command(config.num_workers, loglevel),
-                                env=spec.env(config_path))
+                                env=spec.env(config_path), preexec_fn=_die_with_parent)
         procs[spec.name] = (proc, time.monotonic())
         log.info("started %s (pid %d)", spec.name, proc.pid)
 
@@ -163,6 +169,15 @@ def _supervise(specs: list[WorkerSpec], config: DeploymentConfig, config_path: s
                 time.sleep(_RESTART_BACKOFF_S)
             start(spec)
     return 0
+
+
+def _die_with_parent() -> None:
+    """In the worker process before it starts: get SIGTERM when the launcher dies, however it
+    dies (kill -9 included), so that no worker is left holding GPU memory. SIGTERM, not
+    SIGKILL: the worker drains its running jobs and stops its engine processes."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -110,11 +110,6 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
                 f"{config_source()}: gpus_per_worker: {config.gpus_per_worker} GPUs per worker"
                 f" but this worker sees {visible} (CUDA_VISIBLE_DEVICES={gpu_label})"
             )
-        if config.gpus_per_worker > 1:
-            raise ConfigError(
-                f"{config_source()}: model_shard_strategy: sharding a model over"
-                f" {config.gpus_per_worker} GPUs is not available in this version"
-            )
     if config.model.build_if_missing:
         from engine.random_checkpoint import ensure_checkpoint
 

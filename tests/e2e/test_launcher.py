@@ -54,3 +54,64 @@ def test_a_dead_worker_is_restarted_and_jobs_still_finish(tmp_path, redis_url, t
     finally:
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(60) == 0
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is pid (from /proc; the tests run on Linux)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(") ", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie has exited; it waits only for its (dead) parent's reaper.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ", 1)[1].startswith("Z")
+
+
+def test_a_killed_launcher_leaves_no_worker_behind(tmp_path, redis_url, tiny_llama):
+    """kill -9 of the launcher: its workers (and their engine processes) stop too, instead
+    of holding GPU memory for ever."""
+    config_path = write_config(tmp_path / "d.yaml", redis_url, tiny_llama, num_workers=2)
+    log_path = tmp_path / "launch.log"
+    with log_path.open("w") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "tasks.launch", "--config", str(config_path)],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    (pid,) = _wait_for(log_path, r"started cpu0 \(pid (\d+)\)", 1)
+    _wait_for(log_path, r"cpu0@\S+ ready", 1)
+    # The worker's engine core process (and multiprocessing's resource tracker).
+    children = _children(int(pid))
+    assert children
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 60
+    while not all(_gone(p) for p in (int(pid), *children)):
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.2)
+
+
+def test_workers_are_named_after_their_gpu_group():
+    from tasks.config import parse_config
+    from tasks.launch import plan_workers
+
+    config = parse_config({"num_gpus": 4, "gpus_per_worker": 2,
+                           "model_shard_strategy": "tensor"})
+    assert [(s.name, s.gpus) for s in plan_workers(config)] == [("gpu0-1", [0, 1]),
+                                                                ("gpu2-3", [2, 3])]
+    single = parse_config({"num_gpus": 2})
+    assert [s.name for s in plan_workers(single)] == ["gpu0", "gpu1"]
