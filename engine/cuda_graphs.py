@@ -30,6 +30,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
     return triton_argmax(logits)
 
+
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
@@ -79,6 +80,9 @@ class DecodeGraphs:
         scratch_block: a cache block no sequence is given (padding rows write there).
         replay: capture and replay graphs (CUDA); False runs the same static buffers eagerly,
             which is how the CPU tests check the buffers' layout and padding.
+        collectives: the model's forward pass holds NCCL collectives (a tensor-parallel
+            rank). Every rank must then capture, and replay, the same batch sizes in the same
+            order, which graph_batch_sizes and the replicated scheduler give.
     """
 
     def __init__(
@@ -91,9 +95,15 @@ class DecodeGraphs:
         scratch_block: int,
         device: torch.device,
         replay: bool = True,
+        collectives: bool = False,
     ) -> None:
         self.model = model
         self.replay = replay
+        # PyTorch's NCCL watchdog thread queries the events of collectives launched before a
+        # capture (the warm-up's); under the default "global" capture mode such a call from
+        # another thread invalidates the capture. "thread_local" still refuses unsafe calls
+        # from this thread, and lets the watchdog be.
+        self.capture_error_mode = "thread_local" if collectives else "global"
         self.kv_caches = kv_caches
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.max_bs = m = self.sizes[-1]
@@ -150,7 +160,7 @@ class DecodeGraphs:
             argmax(self.model.compute_logits(self.model(ids, pos, self.kv_caches, meta)))
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=self.capture_error_mode):
                 hidden = self.model(ids, pos, self.kv_caches, meta)
                 self.logits[bs] = self.model.compute_logits(hidden)  # [bs, V]
                 self.tokens[bs] = argmax(self.logits[bs])  # [bs]

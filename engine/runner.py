@@ -205,6 +205,7 @@ class ModelRunner:
                 self.block_size,
                 self.scratch_block,
                 device,
+                collectives=group.world_size > 1,
             )
             self.graphs.capture()
         # Per-step timings when a list (set by the benchmark's --profile): see _record.
