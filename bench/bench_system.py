@@ -73,7 +73,7 @@ from bench.common import (  # noqa: E402
     write_result,
 )
 
-WORKLOADS = ("system", "reliability", "scale", "priority")  # the order they run in
+WORKLOADS = ("system", "reliability", "scale", "priority")  # the order of --workload all
 WORKLOAD_IDS = {"system": "W-system", "scale": "W-scale", "priority": "W-priority",
                 "reliability": "reliability"}
 MODELS = ("tiny", "1b", "8b", "config")
@@ -95,6 +95,11 @@ SAMPLE_S = 0.5
 # A stopped deployment gets this long for Celery's warm shutdown, then its group is killed.
 STOP_GRACE_S = 15.0
 INTERRUPTED_GRACE_S = 3.0
+# Warm-up: batches of warmup_jobs, each of fresh prompts, until one runs within WARM_STEADY of
+# the one before (at least 2, at most max_warmups). A fresh machine compiles Triton kernels for
+# new shapes during the first thousands of jobs (each later process finds them in the disk
+# cache): a fixed small warm-up left the first timed runs of a cold worker at half speed.
+WARM_STEADY = 0.10
 # Percentiles of finish times between which the steady throughput is taken (the ramp-up and
 # the tail of a batch, where the engine is not full, are left out).
 STEADY_FROM, STEADY_TO = 0.1, 0.9
@@ -138,6 +143,7 @@ class Sizes:
     prompt_max: int = 470  # inclusive
     max_tokens: int = 128
     warmup_jobs: int = 512
+    max_warmups: int = 6
     reps: int = 3
     high_jobs: int = 50
     high_interval_s: float = 0.2
@@ -150,9 +156,9 @@ class Sizes:
 
 
 # --quick: the same code paths in seconds on a CPU (the smoke test).
-QUICK = Sizes(jobs=16, max_tokens=8, warmup_jobs=4, reps=1, high_jobs=6, high_interval_s=0.05,
-              high_prompt_tokens=32, flood_jobs=64, flood_lead_s=1.0, reliability_jobs=32,
-              reliability_tokens=8)
+QUICK = Sizes(jobs=16, max_tokens=8, warmup_jobs=4, max_warmups=1, reps=1, high_jobs=6,
+              high_interval_s=0.05, high_prompt_tokens=32, flood_jobs=64, flood_lead_s=1.0,
+              reliability_jobs=32, reliability_tokens=8)
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -748,6 +754,12 @@ def timed_batch(ctx: Context, producer: Any, config: Path, pf: PromptFile, batch
     return out
 
 
+def steady(values: list[float]) -> bool:
+    """The last warm-up ran within WARM_STEADY of the one before."""
+    return len(values) >= 2 and values[-2] > 0 and abs(values[-1] - values[-2]) <= (
+        WARM_STEADY * values[-2])
+
+
 def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in runs if r.get(key) is not None]
     return float(statistics.median(values)) if values else None
@@ -828,11 +840,17 @@ def engine_alone_child(spec_path: Path) -> int:
                     "engine_queued_s": dist([c.queued_s for c in comps])}
 
         last = 0.0
+        warm_tps: list[float] = []
         for i, (path, max_tokens) in enumerate(spec["warmups"]):
             t = time.perf_counter()
-            result.setdefault("warmups", []).append(run(path, f"w{i}", max_tokens))
+            w = run(path, f"w{i}", max_tokens)
+            result.setdefault("warmups", []).append(w)
+            warm_tps.append(w["tokens_per_s"])
             last = time.perf_counter() - t
-            print(f"engine alone: warm-up {i + 1} {last:.1f}s", flush=True)
+            print(f"engine alone: warm-up {i + 1}: {w['tokens_per_s']:,.1f} tokens/s"
+                  f" ({last:.1f}s)", flush=True)
+            if steady(warm_tps) or end - time.monotonic() < 60.0:
+                break
         for i, (path, max_tokens) in enumerate(spec["runs"]):
             if i > 0 and end - time.monotonic() < last:
                 result["cut_short"] = True
@@ -880,13 +898,20 @@ def run_engine_alone(ctx: Context, config: Path, warmups: list[PromptFile],
 
 
 # --- W-system --------------------------------------------------------------------------------
-def system_prompts(ctx: Context, tag: str, scale: int = 1) -> tuple[PromptFile, list[PromptFile]]:
-    """The warm-up file and one file per repetition: distinct texts (the worker's engine caches
+def warm_files(ctx: Context, tag: str, scale: int = 1) -> list[PromptFile]:
+    """The warm-up files, all of fresh texts (made up front: the engine alone needs them)."""
+    s = ctx.sizes
+    return [ctx.prompt_file(f"{tag}-warmup{k}", s.warmup_jobs * scale)
+            for k in range(s.max_warmups)]
+
+
+def system_prompts(ctx: Context, tag: str, scale: int = 1) -> tuple[list[PromptFile],
+                                                                    list[PromptFile]]:
+    """Warm-up files and one file per repetition: distinct texts (the worker's engine caches
     prefixes, so a repetition must not meet what an earlier one computed)."""
     s = ctx.sizes
-    warm = ctx.prompt_file(f"{tag}-warmup", s.warmup_jobs * scale)
     reps = [ctx.prompt_file(f"{tag}-rep{r}", s.jobs * scale) for r in range(s.reps)]
-    return warm, reps
+    return warm_files(ctx, tag, scale), reps
 
 
 def run_system(ctx: Context) -> None:
@@ -894,7 +919,7 @@ def run_system(ctx: Context) -> None:
     rec = ctx.record("system", "system", gpus, "tokens/s")
     warm, reps = system_prompts(ctx, "system")
     config = ctx.write_config("system")
-    rec["settings"] = settings(ctx, config, warm=warm, reps=reps)
+    rec["settings"] = settings(ctx, config, warm=warm[0], reps=reps)
     details = rec["details"]
     ctx.save("system")
 
@@ -903,7 +928,7 @@ def run_system(ctx: Context) -> None:
     try:
         ctx.check_budget("the engine alone")
         log("W-system: the engine alone")
-        eng = run_engine_alone(ctx, config, [warm], reps, "engine-alone")
+        eng = run_engine_alone(ctx, config, warm, reps, "engine-alone")
         details["engine_alone"] = eng
         rec["peers"]["engine_alone"] = eng["tokens_per_s"]
         log(f"W-system: engine alone {eng['tokens_per_s']:,.1f} tokens/s")
@@ -939,11 +964,30 @@ def run_system(ctx: Context) -> None:
         ctx.save("system")
 
 
+def warm_up(ctx: Context, producer: Any, config: Path, files: list[PromptFile], key: str,
+            sampler: Sampler | None) -> tuple[list[dict[str, Any]], float]:
+    """Warm-up batches until steady; returns their summaries and the last one's seconds."""
+    out: list[dict[str, Any]] = []
+    last = 0.0
+    for k, pf in enumerate(files):
+        t = time.perf_counter()
+        w = timed_batch(ctx, producer, config, pf, f"{ctx.run_id}-{key}-warmup{k}", sampler)
+        last = time.perf_counter() - t
+        out.append({x: w.get(x) for x in ("jobs", "seconds", "tokens_per_s", "jobs_per_s",
+                                          "first_started_s", "short_outputs")})
+        log(f"  warm-up {k + 1}: {w.get('tokens_per_s') or 0:,.1f} tokens/s ({last:.1f}s)")
+        if steady([x["tokens_per_s"] or 0.0 for x in out]):
+            break
+        if ctx.deadline.remaining() < GPU_MIN_PHASE_S / 2:
+            break
+    return out, last
+
+
 def run_worker_batches(ctx: Context, rec: dict[str, Any], key: str, config: Path,
-                       proc: Managed, warm: PromptFile, reps: list[PromptFile],
+                       proc: Managed, warm: list[PromptFile], reps: list[PromptFile],
                        workers: int) -> None:
-    """Warm-up batch, then the timed batches, each through `producer submit`; the figures go
-    into rec (saved after every batch)."""
+    """Warm-up batches, then the timed batches, each through `producer submit`; the figures
+    go into rec (saved after every batch)."""
     from producer import Producer
     from tasks.config import load_config
 
@@ -951,12 +995,7 @@ def run_worker_batches(ctx: Context, rec: dict[str, Any], key: str, config: Path
     sampler = Sampler(metrics_ports(config, workers), ctx.client).start()
     try:
         with Producer(load_config(config)) as producer:
-            t = time.perf_counter()
-            w = timed_batch(ctx, producer, config, warm, f"{ctx.run_id}-{key}-warmup", sampler)
-            w.pop("samples", None)
-            details["warmup"] = w
-            last = time.perf_counter() - t
-            log(f"  warm-up: {w.get('tokens_per_s') or 0:,.1f} tokens/s ({last:.1f}s)")
+            details["warmups"], last = warm_up(ctx, producer, config, warm, key, sampler)
             runs = details.setdefault("runs", [])
             for i, pf in enumerate(reps):
                 if i > 0 and ctx.deadline.remaining() < last:
@@ -1173,7 +1212,7 @@ def run_scale(ctx: Context) -> None:
             ctx.check_budget(f"W-scale N={n}")
             warm, reps = system_prompts(ctx, f"scale{n}", scale=n)
             config = ctx.write_config(key, workers=n)
-            rec["settings"] = settings(ctx, config, warm=warm, reps=reps, num_gpus=n)
+            rec["settings"] = settings(ctx, config, warm=warm[0], reps=reps, num_gpus=n)
             ctx.flush()
             log(f"W-scale N={n}: python -m tasks.launch --num_gpus {n}")
             proc, ready_s = start_launcher(ctx, config, n, f"scale{n}-launcher")
@@ -1309,11 +1348,11 @@ def run_priority(ctx: Context) -> None:
             high_only = ctx.args.high_only_workers if strategy == "priority" else 0
             config = ctx.write_config(key, {"gpu_allocation_strategy": strategy,
                                             "high_only_workers": high_only}, workers=n)
-            warm = ctx.prompt_file(f"{key}-warmup", s.warmup_jobs * n)
+            warm = warm_files(ctx, key, n)
             flood = ctx.prompt_file(f"{key}-flood", s.flood_jobs * n)
             idle_files = high_files(ctx, f"{key}-high-idle")
             flood_files = high_files(ctx, f"{key}-high-flood")
-            rec["settings"] = settings(ctx, config, warm=warm, flood=flood, num_gpus=n,
+            rec["settings"] = settings(ctx, config, warm=warm[0], flood=flood, num_gpus=n,
                                        high_jobs=s.high_jobs, high_interval_s=s.high_interval_s,
                                        high_prompt_tokens=s.high_prompt_tokens,
                                        high_only_workers=high_only)
@@ -1323,9 +1362,7 @@ def run_priority(ctx: Context) -> None:
             details["workers_start_s"] = ready_s
             try:
                 with Producer(load_config(config)) as producer:
-                    w = timed_batch(ctx, producer, config, warm, f"{ctx.run_id}-{key}-warmup",
-                                    None)
-                    details["warmup"] = {k: w.get(k) for k in ("seconds", "tokens_per_s")}
+                    details["warmups"], _ = warm_up(ctx, producer, config, warm, key, None)
                     idle = high_series(ctx, producer, idle_files, f"{key}-idle")
                     details["idle"] = idle
                     log(f"  idle: high p50 {idle['latency_s'].get('p50') or 0:.3f}s, p99 "
@@ -1407,8 +1444,9 @@ def flood_phase(ctx: Context, producer: Any, key: str, flood: PromptFile,
     out = {"jobs": flood.jobs, "lead_s": time.monotonic() - t0, "low_jobs_per_s_lead": rate,
            "window_estimate_s": window, "queued_needed": need, "topped_up": 0}
     if st.count("queued") < need:
+        # What is missing and a margin of a tenth of the flood (prompts take seconds to make).
         extra = ctx.prompt_file(f"{key}-flood-extra",
-                                max(flood.jobs, int(need - st.count("queued")) + 1))
+                                int(need - st.count("queued")) + flood.jobs // 10 + 1)
         batch = f"{first}-extra"
         producer.submit(extra.path, priority=keys.QUEUE_LOW, batch_id=batch)
         batches.append(batch)
@@ -1525,7 +1563,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, help="output tokens per job (128)")
     p.add_argument("--prompt-min", type=int, help="shortest prompt in tokens (40)")
     p.add_argument("--prompt-max", type=int, help="longest prompt in tokens (470)")
-    p.add_argument("--warmup-jobs", type=int, help="jobs of the warm-up batch (512)")
+    p.add_argument("--warmup-jobs", type=int, help="jobs of each warm-up batch (512)")
+    p.add_argument("--max-warmups", type=int, help="warm-up batches at most (6; until steady)")
     p.add_argument("--reps", type=int, help="timed runs of W-system / W-scale (3)")
     p.add_argument("--reliability-jobs", type=int, help="reliability jobs (4096)")
     p.add_argument("--reliability-tokens", type=int, help="reliability output tokens (128)")
@@ -1549,11 +1588,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [w for w in names if w not in WORKLOADS]
     if bad or not names:
         p.error(f"unknown workload(s) {bad}; choose from {list(WORKLOADS)} or all")
-    args.workloads = [w for w in WORKLOADS if w in names]
+    args.workloads = list(dict.fromkeys(names))  # in the order given
     args.gpus_list = sorted({int(x) for x in args.gpus_list.split(",") if x.strip()})
     base = QUICK if args.quick else Sizes()
     overrides = {k: getattr(args, k) for k in ("jobs", "max_tokens", "prompt_min", "prompt_max",
-                                               "warmup_jobs", "reps", "reliability_jobs",
+                                               "warmup_jobs", "max_warmups", "reps",
+                                               "reliability_jobs",
                                                "reliability_tokens", "flood_jobs", "high_jobs")
                  if getattr(args, k) is not None}
     if "max_tokens" in overrides and "reliability_tokens" not in overrides:
