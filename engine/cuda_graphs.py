@@ -176,6 +176,19 @@ class DecodeGraphs:
             (free_before - free_after) / MIB,
         )
 
+    def release(self) -> None:
+        """Destroy the captured graphs (their memory goes back to the pool). NCCL holds a
+        communicator until every graph that captured its collectives is destroyed: a
+        tensor-parallel rank must release its graphs before the process group is destroyed,
+        or that waits for ever."""
+        if self.graphs:  # captured (CUDA): nothing may still be replaying them
+            torch.cuda.synchronize(self.device)
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.logits.clear()
+        self.tokens.clear()
+
     def batch_size_for(self, n: int) -> int | None:
         """The smallest captured batch size >= n (None when n is too large)."""
         for bs in self.sizes:

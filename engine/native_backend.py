@@ -172,6 +172,13 @@ class NativeBackend(GenerationBackend):
         tokens = self.runner.execute(out)
         return self.scheduler.postprocess(out, tokens)
 
+    def close(self) -> None:
+        """Release the device resources that outlive a step (the captured decode graphs).
+        A rank of a group must close its backend before torch.distributed's
+        destroy_process_group: NCCL waits for every graph that captured its collectives to
+        be destroyed first."""
+        self.runner.close()
+
     def last_step_request_ids(self) -> set[str] | None:
         return self._last_step_ids
 

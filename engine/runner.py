@@ -247,9 +247,20 @@ class ModelRunner:
             log.warning(
                 "the KV cache (%d blocks x %d tokens) holds less than one sequence of"
                 " max_model_len=%d tokens; requests needing more are refused",
-                num_blocks, self.block_size, max_model_len,
+                num_blocks,
+                self.block_size,
+                max_model_len,
             )
         return num_blocks
+
+    def close(self) -> None:
+        """Release the captured decode graphs; call before destroying the group's process
+        group (see DecodeGraphs.release). The runner runs eagerly afterwards."""
+        self.lookahead = None
+        if self.graphs is not None:
+            with self._on_device():
+                self.graphs.release()
+            self.graphs = None
 
     @contextlib.contextmanager
     def _on_device(self) -> Iterator[None]:

@@ -7,6 +7,7 @@ The ranks are spawned once for the file and run every case (test_parallel.run_gr
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from test_parallel import (
     HfGreedy,
     check_standard_cases,
     engine_config,
+    exit_on_error,
     generate,
     greedy_requests,
     run_group,
@@ -138,21 +140,26 @@ def test_layers_are_balanced_and_consecutive() -> None:
 
 
 def _gpu_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str) -> None:
+    # A rank stuck in a collective prints where, and exits, rather than hanging the test.
+    faulthandler.dump_traceback_later(150, exit=True)
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
+
+    def body() -> None:
         group = ParallelGroup(rank, world, dist.group.WORLD)
-        config = engine_config(
-            path, dict(device="cuda", kv_cache_memory_fraction=0.01), "layer", world
-        )
+        settings = dict(device="cuda", kv_cache_memory_fraction=0.01)
+        config = engine_config(path, settings, "layer", world)
         config.distributed_backend = "nccl"
         backend = NativeBackend(config, group)
         assert backend.runner.device == torch.device("cuda", rank)
         assert backend.runner.graphs is None  # the layer split runs eagerly
         tokens = generate(backend, greedy_requests(PROMPTS), stagger=2)
+        backend.close()
         Path(f"{out}.{rank}").write_text(json.dumps(tokens))
-    finally:
-        dist.destroy_process_group()
+
+    exit_on_error(body)
+    dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.mark.gpu

@@ -8,8 +8,11 @@ another over the same process group; test_layer_split.py uses the same machinery
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,12 +116,14 @@ def run_case(case: Case, path: Path | str, strategy: str, group: ParallelGroup) 
     backend = NativeBackend(engine_config(path, settings, strategy, group.world_size), group)
     tokens = generate(backend, case.requests, case.stagger)
     runner = backend.runner
-    return {
+    result = {
         "tokens": tokens,
         "stats": backend.stats(),
         "kv_cache_shape": list(runner.kv_cache.shape),
         "params": sorted(name for name, _ in runner.model.named_parameters()),
     }
+    backend.close()
+    return result
 
 
 def _rank_main(
@@ -362,6 +367,35 @@ def test_group_collectives_on_one_rank() -> None:
         ParallelGroup(0, 2, object()).split(5, "heads")
 
 
+def test_a_closed_backend_drops_its_graphs_and_still_serves(
+    checkpoint: Callable[[str], Path],
+) -> None:
+    """close() (before a group's process group goes) releases the decode graphs; the
+    backend then runs every step eagerly, with the same tokens."""
+    from engine.cuda_graphs import DecodeGraphs
+
+    path = checkpoint("llama")
+    requests = greedy_requests(PROMPTS[:2])
+    want = generate(NativeBackend(engine_config(path, {})), requests, stagger=1)
+    backend = NativeBackend(engine_config(path, {}))
+    runner = backend.runner
+    # The graphs' static buffers, run without capture (the CPU stand-in for the GPU path).
+    runner.graphs = DecodeGraphs(
+        runner.model, runner.kv_caches, 4, runner.max_blocks, runner.block_size,
+        runner.scratch_block, runner.device, replay=False,
+    )  # fmt: skip
+    runner.profile = []
+    assert generate(backend, requests, stagger=1) == want
+    assert "graph" in {step["kind"] for step in runner.profile}
+    backend.close()
+    assert runner.graphs is None and runner.lookahead is None
+    runner.profile = []
+    assert generate(backend, [(f"again-{r[0]}", *r[1:]) for r in requests], 1) == {
+        f"again-{rid}": tokens for rid, tokens in want.items()
+    }
+    assert {step["kind"] for step in runner.profile} == {"eager"}
+
+
 def test_a_group_needs_a_sharding_strategy(checkpoint: Callable[[str], Path]) -> None:
     config = engine_config(checkpoint("llama"), {}, "none", world=2)
     with pytest.raises(Exception, match="shard_strategy tensor or layer"):
@@ -373,10 +407,25 @@ def test_a_group_needs_a_sharding_strategy(checkpoint: Callable[[str], Path]) ->
 # ---- GPU: NCCL ranks with CUDA graphs -----------------------------------------------------
 
 
+def exit_on_error(body: Callable[[], None]) -> None:
+    """Run a GPU rank's body; on an error print it and leave at once. Destroying the process
+    group then could wait for ever on the other rank, stuck in a collective, and the test
+    would hang instead of failing."""
+    try:
+        body()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def _gpu_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str) -> None:
+    # A rank stuck in a collective prints where, and exits, rather than hanging the test.
+    faulthandler.dump_traceback_later(150, exit=True)
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
+
+    def body() -> None:
         group = ParallelGroup(rank, world, dist.group.WORLD)
         results: dict[str, Any] = {}
         for case in gpu_cases():
@@ -393,9 +442,14 @@ def _gpu_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str) 
             tokens = generate(backend, case.requests, case.stagger)
             kinds = sorted({step["kind"] for step in runner.profile})
             results[case.name] = {"tokens": tokens, "kinds": kinds}
+            # Before the process group goes: NCCL waits for the graphs holding its
+            # collectives to be destroyed.
+            backend.close()
         Path(f"{out}.{rank}").write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
+
+    exit_on_error(body)
+    dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
 
 
 def gpu_cases() -> list[Case]:
