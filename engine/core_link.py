@@ -180,7 +180,10 @@ class ProcessCore:
     def receive(self, timeout: float) -> list[Event]:
         if self._gone is not None:
             raise CoreGoneError(self._gone)
-        ready = wait([self._conn, *(p.sentinel for p in self.procs)], timeout)
+        try:
+            ready = wait([self._conn, *(p.sentinel for p in self.procs)], timeout)
+        except (OSError, ValueError) as err:  # closed by close() meanwhile
+            raise CoreGoneError(self._gone or f"the engine core link closed: {err}") from None
         if self._conn in ready:
             try:
                 events: list[Event] = self._conn.recv()

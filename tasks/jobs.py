@@ -84,6 +84,10 @@ def _run_held(runtime: Any, job_id: str, batch_id: str,
 
     def finish(state: str, payload: dict[str, Any], tokens: int = 0,
                seconds: float | None = None) -> str:
+        # Released first: the finish ends the lease, and a renewal racing it would report the
+        # job as taken elsewhere. If Redis stays unreachable past the client's retries, the
+        # lease lapses and the sweeper runs the job again, which is what it is for.
+        runtime.leases.release(job_id)
         if store.finish(job_id, batch_id, state, payload, tokens):
             if runtime.metrics is not None:
                 runtime.metrics.job_finished(state, priority, tokens, seconds)

@@ -78,9 +78,13 @@ class LeaseKeeper:
         """One renewal: extend every lease, stop cancelled and lost jobs."""
         held = self.held()
         cancelled, lost = self.store.renew(held, self.lease_s)
+        with self._lock:
+            # Only jobs still held by the same delivery: one released meanwhile (it finished
+            # between the snapshot and the renewal) is neither lost nor to be stopped.
+            lost = [j for j in lost if self._held.get(j) == held[j]]
+            cancelled = [j for j in cancelled if self._held.get(j) == held[j]]
+            self._lost.update(lost)
         if lost:
-            with self._lock:
-                self._lost.update(j for j in lost if j in self._held)
             log.warning("jobs no longer held by this worker (finished or taken over"
                         " elsewhere), stopping them here: %s", ", ".join(lost[:10]))
         for job_id in (*cancelled, *lost):

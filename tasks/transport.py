@@ -1,5 +1,5 @@
-"""kombu's Redis transport, with one change: a message that is not a task envelope is logged
-and dropped instead of ending the worker.
+"""kombu's Redis transport, with two changes that keep a worker alive: a message that is not a
+task envelope is logged and dropped, and a lost connection no longer ends the worker.
 
 kombu decodes what BRPOP returns inside the consumer loop, and a decoding error there escapes
 to Celery as "Unrecoverable error" and stops the worker: one stray LPUSH of a non-JSON string
@@ -45,8 +45,24 @@ class Message(VirtualMessage):
         super().__init__(payload, channel=channel, **kwargs)
 
 
+class QoS(kombu_redis.QoS):
+    def restore_unacked(self, client: Any = None) -> Any:
+        # When the connection to Redis is lost, kombu closes the channel's pools and then
+        # restores its unacknowledged messages through them, which fails with AttributeError
+        # ('NoneType' object has no attribute 'hostname') and, escaping Celery's handling of
+        # connection errors, stopped the worker. The messages stay recorded in Redis: their
+        # jobs finish here, or the sweeper and the visibility timeout send them again.
+        try:
+            return super().restore_unacked(client)
+        except AttributeError as err:
+            log.warning("unacknowledged messages not restored on a lost connection (%s);"
+                        " they stay recorded in Redis", err)
+            return None
+
+
 class Channel(kombu_redis.Channel):
     Message = Message
+    QoS = QoS
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
