@@ -80,6 +80,9 @@ class EngineSettings(_Strict):
     # GPU: launch a greedy decode step's successor while the host reads its tokens (the
     # engine's decode_lookahead); off only to compare or debug.
     decode_lookahead: bool = True
+    # Keep computed KV blocks so that prompts sharing a prefix compute it once (greedy
+    # outputs are unchanged; off only to compare).
+    enable_prefix_caching: bool = True
 
 
 class LimitSettings(_Strict):

@@ -32,6 +32,8 @@ GPUS_ENV = "TIDEQ_GPUS"
 # Pools that keep the engine in this process (module names of celery.concurrency). prefork
 # would fork after CUDA is initialised.
 _POOLS_OK = ("thread", "solo")
+# Keys of the deployment's `engine:` section that the engine does not take as they are.
+DEPLOYMENT_ONLY_ENGINE_KEYS = {"reserved_high_fraction"}
 # Redis connections beyond one per task thread (the lease keeper, Celery's own use).
 _SPARE_CONNECTIONS = 4
 
@@ -69,27 +71,26 @@ def pin_gpu_group(config: DeploymentConfig, gpus: str | None = None) -> str:
 
 
 def engine_config_for(config: DeploymentConfig) -> Any:
-    """Map the deployment's settings onto the engine's own."""
+    """Map the deployment's settings onto the engine's own.
+
+    The `engine:` section's keys are EngineConfig's own names and pass through as they are
+    (tests/tasks/test_deployment_config.py holds the two to the same names and defaults);
+    what remains is derived from the deployment's top-level vocabulary."""
     from engine.config import EngineConfig
 
     reserved = 0
     if config.gpu_allocation_strategy == "priority":
         reserved = int(config.engine.reserved_high_fraction * config.max_num_seqs)
     return EngineConfig(
+        **config.engine.model_dump(exclude=DEPLOYMENT_ONLY_ENGINE_KEYS),
         model_path=config.model.path,
         dtype=config.model.dtype,
         max_model_len=config.model.max_model_len,
         backend=config.model.backend,
         device="cpu" if config.num_gpus == 0 else "cuda",
         max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.engine.max_num_batched_tokens,
-        block_size=config.engine.block_size,
-        kv_cache_memory_fraction=config.engine.kv_cache_memory_fraction,
-        num_kv_blocks=config.engine.num_kv_blocks,
         reserved_high_slots=min(reserved, config.max_num_seqs - 1),
         max_prompt_tokens=config.limits.max_prompt_tokens,
-        enforce_eager=config.engine.enforce_eager,
-        decode_lookahead=config.engine.decode_lookahead,
         shard_strategy=config.model_shard_strategy,
         group_size=config.gpus_per_worker if config.num_gpus else 1,
         distributed_backend=config.distributed_backend,

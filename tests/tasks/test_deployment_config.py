@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import EngineConfig
-from tasks.config import ConfigError, DeploymentConfig, load_config
+from tasks.config import ConfigError, DeploymentConfig, load_config, parse_config
 from tasks.launch import main as launch_main
 from tasks.launch import plan_workers
 from tasks.worker import engine_config_for
@@ -146,3 +146,26 @@ def test_redelivery_settings_reach_the_broker_channel(tmp_path, redis_url):
         assert channel.unacked_mutex_expire == 4
         assert channel.visibility_timeout == 7
         assert channel.unacked_restore_throttle == 1
+
+
+def test_the_engine_section_is_the_engine_s_own_settings():
+    """One source of truth: every key of the deployment's `engine:` section is an EngineConfig
+    field of the same name and default, passed through as it is (no hand-kept copy)."""
+    import dataclasses
+
+    from tasks.config import EngineSettings
+    from tasks.worker import DEPLOYMENT_ONLY_ENGINE_KEYS
+
+    engine_fields = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    for name, field in EngineSettings.model_fields.items():
+        if name in DEPLOYMENT_ONLY_ENGINE_KEYS:
+            continue
+        assert name in engine_fields, name
+        assert field.default == engine_fields[name], name
+    changed = {"max_num_batched_tokens": 4096, "block_size": 32, "num_kv_blocks": 99,
+               "kv_cache_memory_fraction": 0.5, "enforce_eager": True,
+               "decode_lookahead": False, "enable_prefix_caching": False}
+    assert set(changed) == set(EngineSettings.model_fields) - DEPLOYMENT_ONLY_ENGINE_KEYS
+    engine_config = engine_config_for(parse_config({"engine": changed}))
+    for name, value in changed.items():
+        assert getattr(engine_config, name) == value, name
