@@ -367,6 +367,60 @@ def test_group_collectives_on_one_rank() -> None:
         ParallelGroup(0, 2, object()).split(5, "heads")
 
 
+def _fast_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str) -> None:
+    """A tensor-parallel rank on the GPU path's code: Triton attention, the fused layers and
+    the GEMV kernel (in Triton's interpreter, TRITON_INTERPRET=1 inherited), decode steps
+    through the graphs' static buffers (run, not captured) with the decode lookahead."""
+    import engine.runner as runner_module
+    from engine.cuda_graphs import DecodeGraphs
+    from engine.triton_attention import TritonPagedAttention
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        runner_module.default_attention = lambda fast: TritonPagedAttention()
+        backend = NativeBackend(engine_config(path, {}, "tensor", world), ParallelGroup(
+            rank, world, dist.group.WORLD
+        ))  # fmt: skip
+        runner = backend.runner
+        runner.model.use_triton_kernels()
+        runner.graphs = DecodeGraphs(
+            runner.model, runner.kv_caches, 4, runner.max_blocks, runner.block_size,
+            runner.scratch_block, runner.device, replay=False,
+        )  # fmt: skip
+        runner.profile = []
+        tokens = generate(backend, greedy_requests(PROMPTS[:3]), stagger=2)
+        kinds = sorted({step["kind"] for step in runner.profile})
+        Path(f"{out}.{rank}").write_text(json.dumps({"tokens": tokens, "kinds": kinds}))
+    finally:
+        dist.destroy_process_group()
+
+
+def check_fast_path(path: str, tmp: str) -> None:
+    """Run in the interpreter's subprocess: two ranks on the fast path give one rank's
+    plain PyTorch tokens, with graph, lookahead and eager steps all taken."""
+    out = f"{tmp}/fast"
+    mp.spawn(_fast_rank_main, args=(WORLD, f"{tmp}/rendezvous", path, out), nprocs=WORLD)
+    want = generate(NativeBackend(engine_config(path, {})), greedy_requests(PROMPTS[:3]), 2)
+    for rank in range(WORLD):
+        got = json.loads(Path(f"{out}.{rank}").read_text())
+        assert got["tokens"] == want, (rank, got["tokens"], want)
+        assert got["kinds"] == ["eager", "graph", "lookahead"], got["kinds"]
+
+
+def test_tensor_parallel_fused_kernels_and_lookahead(
+    checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The Triton kernels on sliced weights (a rank's heads, its slice of the MLP, the GEMV
+    with the norm or the activation fused in, its partial sums reduced after) and the decode
+    lookahead on every rank, on the CPU through Triton's interpreter."""
+    pytest.importorskip("triton")
+    from triton_interpreter import run_in_interpreter
+
+    path = checkpoint("llama")
+    run_in_interpreter(__file__, f"t.check_fast_path({str(path)!r}, {str(tmp_path)!r})", 280)
+
+
 def test_a_closed_backend_drops_its_graphs_and_still_serves(
     checkpoint: Callable[[str], Path],
 ) -> None:
