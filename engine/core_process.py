@@ -103,13 +103,31 @@ def rank_main(config: EngineConfig, rank: int, world: int, port: int,
         if front is not None:
             front.send(("error", f"{type(err).__name__}: {err}", detail))
         sys.exit(1)
-    if rank == 0:
-        assert front is not None
-        _lead(backend, front, followers)
-    else:
-        assert leader is not None
-        _follow(backend, leader)
-    sys.exit(0)
+    code = 0
+    try:
+        if rank == 0:
+            assert front is not None
+            _lead(backend, front, followers)
+        else:
+            assert leader is not None
+            _follow(backend, leader)
+    except BaseException:  # noqa: BLE001 - logged; the exit code tells the front
+        log.exception("engine rank %d stopped on an error", rank)
+        code = 1
+    finally:
+        # Captured graphs hold the group's communicators: release them before anything tears
+        # the group down, then leave without the interpreter's exit hooks (a communicator
+        # destroyed at exit would wait on them).
+        close = getattr(backend, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.exception("engine rank %d: closing the backend failed", rank)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _build(config: EngineConfig, rank: int, world: int, port: int) -> GenerationBackend:
