@@ -9,6 +9,11 @@ A request fails alone: one the core refuses, one whose step raises (found by run
 step's requests one at a time, engine/recovery.py) or one whose output cannot be handled here
 fails its own future; the others go on. If the core itself dies (a rank process killed, say),
 every live request fails with EngineShutDownError and `is_alive()` turns false.
+
+Streaming: `submit(request, on_text=callback)` has the receiver thread call `callback(delta)`
+with the text each step adds (the deltas concatenate to the Completion's text), and
+`callback(TEXT_RESTART)` (None) when the request runs again from its prompt: the text so far
+is void and starts over. Requests without a callback cost nothing extra.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +42,10 @@ from engine.request import (
 
 log = logging.getLogger(__name__)
 
+# What an on_text callback receives when the request's text starts over (a restart).
+TEXT_RESTART = None
+TextCallback = Callable[[str | None], None]
+
 
 @dataclass
 class _Live:
@@ -51,6 +61,9 @@ class _Live:
     # Stop-string search resumes from here (characters of decoded output already checked).
     stop_checked: int = 0
     text: str | None = None
+    # Streaming: the callback, and the text handed to it so far (since the last restart).
+    on_text: TextCallback | None = None
+    streamed: str = ""
 
     def restart(self) -> None:
         """Forget the output: the core computes the request again from its prompt. The
@@ -59,6 +72,9 @@ class _Live:
         self.first_token_at = None
         self.stop_checked = 0
         self.text = None
+        if self.on_text is not None:
+            self.streamed = ""
+            _call_on_text(self, TEXT_RESTART)
 
 
 class Engine:
@@ -90,8 +106,13 @@ class Engine:
         self._thread.start()
 
     # --- any thread ------------------------------------------------------------------------
-    def submit(self, request: Request) -> Future[Completion]:
-        """Queue a request; the future resolves to its Completion or raises an EngineError."""
+    def submit(self, request: Request,
+               on_text: TextCallback | None = None) -> Future[Completion]:
+        """Queue a request; the future resolves to its Completion or raises an EngineError.
+
+        on_text: called by the receiver thread with each step's new text, before the future
+        resolves (see the module docstring); it must be quick, and one that raises is dropped.
+        """
         future: Future[Completion] = Future()
         if self._stopped or self._gone is not None:
             future.set_exception(EngineShutDownError(self._gone or "engine is shut down"))
@@ -102,7 +123,7 @@ class Engine:
             future.set_exception(err if isinstance(err, EngineError) else EngineError(str(err)))
             return future
         rid = request.request_id
-        live = _Live(request, prompt_ids, future, time.monotonic())
+        live = _Live(request, prompt_ids, future, time.monotonic(), on_text=on_text)
         with self._lock:
             if rid in self._live:
                 future.set_exception(EngineError(f"request id {rid} is already live"))
@@ -238,10 +259,41 @@ class Engine:
             if live.request.sampling.stop and self._match_stop(live):
                 if not finished:
                     self._core.send(("abort", rid))
+                self._stream(live, final=True)
                 self._finish(live, "stop")
                 return
+            if live.on_text is not None:
+                self._stream(live, final=finished)
         if finished:
+            if live.on_text is not None and not new_ids:
+                self._stream(live, final=True)
             self._finish(live, reason or "length")
+
+    def _stream(self, live: _Live, final: bool) -> None:
+        """Hand the callback the text added since its last call. Before the end, text that
+        may still change is held back: a trailing partial character (decoded as U+FFFD) and,
+        with stop strings, as much as a stop string could still cover."""
+        if live.on_text is None:
+            return
+        text = live.text if live.text is not None else self._decode(live.output_ids)
+        if final:
+            live.text = text  # _finish uses it as it is, no second decode
+        else:
+            text = text.rstrip("\ufffd")
+            stops = live.request.sampling.stop
+            if stops:
+                hold = max(len(s) for s in stops) - 1
+                text = text[: max(len(text) - hold, 0)]
+        if not text.startswith(live.streamed):
+            # Decoding more tokens rewrote earlier text (rare): start the stream over.
+            if not final:
+                return
+            live.streamed = ""
+            _call_on_text(live, TEXT_RESTART)
+        delta = text[len(live.streamed):]
+        if delta:
+            live.streamed = text
+            _call_on_text(live, delta)
 
     def _abort_failed(self, rid: str, err: Exception) -> None:
         with self._lock:
@@ -310,3 +362,17 @@ class Engine:
             rids = list(self._live)
         for rid in rids:
             self._fail(rid, error)
+
+
+def _call_on_text(live: _Live, delta: str | None) -> None:
+    """Call a request's text callback; one that raises is logged and dropped (the request
+    goes on)."""
+    callback = live.on_text
+    if callback is None:
+        return
+    try:
+        callback(delta)
+    except Exception:
+        log.exception("request %s: its text callback raised; streaming stops for it",
+                      live.request.request_id)
+        live.on_text = None
