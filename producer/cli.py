@@ -1,10 +1,13 @@
 """`producer`: submit prompt files and follow their batches from the shell.
 
     producer submit FILE [--priority high|low] [--batch-id ID] [--skip-invalid] [--wait]
-    producer status BATCH
+    producer status BATCH [--json]
     producer wait BATCH [--timeout S]
     producer results BATCH [-o out.jsonl]
     producer cancel BATCH
+    producer bench [--file F | --jobs N --prompt-words W --max-tokens T] [--rate R]
+                   [--high-fraction F] [--timeout S] [--json PATH] [--plot PATH]
+    producer --version
 
 Every command takes --config PATH (else $TIDEQ_CONFIG, else the built-in defaults).
 Machine-readable output (the batch id of submit, the JSONL of results) goes to stdout, the rest
@@ -20,6 +23,7 @@ stdout, says on stderr how many jobs went in and the command that enqueues the r
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import shlex
 import sys
@@ -28,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from itertools import chain
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -41,7 +45,8 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
 from producer.client import (
     BatchStatus,
@@ -71,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="deployment config (default: $TIDEQ_CONFIG or built-in defaults)")
     parser = argparse.ArgumentParser(
         prog="producer", description="Submit JSONL prompt files to tideq and follow them.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("submit", parents=[common], help="validate a file and enqueue its jobs")
@@ -87,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                         ("cancel", "cancel a batch's queued and running jobs")):
         p = sub.add_parser(name, parents=[common], help=help_)
         p.add_argument("batch")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print the counts as JSON")
     p = sub.add_parser("wait", parents=[common], help="wait for a batch, with a progress bar")
     p.add_argument("batch")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
@@ -94,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="a batch's outputs as JSONL, in input order")
     p.add_argument("batch")
     p.add_argument("-o", "--output", default=None, help="write here instead of stdout")
+    _bench_parser(sub.add_parser("bench", parents=[common],
+                                 help="submit N jobs, wait, report throughput and latency"))
     return parser
 
 
@@ -113,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wait": _wait,
         "results": _results,
         "cancel": _cancel,
+        "bench": _bench,
     }
     try:
         with Producer(config) as producer:
@@ -125,6 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.print(f"Redis at {_safe_url(config.redis.url)} (config: "
                   f"{config_source(args.config)}) failed: {e}", markup=False, highlight=False)
         return EXIT_UNAVAILABLE
+
+
+def _version() -> str:
+    """The installed tideq's version (importlib.metadata), or "unknown" when not installed."""
+    try:
+        return importlib.metadata.version("tideq")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _safe_url(url: str) -> str:
@@ -169,7 +188,7 @@ def _submit(producer: Producer, args: argparse.Namespace, err: Console) -> int:
         return EXIT_INVALID
     if report.skipped:
         _print_errors(err, [str(x) for x in report.errors], len(report.errors))
-    _print_report(err, report)
+    _print_report(err, report, producer)
     print(report.batch_id, flush=True)
     if args.wait:
         return _wait_for(producer, report.batch_id, args.timeout, err)
@@ -195,12 +214,30 @@ def _print_errors(err: Console, errors: list[str], count: int) -> None:
         err.print(f"... and {count - MAX_PRINTED_ERRORS} more", highlight=False)
 
 
-def _print_report(err: Console, r: SubmitReport) -> None:
+def _print_report(err: Console, r: SubmitReport, producer: Producer | None = None) -> None:
     skipped = f", {_plural(r.skipped, 'invalid line')} skipped" if r.skipped else ""
+    old = r.accepted - r.new
+    if old == 0:
+        what = f"{r.new} new, priority {r.priority}"
+    elif r.new:
+        what = f"{r.new} new (priority {r.priority}), {old} already in the batch"
+    else:
+        what = f"0 new, {old} already in the batch"
     err.print(
-        f"batch [bold]{r.batch_id}[/]: {_plural(r.accepted, 'job')} accepted, {r.new} new, priority"
-        f" {r.priority}{skipped} (validated in {r.validate_s:.2f}s, enqueued in"
-        f" {r.enqueue_s:.2f}s)", highlight=False)
+        f"batch [bold]{r.batch_id}[/]: {_plural(r.accepted, 'job')} accepted, {what}{skipped}"
+        f" (validated in {r.validate_s:.2f}s, enqueued in {r.enqueue_s:.2f}s)", highlight=False)
+    if old and producer is not None:
+        # JobStore.enqueue skips jobs already recorded: they keep the priority they had.
+        others: dict[str, int] = {}
+        for prio, states in producer.status(r.batch_id).by_priority.items():
+            count = sum(states.values())
+            if prio != r.priority and count:
+                others[prio] = count
+        if others:
+            theirs = ", ".join(f"{n} {p}" for p, n in sorted(others.items()))
+            err.print(f"note: --priority {r.priority} applies only to new jobs; the"
+                      f" {_plural(old, 'job')} already in the batch keep their priority"
+                      f" (batch: {theirs})", highlight=False)
 
 
 def _status(producer: Producer, args: argparse.Namespace, err: Console) -> int:
@@ -208,18 +245,37 @@ def _status(producer: Producer, args: argparse.Namespace, err: Console) -> int:
         status = producer.status(args.batch)
     except UnknownBatchError:
         return _unknown(err, args.batch, EXIT_FAILED)
-    Console().print(status_table(status))
+    if getattr(args, "json", False):
+        print(json.dumps(status_dict(status)), flush=True)
+    else:
+        Console().print(status_table(status))
     return EXIT_OK
+
+
+def status_dict(status: BatchStatus) -> dict[str, object]:
+    """The batch's counts, machine-readable (`producer status BATCH --json`)."""
+    return {
+        "batch_id": status.batch_id,
+        "total": status.total,
+        "finished": status.finished,
+        "cancelled": status.cancelled,
+        "completion_tokens": status.completion_tokens,
+        "by_state": {s: status.count(s) for s in keys.STATES},
+        "by_priority": {p: {s: states.get(s, 0) for s in keys.STATES}
+                        for p, states in status.by_priority.items()},
+    }
 
 
 def status_table(status: BatchStatus) -> Table:
     """A rich table of the batch's jobs: a row per priority, a column per state."""
     title = f"batch {status.batch_id}" + (" (cancelled)" if status.cancelled else "")
-    table = Table(title=title, caption=f"{status.completion_tokens} completion tokens")
-    table.add_column("priority")
+    # no_wrap everywhere: the batch id stays on one line at 80 columns (it is copied from here).
+    table = Table(title=Text(title, no_wrap=True, overflow="ignore"),
+                  caption=f"{status.completion_tokens} completion tokens")
+    table.add_column("priority", no_wrap=True)
     for state in keys.STATES:
-        table.add_column(state, justify="right")
-    table.add_column("total", justify="right")
+        table.add_column(state, justify="right", no_wrap=True)
+    table.add_column("total", justify="right", no_wrap=True)
     for priority in (*keys.QUEUES, *sorted(set(status.by_priority) - set(keys.QUEUES))):
         states = status.by_priority.get(priority)
         if states:
@@ -234,29 +290,57 @@ def _wait(producer: Producer, args: argparse.Namespace, err: Console) -> int:
     return _wait_for(producer, args.batch, args.timeout, err)
 
 
+def wait_progress(console: Console, batch_id: str) -> tuple[Progress, TaskID]:
+    """The progress display of `wait`: fits 80 columns without wrapping the batch id (the bar
+    takes what is left)."""
+    progress = Progress(
+        TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+        BarColumn(bar_width=None),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)),
+        TextColumn("{task.fields[states]}", table_column=Column(no_wrap=True)),
+        TextColumn("{task.fields[rate]}", table_column=Column(no_wrap=True)),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    task = progress.add_task(batch_id, total=None, states="", rate="")
+    return progress, task
+
+
+def progress_fields(status: BatchStatus) -> dict[str, Any]:
+    """The state counts of the progress line: failed/cancelled only when there are some."""
+    parts = [f"{status.count('done')} done"]
+    parts += [f"{status.count(s)} {s}" for s in ("failed", "cancelled") if status.count(s)]
+    return {"states": ", ".join(parts)}
+
+
+def _overall_rate(producer: Producer, batch_id: str, tokens: int) -> str:
+    """A finished batch's tokens/s over its life (first submitted to last finished)."""
+    try:
+        records = list(producer.store.iter_jobs(batch_id))
+    except UnknownBatchError:
+        return ""
+    starts = [float(r.fields["submitted_at"]) for r in records if "submitted_at" in r.fields]
+    ends = [float(r.fields["finished_at"]) for r in records if "finished_at" in r.fields]
+    if not starts or not ends or max(ends) <= min(starts):
+        return ""
+    return f"{tokens / (max(ends) - min(starts)):.1f} tok/s overall"
+
+
 def _wait_for(producer: Producer, batch_id: str, timeout: float | None, err: Console) -> int:
     started = time.monotonic()
     first_tokens: list[int] = []
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("done {task.fields[done]}  failed {task.fields[failed]}"
-                   "  cancelled {task.fields[cancelled]}  {task.fields[tps]:.1f} tok/s"),
-        TimeElapsedColumn(),
-        console=err,
-    )
-    task: TaskID = progress.add_task(batch_id, total=None, done=0, failed=0, cancelled=0,
-                                     tps=0.0)
+    progress, task = wait_progress(err, batch_id)
 
     def update(status: BatchStatus) -> None:
+        fields = progress_fields(status)
         if not first_tokens:
             first_tokens.append(status.completion_tokens)
-        elapsed = max(time.monotonic() - started, 1e-9)
-        progress.update(task, total=status.total, completed=status.finished_count,
-                        done=status.count("done"), failed=status.count("failed"),
-                        cancelled=status.count("cancelled"),
-                        tps=(status.completion_tokens - first_tokens[0]) / elapsed)
+            if status.finished:  # finished before wait began: no rate of its own to show
+                fields["rate"] = _overall_rate(producer, batch_id, status.completion_tokens)
+        else:
+            elapsed = max(time.monotonic() - started, 1e-9)
+            fields["rate"] = f"{(status.completion_tokens - first_tokens[0]) / elapsed:.1f} tok/s"
+        progress.update(task, total=status.total, completed=status.finished_count, **fields)
 
     url = _safe_url(producer.config.redis.url)
 
@@ -332,6 +416,79 @@ def _unknown(err: Console, batch_id: str, code: int) -> int:
     err.print(f"unknown batch {batch_id!r} (never submitted here, or its records expired)",
               markup=False, highlight=False)
     return code
+
+
+def _bench_parser(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--file", default=None,
+                     help="JSONL prompt file (with --jobs: its lines cycled or cut to N)")
+    p.add_argument("--jobs", type=int, default=None, help="jobs to submit (synthetic: 100)")
+    p.add_argument("--prompt-words", type=int, default=32, help="synthetic prompt length")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="synthetic jobs' max_tokens (default: the deployment's)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="jobs/s, in chunks of ~rate/10 (default: all at once)")
+    p.add_argument("--high-fraction", type=float, default=0.1,
+                   help="share of high-priority jobs, spread evenly (default 0.1)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait after the last submission (default: for ever)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="report file (default bench-<batch>.json)")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="PNG plot (default bench-<batch>.png)")
+
+
+def _bench(producer: Producer, args: argparse.Namespace, err: Console) -> int:
+    from producer import bench
+    from producer.client import new_batch_id
+
+    try:
+        if args.jobs is not None and args.jobs < 1:
+            raise bench.BenchInputError(f"--jobs: must be at least 1, not {args.jobs}")
+        if args.file is not None:
+            lines = bench.file_lines(args.file, args.jobs, producer)
+        else:
+            lines = bench.synthetic_lines(100 if args.jobs is None else args.jobs,
+                                          args.prompt_words, args.max_tokens)
+        jobs = bench.assign(lines, args.high_fraction)
+        bench.chunk_size(len(jobs), args.rate)
+    except (bench.BenchInputError, OSError, ValueError) as e:
+        err.print(f"producer bench: {e}", markup=False, highlight=False)
+        return EXIT_INVALID
+    batch_id = new_batch_id()
+    progress, task = wait_progress(err, batch_id)
+    with progress:
+        progress.update(task, description=f"{batch_id} submit", total=len(jobs))
+        try:
+            run = bench.submit_jobs(producer, batch_id, jobs, args.rate,
+                                    on_chunk=lambda n, _: progress.update(task, completed=n))
+        except InvalidFileError as e:
+            progress.stop()
+            _print_errors(err, [str(x) for x in e.errors], e.error_count)
+            return EXIT_INVALID
+        progress.update(task, description=batch_id, completed=0)
+
+        def update(status: BatchStatus) -> None:
+            progress.update(task, total=status.total, completed=status.finished_count,
+                            **progress_fields(status))
+
+        bench.wait_jobs(producer, run, args.timeout, update)
+    if run.timed_out:
+        err.print(f"batch {batch_id}: timed out after {args.timeout}s; reporting the jobs"
+                  " finished so far", highlight=False)
+    report = bench.measure(run, list(producer.store.iter_jobs(batch_id)))
+    Console().print(bench.report_table(report))
+    json_path = args.json or f"bench-{batch_id}.json"
+    bench.write_json(report, json_path)
+    err.print(f"report written to {json_path}", markup=False, highlight=False)
+    plot_path = args.plot or f"bench-{batch_id}.png"
+    try:
+        bench.write_plot(report, plot_path)
+        err.print(f"plot written to {plot_path}", markup=False, highlight=False)
+    except ImportError:
+        err.print("no plot: matplotlib is not installed (pip install 'matplotlib>=3.8')",
+                  highlight=False)
+    return EXIT_OK if report["all_done"] else EXIT_FAILED
 
 
 if __name__ == "__main__":
