@@ -17,6 +17,7 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Empty
 from kombu.transport.virtual import Message as VirtualMessage
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +46,20 @@ class Message(VirtualMessage):
         super().__init__(payload, channel=channel, **kwargs)
 
 
-class QoS(kombu_redis.QoS):
-    def restore_unacked(self, client: Any = None) -> Any:
-        # When the connection to Redis is lost, kombu closes the channel's pools and then
-        # restores its unacknowledged messages through them, which fails with AttributeError
-        # ('NoneType' object has no attribute 'hostname') and, escaping Celery's handling of
-        # connection errors, stopped the worker. The messages stay recorded in Redis: their
-        # jobs finish here, or the sweeper and the visibility timeout send them again.
-        try:
-            return super().restore_unacked(client)
-        except AttributeError as err:
-            log.warning("unacknowledged messages not restored on a lost connection (%s);"
-                        " they stay recorded in Redis", err)
-            return None
-
-
 class Channel(kombu_redis.Channel):
     Message = Message
-    QoS = QoS
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        # Once the connection to Redis is lost, kombu tears the channel down and still uses it
+        # (to restore or acknowledge the messages it holds) through a connection that is gone:
+        # that raised AttributeError ('NoneType' object has no attribute 'client' / 'hostname'),
+        # which escapes Celery's handling of connection errors and stopped the worker. Raised
+        # as the connection error it is, Celery logs it and reconnects. The messages stay
+        # recorded in Redis: their jobs finish here, or the sweeper sends them again.
+        connection = self.connection
+        if connection is None or connection.client is None:
+            raise RedisConnectionError("the broker channel's connection is closed")
+        return super()._connparams(asynchronous=asynchronous)
 
     def _brpop_read(self, **options: Any) -> bool:
         try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import redis
 from kombu import Connection, Consumer, Queue
+from kombu.common import ignore_errors
 
 from tasks.messages import MessageBuilder
 
@@ -45,16 +47,23 @@ def test_undecodable_messages_are_dropped_not_raised(redis_url):
     conn.release()
 
 
-def test_closing_a_channel_whose_connection_is_gone_does_not_raise(redis_url):
-    """kombu restores unacknowledged messages when a channel closes; after a lost connection
-    it did so through a connection already torn down and raised AttributeError, which Celery
-    took as unrecoverable and stopped the worker."""
+def test_a_channel_whose_connection_is_gone_raises_connection_errors_only(redis_url):
+    """After a lost connection kombu restores and acknowledges messages through a connection
+    already torn down; that raised AttributeError, which Celery took as unrecoverable and
+    stopped the worker. A connection error is what Celery handles (it logs and reconnects)."""
     raw = MessageBuilder().job_message("b:L2", "b", "high")
     conn, got = consume_one(redis_url, raw)
     assert len(got) == 1  # delivered, not acknowledged
     channel = conn.default_channel
-    channel.connection.client = None  # what a lost connection leaves behind
-    channel.close()
+    # What a lost connection leaves behind: pools dropped, the connection gone.
+    channel._disconnect_pools()
+    channel.__dict__.pop("client", None)
+    channel.connection.client = None
+    with pytest.raises(redis.ConnectionError):
+        got[0].ack()
+    # Closing restores through the same path; Celery closes with kombu's ignore_errors, which
+    # swallows connection errors (and used to let the AttributeError through).
+    ignore_errors(conn, channel.close)
     # The message stays recorded as unacknowledged, for the sweeper or kombu to send again.
     client = redis.Redis.from_url(redis_url)
     (stored,) = client.hvals("unacked")
