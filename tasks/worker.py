@@ -127,12 +127,11 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
     leases = start_lease_keeper(config, store, engine.cancel, worker_name)
     from tasks.metrics import WorkerMetrics
 
-    metrics = WorkerMetrics(engine)
+    metrics = WorkerMetrics(engine, store.client, gpu=bool(config.num_gpus))
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
     watch_engine(engine, worker_name)
-    log.info("worker %s ready: model %s on %s, engine stats %s", worker_name,
-             config.model.path, gpu_label, engine.stats())
+    # The "ready" line is logged at worker_ready (connect_signals): logging is not set up yet.
     return WorkerRuntime(config, engine, store, worker_name, gpu_label,
                          os.path.basename(os.path.normpath(config.model.path)), leases,
                          metrics)
@@ -172,12 +171,27 @@ def start_lease_keeper(config: DeploymentConfig, store: JobStore,
 
 
 def connect_signals(app: Celery) -> None:
+    def pool_asked(argv: list[str]) -> str | None:
+        # Celery takes an explicit `-P prefork` for its default and quietly runs the configured
+        # pool (threads) instead, so the command line itself is read to refuse it.
+        for i, arg in enumerate(argv):
+            if arg in ("-P", "--pool") and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith("--pool="):
+                return arg.split("=", 1)[1]
+            if arg.startswith("-P") and len(arg) > 2 and not arg.startswith("--"):
+                return arg[2:]
+        return None
+
     @signals.worker_init.connect(weak=False)
     def _start(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:
             return
         pool = getattr(sender, "pool_cls", "")
         pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+        asked = pool_asked(sys.argv)
+        if asked is not None and not any(name in asked for name in _POOLS_OK):
+            pool_name = asked
         if not any(name in pool_name for name in _POOLS_OK):
             raise SystemExit(
                 f"tideq workers run with -P threads (or solo), not {pool_name}: CUDA does not"
@@ -195,6 +209,43 @@ def connect_signals(app: Celery) -> None:
             # must not start consuming, so end the process here with the reason.
             log.exception("worker start-up failed")
             raise SystemExit(f"tideq worker start-up failed: {err}") from err
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(sender: Any = None, **_: Any) -> None:
+        # Logged here rather than at worker_init: Celery sets up logging after worker_init,
+        # so a line logged there is dropped at any -l level.
+        runtime = getattr(app, "tideq_runtime", None)
+        if runtime is None or getattr(sender, "app", None) is not app:
+            return
+        config, engine_config = runtime.config, runtime.engine.config
+        try:
+            stats = runtime.engine.stats()
+        except Exception:  # noqa: BLE001 - the summary must not stop the worker
+            stats = {}
+        try:
+            queues = ",".join(q.name for q in sender.task_consumer.queues)
+        except AttributeError:
+            queues = "?"
+        kv = stats.get("kv_blocks_total")
+        port = getattr(runtime.metrics, "port", None)
+        summary = (
+            f"tideq worker {runtime.worker_name} ready: model {config.model.path}"
+            f" (backend {stats.get('backend') or engine_config.backend},"
+            f" dtype {engine_config.dtype}, max_model_len {engine_config.max_model_len}),"
+            f" devices {runtime.gpu_label}, engine max_num_seqs {engine_config.max_num_seqs}"
+            f" max_num_batched_tokens {engine_config.max_num_batched_tokens}"
+            f" block_size {engine_config.block_size}"
+            + (f" kv_blocks {kv}" if kv is not None else "")
+            + f", queues {queues}"
+            + (f", metrics :{port}/metrics" if port is not None else "")
+        )
+        events = ("task events are off until a monitor asks for them: Flower turns them on"
+                  " when it starts (the banner's 'task events: OFF' is expected)")
+        log.info("%s; engine stats %s", summary, stats)
+        log.info("%s", events)
+        # On stderr at any -l level: what `docker compose logs` shows.
+        for line in (summary, events):
+            print(line, file=sys.__stderr__, flush=True)
 
     @signals.worker_shutdown.connect(weak=False)
     def _stop(sender: Any = None, **_: Any) -> None:
