@@ -53,6 +53,10 @@ class RedisSettings(_Strict):
     # How long a worker's Redis commands are retried through an outage (a restart) before the
     # job is left to the sweeper. Longer than lease_s would only delay that.
     outage_s: float = Field(default=60.0, gt=0)
+    # Publish each running job's text as it is generated to the Redis stream
+    # tideq:stream:<job_id> (read by `producer tail`); off: no stream is written and the
+    # engine does no extra decoding. The final result is stored the same either way.
+    stream_tokens: bool = False
 
 
 class ModelSettings(_Strict):

@@ -78,9 +78,12 @@ def run_job(runtime: Any, job_id: str, batch_id: str,
 def _run_held(runtime: Any, job_id: str, batch_id: str,
               request: dict[str, Any] | None) -> str:
     from engine.request import EngineError, EngineOutOfMemoryError, EngineShutDownError
+    from tasks.streams import publisher_for
 
     store = runtime.store
     priority = (request or {}).get("priority", keys.QUEUE_LOW)
+    # Live text to tideq:stream:<job_id> when the deployment streams tokens (tasks/streams.py).
+    streams = publisher_for(runtime)
 
     def finish(state: str, payload: dict[str, Any], tokens: int = 0,
                seconds: float | None = None) -> str:
@@ -93,6 +96,8 @@ def _run_held(runtime: Any, job_id: str, batch_id: str,
                 runtime.metrics.job_finished(state, priority, tokens, seconds)
         else:
             log.info("job %s: finished elsewhere first; this outcome is dropped", job_id)
+        if streams is not None:
+            streams.close(job_id, state)
         return state
 
     if request is None:
@@ -110,7 +115,11 @@ def _run_held(runtime: Any, job_id: str, batch_id: str,
         return finish("failed", {"type": "invalid_request", "message": str(err)})
 
     try:
-        completion = runtime.engine.submit(engine_request).result()
+        if streams is None:
+            completion = runtime.engine.submit(engine_request).result()
+        else:
+            completion = runtime.engine.submit(
+                engine_request, on_text=streams.open(job_id)).result()
     except EngineShutDownError as err:
         raise WorkerFaultError(f"job {job_id}: {err}") from err
     except EngineOutOfMemoryError as err:
