@@ -5,6 +5,7 @@
     producer wait BATCH [--timeout S]
     producer results BATCH [-o out.jsonl]
     producer cancel BATCH
+    producer tail JOB_ID|BATCH_ID [--from-start]
     producer bench [--file F | --jobs N --prompt-words W --max-tokens T] [--rate R]
                    [--high-fraction F] [--timeout S] [--json PATH] [--plot PATH]
     producer --version
@@ -58,6 +59,7 @@ from producer.client import (
     UnknownBatchError,
     WaitTimeoutError,
 )
+from producer.tail import tail_command
 from tasks import keys, redis_client
 from tasks.config import ConfigError, config_source, load_config
 
@@ -102,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="a batch's outputs as JSONL, in input order")
     p.add_argument("batch")
     p.add_argument("-o", "--output", default=None, help="write here instead of stdout")
+    p = sub.add_parser("tail", parents=[common],
+                       help="print a job's (or a batch's) text live (redis.stream_tokens)")
+    p.add_argument("target", metavar="JOB_ID|BATCH_ID")
+    p.add_argument("--from-start", action="store_true",
+                   help="print the stream from its start, not from now")
     _bench_parser(sub.add_parser("bench", parents=[common],
                                  help="submit N jobs, wait, report throughput and latency"))
     return parser
@@ -123,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wait": _wait,
         "results": _results,
         "cancel": _cancel,
+        "tail": tail_command,
         "bench": _bench,
     }
     try:
