@@ -87,7 +87,9 @@ def test_metrics_move_with_the_jobs(tmp_path, redis_url, tiny_llama, start_worke
         after, "tideq_engine_kv_blocks_free")
 
     log = worker.log()
-    assert "ready: model " + str(tiny_llama) in log
+    # Logged at -l info (after Celery set logging up), and printed on stderr at any level.
+    assert f"INFO/MainProcess] tideq worker w0@{socket.gethostname()} ready: model" in log, log
+    assert log.count("ready: model " + str(tiny_llama)) == 2, log
     assert f"metrics :{port}/metrics" in log
     assert "task events are off until a monitor asks" in log
 
