@@ -278,7 +278,7 @@ def _secs(value: float | None) -> str:
 def report_table(report: dict[str, Any]) -> Table:
     """The per-priority summary as a rich table; fits 80 columns."""
     table = Table(title=f"bench {report['batch_id']}", box=box.SIMPLE_HEAD, pad_edge=False,
-                  padding=(0, 0, 0, 1),
+                  padding=0,
                   caption="seconds; latency: submit to result; TTFT: queue wait + first token")
     heads = ["priority", "done", "jobs/s", "tok/s"]
     heads += [f"{what}\np{q}" for what in ("lat", "TTFT") for q in PERCENTILES]

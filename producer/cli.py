@@ -227,8 +227,8 @@ def _print_report(err: Console, r: SubmitReport, producer: Producer | None = Non
     old = r.accepted - r.new
     if old == 0:
         what = f"{r.new} new, priority {r.priority}"
-    elif r.new:
-        what = f"{r.new} new (priority {r.priority}), {old} already in the batch"
+    elif r.new:  # the priority is the new jobs' only
+        what = f"{r.new} new, priority {r.priority}, {old} already in the batch"
     else:
         what = f"0 new, {old} already in the batch"
     err.print(

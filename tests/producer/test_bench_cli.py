@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from producer import Producer
-from producer.bench import percentile
+from producer.bench import percentile, report_table
 from producer.cli import main, progress_fields, status_table, wait_progress
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -40,6 +40,10 @@ def test_bench_reports_per_priority(echo_worker: subprocess.Popen[bytes], cli_en
     assert out_png.read_bytes().startswith(PNG_SIGNATURE)
     out = capsys.readouterr().out
     assert report["batch_id"] in out and "p99" in out
+    narrow = Console(width=80, file=io.StringIO(), color_system=None)
+    narrow.print(report_table(report))
+    table = narrow.file.getvalue()  # type: ignore[attr-defined]
+    assert "…" not in table and "tok/s" in table, table
 
 
 def test_bench_at_a_rate_submits_in_chunks(echo_worker: subprocess.Popen[bytes], cli_env: str,
