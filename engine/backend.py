@@ -65,23 +65,6 @@ class GenerationBackend(ABC):
         return {}
 
 
-def require_checkpoint(model_path: str) -> None:
-    """Refuse a model path that is not a checkpoint folder, saying what is expected (the
-    loaders would otherwise take it for a hub id and fail with a message about repo ids)."""
-    from pathlib import Path
-
-    from engine.request import EngineError
-
-    folder = Path(model_path)
-    if not (folder / "config.json").is_file():
-        what = "has no config.json" if folder.is_dir() else "does not exist"
-        raise EngineError(
-            f"model path {model_path}: {what}; give the folder of a Hugging Face checkpoint"
-            " (config.json, *.safetensors, tokenizer files). Hub ids are not downloaded:"
-            " fetch the model first (e.g. `huggingface-cli download ID --local-dir DIR`)"
-        )
-
-
 def create_backend(config: Any, group: Any = None) -> GenerationBackend:
     """The backend config.backend names (config: an EngineConfig); "auto" takes the native
     one where it supports the checkpoint's architecture, and says which it chose. `group`:

@@ -14,7 +14,8 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
 
-from engine.backend import GenerationBackend, create_backend, require_checkpoint
+from engine.backend import GenerationBackend, create_backend
+from engine.checkpoint import require_checkpoint
 from engine.config import EngineConfig
 from engine.core import IDLE_WAIT_S, EngineCore, Event, Message, serve
 from engine.core_process import free_port, rank_main

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.backend import GenerationBackend, StepOutput
+from engine.checkpoint import eos_token_ids
 from engine.config import EngineConfig
-from engine.native_backend import eos_token_ids
 from engine.request import EngineError, SamplingParams
 
 

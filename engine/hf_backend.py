@@ -15,29 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.backend import GenerationBackend, StepOutput
+from engine.checkpoint import eos_token_ids
 from engine.config import EngineConfig
 from engine.devices import resolve_device
 from engine.request import SamplingParams
 from engine.sampler import make_generator, sample
 
 log = logging.getLogger(__name__)
-
-
-def eos_ids_of(model_path: str, tokenizer: Any) -> frozenset[int]:
-    """The checkpoint's EOS ids: generation_config.json's, else the tokenizer's."""
-    ids: set[int] = set()
-    try:
-        gen = GenerationConfig.from_pretrained(model_path)
-        eos = gen.eos_token_id
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-    except OSError:
-        pass
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return frozenset(ids)
 
 
 @dataclass
@@ -74,7 +61,7 @@ class HFBackend(GenerationBackend):
         # transformers renamed the cache argument (past_key_values -> cache) during 5.x.
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.eos_token_ids = eos_ids_of(config.model_path, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(config.model_path, model.config, self.tokenizer)
         limit = getattr(self.model.config, "max_position_embeddings", config.max_model_len)
         self.max_model_len = min(config.max_model_len, limit)
         self._pad_id = self.tokenizer.pad_token_id or 0

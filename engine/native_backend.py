@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from engine.backend import GenerationBackend, StepOutput
+from engine.checkpoint import eos_token_ids
 from engine.config import EngineConfig
+from engine.devices import resolve_device
 from engine.kv_cache import BlockManager
 from engine.models import ARCHITECTURES
 from engine.parallel import ParallelGroup
@@ -44,21 +46,6 @@ def supports(model_path: str | Path) -> bool:
     return any(arch in ARCHITECTURES for arch in config.get("architectures") or [])
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device a config names; "cuda" (and "auto" on a GPU machine) is the current CUDA
-    device with its index, which the process of each rank of a group sets to its own GPU
-    (torch.cuda.set_device) before building its backend."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EngineError(f"device {name!r} asked for, but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def resolve_dtype(name: str) -> torch.dtype:
     """The activation dtype: int8 is weight-only, with bfloat16 activations."""
     if name == "int8":
@@ -66,23 +53,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise EngineError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
     return DTYPES[name]
-
-
-def eos_token_ids(model_path: str | Path, hf_config: Any) -> frozenset[int]:
-    """EOS ids from config.json and generation_config.json (chat models often add one there)."""
-    ids: set[int] = set()
-
-    def add(value: Any) -> None:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(v for v in value if isinstance(v, int))
-
-    add(getattr(hf_config, "eos_token_id", None))
-    generation = Path(model_path) / "generation_config.json"
-    if generation.exists():
-        add(json.loads(generation.read_text()).get("eos_token_id"))
-    return frozenset(ids)
 
 
 class NativeBackend(GenerationBackend):
