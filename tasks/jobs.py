@@ -86,14 +86,17 @@ def _run_held(runtime: Any, job_id: str, batch_id: str,
     streams = publisher_for(runtime)
 
     def finish(state: str, payload: dict[str, Any], tokens: int = 0,
-               seconds: float | None = None) -> str:
+               seconds: float | None = None, prompt_tokens: int = 0,
+               first_token_s: float | None = None) -> str:
         # Released first: the finish ends the lease, and a renewal racing it would report the
         # job as taken elsewhere. If Redis stays unreachable past the client's retries, the
         # lease lapses and the sweeper runs the job again, which is what it is for.
         runtime.leases.release(job_id)
         if store.finish(job_id, batch_id, state, payload, tokens):
             if runtime.metrics is not None:
-                runtime.metrics.job_finished(state, priority, tokens, seconds)
+                runtime.metrics.job_finished(state, priority, tokens, seconds,
+                                             prompt_tokens=prompt_tokens,
+                                             first_token_s=first_token_s)
         else:
             log.info("job %s: finished elsewhere first; this outcome is dropped", job_id)
         if streams is not None:
@@ -136,7 +139,8 @@ def _run_held(runtime: Any, job_id: str, batch_id: str,
                                     "message": "the batch was cancelled while the job ran"})
     result = completion.to_dict()
     result.update(worker=runtime.worker_name, gpu=runtime.gpu_label, model=runtime.model_name)
-    return finish("done", result, completion.completion_tokens, completion.total_s)
+    return finish("done", result, completion.completion_tokens, completion.total_s,
+                  completion.prompt_tokens, completion.first_token_s)
 
 
 def register(app: Celery) -> None:
