@@ -225,10 +225,21 @@ def load_config(path: str | os.PathLike[str] | None = None) -> DeploymentConfig:
         except yaml.YAMLError as err:
             raise ConfigError(f"{source}: invalid YAML: {err}") from None
         config = parse_config(data, source)
+        config = _resolve_paths(config, Path(path).resolve().parent)
     url = os.environ.get(REDIS_URL_ENV)
     if url:
         config = config.model_copy(update={"redis": config.redis.model_copy(update={"url": url})})
     return config
+
+
+def _resolve_paths(config: DeploymentConfig, base: Path) -> DeploymentConfig:
+    """A relative model.path names a folder relative to the config file's own folder, so a
+    config works from whatever directory a worker is started in."""
+    model_path = Path(config.model.path).expanduser()
+    if model_path.is_absolute():
+        return config
+    resolved = str((base / model_path).resolve())
+    return config.model_copy(update={"model": config.model.model_copy(update={"path": resolved})})
 
 
 def config_source(path: str | os.PathLike[str] | None = None) -> str:

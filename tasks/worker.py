@@ -115,6 +115,11 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
         from engine.random_checkpoint import ensure_checkpoint
 
         ensure_checkpoint(config.model.path)
+    from engine.checkpoint import checkpoint_problem
+
+    problem = checkpoint_problem(config.model.path)
+    if problem is not None:
+        raise ConfigError(f"{config_source()}: model.path: {problem}")
     from engine.engine import Engine
 
     engine = Engine(engine_config_for(config))
@@ -204,6 +209,10 @@ def connect_signals(app: Celery) -> None:
             runtime = build_runtime(getattr(app, "tideq_config"), name, gpus,  # noqa: B009
                                     threads if isinstance(threads, int) else None)
             setattr(app, "tideq_runtime", runtime)  # noqa: B010
+        except ConfigError as err:
+            # A deployment mistake: one line that names the file and the key, no traceback.
+            log.error("worker start-up failed: %s", err)
+            raise SystemExit(f"tideq worker start-up failed: {err}") from None
         except Exception as err:
             # Celery logs and swallows a signal handler's exception; a worker without an engine
             # must not start consuming, so end the process here with the reason.

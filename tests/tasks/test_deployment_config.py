@@ -27,8 +27,11 @@ def test_shipped_configs_load(name):
 
 
 def test_defaults_equal_the_default_yaml():
-    # The CPU demo names gloo (no NCCL without GPUs); every other value is the default.
-    expected = DeploymentConfig().model_copy(update={"distributed_backend": "gloo"})
+    # The CPU demo names gloo (no NCCL without GPUs); every other value is the default, the
+    # model path resolved against the file's folder as every relative path in a config is.
+    default = DeploymentConfig()
+    model = default.model.model_copy(update={"path": str(REPO / default.model.path)})
+    expected = default.model_copy(update={"distributed_backend": "gloo", "model": model})
     assert load_config(REPO / "configs" / "default.yaml") == expected
 
 
@@ -169,3 +172,38 @@ def test_the_engine_section_is_the_engine_s_own_settings():
     engine_config = engine_config_for(parse_config({"engine": changed}))
     for name, value in changed.items():
         assert getattr(engine_config, name) == value, name
+
+
+def test_a_relative_model_path_starts_at_the_config_file_s_folder(tmp_path, monkeypatch):
+    (tmp_path / "deploy").mkdir()
+    path = tmp_path / "deploy" / "x.yaml"
+    path.write_text("model:\n  path: ../models/m\n")
+    monkeypatch.chdir("/")
+    assert load_config(path).model.path == str(tmp_path / "models" / "m")
+    path.write_text("model:\n  path: /abs/m\n")
+    assert load_config(path).model.path == "/abs/m"
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    ("missing", "is not a folder"),
+    ("hub", "looks like a hub id"),
+    ("no_config", "has no config.json"),
+    ("no_weights", "has no \\*.safetensors weights"),
+    ("no_tokenizer", "has no tokenizer"),
+])
+def test_a_bad_model_folder_is_one_line_naming_the_key(tmp_path, monkeypatch, setup, message):
+    from tasks.worker import build_runtime
+
+    folder = tmp_path / "model"
+    if setup != "missing":
+        folder.mkdir()
+    if setup in ("no_weights", "no_tokenizer"):
+        (folder / "config.json").write_text("{}")
+    if setup == "no_tokenizer":
+        (folder / "model.safetensors").write_bytes(b"")
+    model_path = "meta-llama/Llama-3.2-1B" if setup == "hub" else str(folder)
+    monkeypatch.chdir(tmp_path)
+    config = parse_config({"model": {"path": model_path, "build_if_missing": False}})
+    with pytest.raises(ConfigError, match=f"model.path: .*{message}") as info:
+        build_runtime(config, "w@test")
+    assert "\n" not in str(info.value)
