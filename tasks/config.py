@@ -28,6 +28,8 @@ class _Strict(BaseModel):
 
 
 class RedisSettings(_Strict):
+    # The Redis of the queues and the job records (redis://, or rediss:// for TLS; a password
+    # goes in the URL: redis://:PASSWORD@host:6379/0). TIDEQ_REDIS_URL overrides it.
     url: str = "redis://127.0.0.1:6379/0"
     # How long job records and results stay in Redis after they were last written (7 days:
     # long enough to collect the results of a weekend's batch).
@@ -45,7 +47,7 @@ class RedisSettings(_Strict):
     restore_lock_expire_s: int = Field(default=10, gt=0)
     # A running job's lease: its worker renews it every lease_s / 3 seconds. When a worker
     # dies, the sweeper puts its jobs back in their queues once their leases lapse, so a
-    # killed worker's jobs run again within about lease_s + 2 x sweep_interval_s.
+    # killed worker's jobs are back in their queue within about lease_s + sweep_interval_s.
     lease_s: float = Field(default=30.0, gt=0)
     # Seconds between sweeps (one worker at a time sweeps, under a Redis lock). A message that
     # vanished between Redis and a worker is re-sent after two sweeps have missed it.
@@ -64,7 +66,10 @@ class ModelSettings(_Strict):
     path: str = ".tideq/models/tiny-llama"
     # Build a small random checkpoint there when the folder is empty (the demo's default).
     build_if_missing: bool = True
+    # Weights and activations; int8 is weight-only (bfloat16 activations, native backend).
+    # float16/bfloat16 halve the memory of float32; int8 halves it again for the weights.
     dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float32"
+    # Longest prompt + output a sequence may hold (capped at the model's own positions).
     max_model_len: int = Field(default=1024, ge=2)
     # "echo" answers every job at once with its prompt's start, no model loaded: for
     # measuring the queue path (bench/bench_queue.py) and smoke-testing a deployment.
@@ -74,12 +79,18 @@ class ModelSettings(_Strict):
 class EngineSettings(_Strict):
     # Tokens one engine step may process; longer prompts are prefilled in chunks.
     max_num_batched_tokens: int = Field(default=2048, ge=16)
+    # Tokens per KV-cache block (the unit of cache allocation and of prefix sharing).
     block_size: int = Field(default=16, ge=1)
+    # Share of the device memory left after the weights that the KV cache takes (GPU);
+    # lower it to leave more room for a step's activations.
     kv_cache_memory_fraction: float = Field(default=0.9, gt=0, le=1)
+    # An explicit KV-cache size in blocks, overriding the fraction (None: from the fraction
+    # on a GPU, enough for batch_size_per_gpu full sequences on the CPU).
     num_kv_blocks: int | None = Field(default=None, ge=1)
     # With gpu_allocation_strategy "priority": share of each engine's running slots that only
     # high-priority jobs may take.
     reserved_high_fraction: float = Field(default=0.25, ge=0, lt=1)
+    # No CUDA graphs or Triton kernels: plain PyTorch steps (debugging, comparisons).
     enforce_eager: bool = False
     # GPU: launch a greedy decode step's successor while the host reads its tokens (the
     # engine's decode_lookahead); off only to compare or debug.
@@ -90,7 +101,9 @@ class EngineSettings(_Strict):
 
 
 class LimitSettings(_Strict):
+    # Longest prompt a job may have, in tokens; longer ones fail as invalid requests.
     max_prompt_tokens: int = Field(default=768, ge=1)
+    # Largest max_tokens a job may ask for; the producer refuses more at submit.
     max_output_tokens: int = Field(default=256, ge=1)
     # max_tokens of a job that gives none (OpenAI's completions default is 16; chat jobs
     # usually want more).
@@ -119,7 +132,10 @@ class DeploymentConfig(_Strict):
     num_gpus: int = Field(default=0, ge=0)
     # GPUs of one sharded model group (one worker process, one model replica).
     gpus_per_worker: int = Field(default=1, ge=1)
+    # How a group shards its model: tensor (alias horizontal: every layer split over the
+    # group's GPUs), layer (alias vertical: consecutive layers per GPU), none (one GPU).
     model_shard_strategy: ShardStrategy = "none"
+    # The collectives of a sharded group: nccl on GPUs, gloo on the CPU.
     distributed_backend: Literal["nccl", "gloo"] = "nccl"
     # Sequences a GPU runs at once; the engine runs batch_size_per_gpu x gpus_per_worker.
     batch_size_per_gpu: int = Field(default=32, ge=1)

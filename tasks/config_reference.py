@@ -36,24 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "docs" / "configuration.md"
 COMMAND = "python -m tasks.config_reference"
 
-# Keys that had no comment in tasks/config.py when the reference was introduced. They are
-# rendered with a placeholder; every other key must have a comment, or generation fails.
-# Remove a key from here once its field has a comment.
-UNDOCUMENTED_ALLOWED: frozenset[str] = frozenset(
-    {
-        "redis.url",
-        "model.dtype",
-        "model.max_model_len",
-        "engine.block_size",
-        "engine.kv_cache_memory_fraction",
-        "engine.num_kv_blocks",
-        "engine.enforce_eager",
-        "limits.max_prompt_tokens",
-        "limits.max_output_tokens",
-        "model_shard_strategy",
-        "distributed_backend",
-    }
-)
+# Keys allowed without a comment in tasks/config.py (rendered with a placeholder); every
+# other key must have one, or generation fails. Empty: every key is documented.
+UNDOCUMENTED_ALLOWED: frozenset[str] = frozenset()
 NO_COMMENT = "*(No comment above this field in tasks/config.py yet.)*"
 
 # Meanings of the environment variables; their names come from tasks/config.py.
