@@ -144,8 +144,20 @@ def _rank_main(
             case.name: run_case(case, paths[case.variant], strategy, group) for case in cases
         }
         Path(f"{out}.{rank}").write_text(json.dumps(results))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_group()
+
+
+def leave_group() -> None:
+    """End a CPU rank that has written its results: wait for the others, then exit without
+    tearing the gloo group down. Its C++ teardown at interpreter exit now and then aborted a
+    rank ("terminate called without an active exception") after all the work was done."""
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_group(
@@ -392,8 +404,10 @@ def _fast_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str)
         tokens = generate(backend, greedy_requests(PROMPTS[:3]), stagger=2)
         kinds = sorted({step["kind"] for step in runner.profile})
         Path(f"{out}.{rank}").write_text(json.dumps({"tokens": tokens, "kinds": kinds}))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_group()
 
 
 def check_fast_path(path: str, tmp: str) -> None:
