@@ -139,13 +139,9 @@ class Engine:
 
     def cancel(self, request_id: str) -> None:
         """Stop a request wherever it is; its future resolves with finish_reason "cancelled"."""
-        with self._lock:
-            live = self._live.get(request_id)
-        if live is None:
-            return
-        with contextlib.suppress(CoreGoneError):
-            self._core.send(("abort", request_id))
-        self._finish(live, "cancelled")
+        live = self._abort_in_core(request_id)
+        if live is not None:
+            self._finish(live, "cancelled")
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Submit all and wait for all (offline use and benchmarks)."""
@@ -295,15 +291,20 @@ class Engine:
             live.streamed = text
             _call_on_text(live, delta)
 
-    def _abort_failed(self, rid: str, err: Exception) -> None:
+    def _abort_in_core(self, rid: str) -> _Live | None:
+        """Tell the core to drop a live request (nothing to do if the core is gone); returns
+        the request, or None when it is no longer live here."""
         with self._lock:
             live = self._live.get(rid)
-        if live is None:
-            return
-        with contextlib.suppress(CoreGoneError):
-            self._core.send(("abort", rid))
-        self._fail(rid, EngineError(f"request {rid}: handling its output failed:"
-                                    f" {type(err).__name__}: {err}"))
+        if live is not None:
+            with contextlib.suppress(CoreGoneError):
+                self._core.send(("abort", rid))
+        return live
+
+    def _abort_failed(self, rid: str, err: Exception) -> None:
+        if self._abort_in_core(rid) is not None:
+            self._fail(rid, EngineError(f"request {rid}: handling its output failed:"
+                                        f" {type(err).__name__}: {err}"))
 
     def _match_stop(self, live: _Live) -> bool:
         """Whether the output now contains a stop string; if so, cut the text before it."""

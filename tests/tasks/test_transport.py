@@ -12,15 +12,13 @@ from kombu.common import ignore_errors
 from tasks.messages import MessageBuilder
 
 
-def consume_one(url: str, raw: bytes) -> tuple[Connection, list]:
-    client = redis.Redis.from_url(url)
-    client.lpush("high", raw)
+def consumer(url: str) -> tuple[Connection, list]:
+    """A kombu connection through tideq's transport, consuming `high` into a list."""
     conn = Connection(url, transport="tasks.transport:Transport")
     got: list = []
     consumer = Consumer(conn.default_channel, [Queue("high", routing_key="high")],
                         callbacks=[lambda body, message: got.append(message)])
     consumer.consume()
-    conn.drain_events(timeout=5)
     return conn, got
 
 
@@ -30,11 +28,7 @@ def test_undecodable_messages_are_dropped_not_raised(redis_url):
         client.lpush("high", raw)
     good = MessageBuilder().job_message("b:L1", "b", "high")
     client.lpush("high", good)
-    conn = Connection(redis_url, transport="tasks.transport:Transport")
-    got: list = []
-    consumer = Consumer(conn.default_channel, [Queue("high", routing_key="high")],
-                        callbacks=[lambda body, message: got.append(message)])
-    consumer.consume()
+    conn, got = consumer(redis_url)
     for _ in range(5):
         try:
             conn.drain_events(timeout=1)
@@ -51,8 +45,10 @@ def test_a_channel_whose_connection_is_gone_raises_connection_errors_only(redis_
     """After a lost connection kombu restores and acknowledges messages through a connection
     already torn down; that raised AttributeError, which Celery took as unrecoverable and
     stopped the worker. A connection error is what Celery handles (it logs and reconnects)."""
-    raw = MessageBuilder().job_message("b:L2", "b", "high")
-    conn, got = consume_one(redis_url, raw)
+    redis.Redis.from_url(redis_url).lpush("high", MessageBuilder().job_message("b:L2", "b",
+                                                                               "high"))
+    conn, got = consumer(redis_url)
+    conn.drain_events(timeout=5)
     assert len(got) == 1  # delivered, not acknowledged
     channel = conn.default_channel
     # What a lost connection leaves behind: pools dropped, the connection gone.
