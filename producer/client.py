@@ -18,6 +18,7 @@ the file again to that batch enqueues the rest (JobStore.enqueue skips jobs alre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -257,6 +258,8 @@ class Producer:
         self.parser = LineParser(config.limits.max_output_tokens,
                                  config.limits.default_max_tokens)
         self.messages = MessageBuilder()
+        # Jobs per Celery message (the deployment's jobs_per_message).
+        self.jobs_per_message = config.jobs_per_message
 
     def close(self) -> None:
         self.client.close()
@@ -382,10 +385,11 @@ class Producer:
         the next chunk is being built (one chunk in flight at a time keeps input order)."""
         flags = scan.flags
         parse = self.parser.parse
-        build = self.messages.job_message
+        per_message = self.jobs_per_message
         new = enqueued = 0
         pending: Future[int] | None = None
         chunk: list[QueuedJob] = []
+        message_jobs: list[str] = []  # job ids waiting for the message that will carry them
         with open(path, "rb") as f, ThreadPoolExecutor(max_workers=1) as pool:
             for number, raw in enumerate(f, start=1):
                 if number >= len(flags):
@@ -401,14 +405,24 @@ class Producer:
                 enqueued += 1
                 job_id = keys.job_id_for(batch_id, parsed.custom_id, number)
                 request = json.dumps(parsed.request(priority), ensure_ascii=False)
-                chunk.append(QueuedJob(job_id, number, parsed.custom_id,
-                                       build(job_id, batch_id, priority), request,
+                message_jobs.append(job_id)
+                # The last job of each message carries it; a message never spans two enqueue
+                # calls, so every call pushes what it records.
+                message = b""
+                if len(message_jobs) >= per_message or len(chunk) + 1 >= ENQUEUE_CHUNK:
+                    message = self.messages.jobs_message(message_jobs, batch_id, priority)
+                    message_jobs = []
+                chunk.append(QueuedJob(job_id, number, parsed.custom_id, message, request,
                                        parsed.endpoint))
                 if len(chunk) >= ENQUEUE_CHUNK:
                     if pending is not None:
                         new += pending.result()
                     pending = pool.submit(self._enqueue_chunk, scan, batch_id, priority, chunk)
                     chunk = []
+            if message_jobs:
+                last = chunk[-1]
+                chunk[-1] = dataclasses.replace(
+                    last, message=self.messages.jobs_message(message_jobs, batch_id, priority))
             if pending is not None:
                 new += pending.result()
             new += self._enqueue_chunk(scan, batch_id, priority, chunk)

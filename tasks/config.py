@@ -144,9 +144,15 @@ class DeploymentConfig(_Strict):
     gpu_allocation_strategy: Literal["even", "priority"] = "even"
     # With "priority": how many worker groups consume only the high queue.
     high_only_workers: int = Field(default=0, ge=0)
-    # Task threads per worker process: how many jobs one worker holds at once. Should be at
-    # least the engine's batch size, or the engine cannot fill its batch.
+    # Task threads per worker process: how many messages one worker holds at once. Each
+    # holds up to jobs_per_message jobs, so a worker holds num_workers x jobs_per_message
+    # jobs: keep that above the engine's batch size, or the engine cannot keep its batch full
+    # (the jobs beyond the batch wait inside the engine, high ones first).
     num_workers: int = Field(default=32, ge=1)
+    # Jobs the producer puts in one Celery message. Each job is still started, leased,
+    # cancelled, retried and stored on its own; a message of several costs the consumer,
+    # Celery and Redis one round of work instead of several. 1: a message per job.
+    jobs_per_message: int = Field(default=1, ge=1, le=256)
 
     # Serve Prometheus metrics from each worker on this port (+ its group index); None: off.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)

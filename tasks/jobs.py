@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import uuid
+from concurrent.futures import Future, as_completed
 from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Reject
 
 from tasks import keys
+from tasks.messages import job_ids_in
 
 log = logging.getLogger(__name__)
 
@@ -52,95 +54,150 @@ class WorkerFaultError(RuntimeError):
 
 def run_job(runtime: Any, job_id: str, batch_id: str,
             message_request: dict[str, Any] | None = None) -> str:
-    """The body of the generate task, outside Celery so that it can be tested and reused.
-    Returns the job's final state, or why this message was skipped.
+    """run_jobs for a message of one job; returns its outcome."""
+    return run_jobs(runtime, [job_id], batch_id, message_request)[job_id]
 
-    Redis errors propagate after the client's retries: nothing false is stored then, and the
-    job comes back through the sweeper (its lease lapses, or its message is seen missing).
+
+def run_jobs(runtime: Any, job_ids: list[str], batch_id: str,
+             message_request: dict[str, Any] | None = None) -> dict[str, str]:
+    """The body of the generate task, outside Celery so that it can be tested and reused:
+    start the jobs of one message (one Redis round trip), hand them all to the engine at once,
+    and store each result as soon as it is ready. Returns each job's final state, or why it
+    was skipped.
+
+    Each job is taken, leased, run and finished on its own, so a message of several jobs
+    changes nothing about any one of them: a job already running elsewhere or finished is
+    skipped, and a job whose result this worker could not store comes back through the
+    sweeper. Redis errors propagate after the client's retries: nothing false is stored then.
     """
     store = runtime.store
-    token = uuid.uuid4().hex
-    started = store.start(job_id, batch_id, runtime.worker_name, runtime.gpu_label, token,
-                          runtime.config.redis.lease_s)
-    if not started.runnable:
-        # Cancelled while queued, finished already, running under another worker's live
-        # lease (a duplicate message), or expired.
-        log.info("job %s: %s, message skipped", job_id, started.previous)
-        return started.previous
-    runtime.leases.hold(job_id, token)
+    tokens = [uuid.uuid4().hex for _ in job_ids]
+    started = store.start_many(job_ids, batch_id, runtime.worker_name, runtime.gpu_label,
+                               tokens, runtime.config.redis.lease_s)
+    outcomes: dict[str, str] = {}
+    jobs: list[_HeldJob] = []
+    for job_id, token, start in zip(job_ids, tokens, started, strict=True):
+        if not start.runnable:
+            # Cancelled while queued, finished already, running under another worker's live
+            # lease (a duplicate message), or expired.
+            log.info("job %s: %s, message skipped", job_id, start.previous)
+            outcomes[job_id] = start.previous
+            continue
+        runtime.leases.hold(job_id, token)
+        request = start.request if start.request is not None else message_request
+        jobs.append(_HeldJob(runtime, job_id, batch_id, request))
     try:
-        request = started.request if started.request is not None else message_request
-        return _run_held(runtime, job_id, batch_id, request)
+        running: dict[Future[Any], _HeldJob] = {}
+        for job in jobs:
+            future = job.submit()
+            if future is None:
+                outcomes[job.job_id] = job.outcome
+            else:
+                running[future] = job
+        for future in as_completed(running):
+            job = running.pop(future)
+            outcomes[job.job_id] = job.complete(future)
     finally:
-        runtime.leases.release(job_id)
+        for job in jobs:
+            if job.job_id not in outcomes:
+                # Not finished here (the engine or Redis failed): stop it in the engine; its
+                # lease, no longer renewed, hands it to the sweeper.
+                runtime.engine.cancel(job.job_id)
+            runtime.leases.release(job.job_id)
+    return outcomes
 
 
-def _run_held(runtime: Any, job_id: str, batch_id: str,
-              request: dict[str, Any] | None) -> str:
-    from engine.request import EngineError, EngineOutOfMemoryError, EngineShutDownError
-    from tasks.streams import publisher_for
+class _HeldJob:
+    """One job this worker has started: its request goes to the engine, its outcome to the
+    store."""
 
-    store = runtime.store
-    priority = (request or {}).get("priority", keys.QUEUE_LOW)
-    # Live text to tideq:stream:<job_id> when the deployment streams tokens (tasks/streams.py).
-    streams = publisher_for(runtime)
+    def __init__(self, runtime: Any, job_id: str, batch_id: str,
+                 request: dict[str, Any] | None) -> None:
+        from tasks.streams import publisher_for
 
-    def finish(state: str, payload: dict[str, Any], tokens: int = 0,
+        self.runtime = runtime
+        self.job_id = job_id
+        self.batch_id = batch_id
+        self.request = request
+        self.priority = (request or {}).get("priority", keys.QUEUE_LOW)
+        self.outcome = ""
+        # Live text to tideq:stream:<job_id> when the deployment streams tokens.
+        self.streams = publisher_for(runtime)
+
+    def submit(self) -> Future[Any] | None:
+        """Hand the request to the engine; None if the job ended at once (invalid request,
+        stored as failed: self.outcome says so)."""
+        from engine.request import EngineShutDownError
+
+        if self.request is None:
+            self.outcome = self.finish("failed", {
+                "type": "invalid_request", "message": "the job's record holds no request"})
+            return None
+        limits = self.runtime.config.limits
+        try:
+            engine_request = build_request(self.job_id, self.request, limits.default_max_tokens)
+            if engine_request.sampling.max_tokens > limits.max_output_tokens:
+                raise InvalidJobError(
+                    f"max_tokens {engine_request.sampling.max_tokens} exceeds the deployment's"
+                    f" limit of {limits.max_output_tokens}"
+                )
+        except InvalidJobError as err:
+            self.outcome = self.finish("failed", {"type": "invalid_request",
+                                                  "message": str(err)})
+            return None
+        engine = self.runtime.engine
+        try:
+            if self.streams is None:
+                return engine.submit(engine_request)
+            return engine.submit(engine_request, on_text=self.streams.open(self.job_id))
+        except EngineShutDownError as err:
+            raise WorkerFaultError(f"job {self.job_id}: {err}") from err
+
+    def complete(self, future: Future[Any]) -> str:
+        """Store the engine's outcome of the job; returns its final state."""
+        from engine.request import EngineError, EngineOutOfMemoryError, EngineShutDownError
+
+        try:
+            completion = future.result()
+        except EngineShutDownError as err:
+            raise WorkerFaultError(f"job {self.job_id}: {err}") from err
+        except EngineOutOfMemoryError as err:
+            return self.finish("failed", {"type": "out_of_memory", "message": str(err)})
+        except EngineError as err:
+            return self.finish("failed", {"type": "engine_error", "message": str(err)})
+
+        if completion.finish_reason == "cancelled":
+            if self.runtime.leases.was_lost(self.job_id):
+                # Stopped here because another worker holds it now; that one finishes it.
+                log.info("job %s: stopped, taken over elsewhere", self.job_id)
+                return "lost"
+            return self.finish("cancelled", {
+                "type": "cancelled", "message": "the batch was cancelled while the job ran"})
+        result = completion.to_dict()
+        runtime = self.runtime
+        result.update(worker=runtime.worker_name, gpu=runtime.gpu_label,
+                      model=runtime.model_name)
+        return self.finish("done", result, completion.completion_tokens, completion.total_s,
+                           completion.prompt_tokens, completion.first_token_s)
+
+    def finish(self, state: str, payload: dict[str, Any], tokens: int = 0,
                seconds: float | None = None, prompt_tokens: int = 0,
                first_token_s: float | None = None) -> str:
+        runtime = self.runtime
         # Released first: the finish ends the lease, and a renewal racing it would report the
         # job as taken elsewhere. If Redis stays unreachable past the client's retries, the
         # lease lapses and the sweeper runs the job again, which is what it is for.
-        runtime.leases.release(job_id)
-        if store.finish(job_id, batch_id, state, payload, tokens):
+        runtime.leases.release(self.job_id)
+        if runtime.store.finish(self.job_id, self.batch_id, state, payload, tokens):
             if runtime.metrics is not None:
-                runtime.metrics.job_finished(state, priority, tokens, seconds,
+                runtime.metrics.job_finished(state, self.priority, tokens, seconds,
                                              prompt_tokens=prompt_tokens,
                                              first_token_s=first_token_s)
         else:
-            log.info("job %s: finished elsewhere first; this outcome is dropped", job_id)
-        if streams is not None:
-            streams.close(job_id, state)
+            log.info("job %s: finished elsewhere first; this outcome is dropped", self.job_id)
+        if self.streams is not None:
+            self.streams.close(self.job_id, state)
         return state
-
-    if request is None:
-        return finish("failed", {"type": "invalid_request",
-                                 "message": "the job's record holds no request"})
-    limits = runtime.config.limits
-    try:
-        engine_request = build_request(job_id, request, limits.default_max_tokens)
-        if engine_request.sampling.max_tokens > limits.max_output_tokens:
-            raise InvalidJobError(
-                f"max_tokens {engine_request.sampling.max_tokens} exceeds the deployment's"
-                f" limit of {limits.max_output_tokens}"
-            )
-    except InvalidJobError as err:
-        return finish("failed", {"type": "invalid_request", "message": str(err)})
-
-    try:
-        if streams is None:
-            completion = runtime.engine.submit(engine_request).result()
-        else:
-            completion = runtime.engine.submit(
-                engine_request, on_text=streams.open(job_id)).result()
-    except EngineShutDownError as err:
-        raise WorkerFaultError(f"job {job_id}: {err}") from err
-    except EngineOutOfMemoryError as err:
-        return finish("failed", {"type": "out_of_memory", "message": str(err)})
-    except EngineError as err:
-        return finish("failed", {"type": "engine_error", "message": str(err)})
-
-    if completion.finish_reason == "cancelled":
-        if runtime.leases.was_lost(job_id):
-            # Stopped here because another worker holds it now; that one finishes it.
-            log.info("job %s: stopped, taken over elsewhere", job_id)
-            return "lost"
-        return finish("cancelled", {"type": "cancelled",
-                                    "message": "the batch was cancelled while the job ran"})
-    result = completion.to_dict()
-    result.update(worker=runtime.worker_name, gpu=runtime.gpu_label, model=runtime.model_name)
-    return finish("done", result, completion.completion_tokens, completion.total_s,
-                  completion.prompt_tokens, completion.first_token_s)
 
 
 def register(app: Celery) -> None:
@@ -148,11 +205,18 @@ def register(app: Celery) -> None:
 
     @app.task(name=keys.TASK_GENERATE, bind=True, acks_late=True, reject_on_worker_lost=True,
               ignore_result=True)
-    def generate(self: Task, job_id: str, batch_id: str,
-                 request: dict[str, Any] | None = None) -> str:
+    def generate(self: Task, batch_id: str, job_id: str | None = None,
+                 job_ids: list[str] | None = None,
+                 request: dict[str, Any] | None = None) -> dict[str, str]:
+        """A message names one job (job_id) or several (job_ids: jobs_per_message)."""
         runtime = getattr(self.app, "tideq_runtime", None)
         if runtime is None:
             # Not a tideq worker (no engine here): give the message back for one that is.
             raise Reject("this worker has no engine loaded", requeue=True)
+        try:
+            ids = job_ids_in({"job_id": job_id, "job_ids": job_ids})
+        except ValueError as err:
+            # Not from a tideq producer: nothing to run, nothing to give back.
+            raise Reject(f"malformed message: {err}", requeue=False) from None
         # `request` is carried only by messages of producers older than the job's record.
-        return run_job(runtime, job_id, batch_id, request)
+        return run_jobs(runtime, ids, batch_id, request)

@@ -20,10 +20,12 @@ tests/producer/test_messages.py checks this against what Celery itself publishes
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import random
 import re
+from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, Final
 
@@ -51,14 +53,32 @@ _UUID_BITS: Final = 128
 _SLOT = re.compile(r'"@@(\w+)@@"')
 
 
-def job_kwargs(job_id: str, batch_id: str) -> dict[str, Any]:
-    """The task's keyword arguments (the message contract with the worker).
+def job_kwargs(job_ids: Sequence[str], batch_id: str) -> dict[str, Any]:
+    """The task's keyword arguments (the message contract with the worker): `job_id` for a
+    message of one job, `job_ids` for a message of several (jobs_per_message).
 
     The request itself lives in the job's record (tasks/store.py), which the worker reads in
     the same round trip that starts the job: a message is then small, carries no prompt text
     into Flower or the worker logs, and can be rebuilt from the job id alone when the sweeper
-    re-enqueues a job whose message was lost."""
-    return {"job_id": job_id, "batch_id": batch_id}
+    re-enqueues a job whose message was lost (always as a message of its own)."""
+    if not job_ids:
+        raise ValueError("a message needs at least one job")
+    if len(job_ids) == 1:
+        return {"job_id": job_ids[0], "batch_id": batch_id}
+    return {"job_ids": list(job_ids), "batch_id": batch_id}
+
+
+def job_ids_in(kwargs: Mapping[str, Any]) -> list[str]:
+    """The job ids a message's keyword arguments name (either form of job_kwargs)."""
+    many = kwargs.get("job_ids")
+    if many is not None:
+        if not isinstance(many, list) or not all(isinstance(j, str) for j in many):
+            raise ValueError(f"job_ids must be a list of strings, not {many!r}")
+        return many
+    one = kwargs.get("job_id")
+    if not isinstance(one, str):
+        raise ValueError(f"job_id must be a string, not {one!r}")
+    return [one]
 
 
 def _kwargsrepr(kwargs: dict[str, Any]) -> str:
@@ -163,8 +183,14 @@ class MessageBuilder:
         return "".join(out).encode(CONTENT_ENCODING)
 
     def job_message(self, job_id: str, batch_id: str, queue: str) -> bytes:
-        """One tideq.generate message: task id = job id, args [], kwargs per the contract."""
-        return self.build(job_id, queue, job_kwargs(job_id, batch_id))
+        """One tideq.generate message for one job: task id = job id."""
+        return self.build(job_id, queue, job_kwargs([job_id], batch_id))
+
+    def jobs_message(self, job_ids: Sequence[str], batch_id: str, queue: str) -> bytes:
+        """One tideq.generate message for the jobs job_ids (in enqueue order). Its task id is
+        the first job's id: the sweeper reads the enqueue sequence of the message at a queue's
+        consuming end from it, and the first job's is the lowest of the message."""
+        return self.build(job_ids[0], queue, job_kwargs(job_ids, batch_id))
 
 
 def _encode_body(kwargs: dict[str, Any]) -> str:
@@ -177,3 +203,13 @@ def decode(message: bytes | str) -> tuple[dict[str, Any], list[Any]]:
     envelope = json.loads(message)
     body = json.loads(base64.b64decode(envelope["body"]))
     return envelope, body
+
+
+def job_ids_of(envelope: Mapping[str, Any]) -> list[str]:
+    """The job ids of a tideq.generate envelope (what kombu stores); ValueError if it is not
+    one (another task, a body that does not decode)."""
+    try:
+        body = json.loads(base64.b64decode(envelope["body"]))
+        return job_ids_in(body[1])
+    except (KeyError, IndexError, TypeError, binascii.Error) as err:
+        raise ValueError(f"not a tideq.generate message: {err!r}") from None

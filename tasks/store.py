@@ -29,12 +29,15 @@ from tasks import keys
 # KEYS: batch, batch_jobs, queue, pending (of queue), seq, job_1..job_n
 # ARGV: ttl, priority, now, batch_id, then per job 6 values: job_id, line, custom_id ('' = none),
 #       endpoint ('' = plain prompt/messages line; else the OpenAI batch url), request JSON,
-#       message
+#       message ('' = none: the job rides in the message of a later job of the call)
+# A message covers the jobs since the previous message; it is pushed if any of them is new (a
+# job already recorded was enqueued by an earlier call whose reply was lost).
 _ENQUEUE = """
 local ttl = tonumber(ARGV[1])
 local priority = ARGV[2]
 local now = ARGV[3]
 local added = 0
+local message_has_new = false
 for i = 6, #KEYS do
   local a = 5 + (i - 6) * 6
   local job = KEYS[i]
@@ -46,8 +49,12 @@ for i = 6, #KEYS do
     redis.call('EXPIRE', job, ttl)
     redis.call('RPUSH', KEYS[2], ARGV[a])
     redis.call('ZADD', KEYS[4], seq, ARGV[a])
-    redis.call('LPUSH', KEYS[3], ARGV[a + 5])
     added = added + 1
+    message_has_new = true
+  end
+  if ARGV[a + 5] ~= '' then
+    if message_has_new then redis.call('LPUSH', KEYS[3], ARGV[a + 5]) end
+    message_has_new = false
   end
 end
 if added > 0 then
@@ -60,44 +67,64 @@ redis.call('EXPIRE', KEYS[2], ttl)
 return added
 """
 
-# KEYS: job, batch, leases, pending_high, pending_low.
-# ARGV: job_id, worker, gpu, now, ttl, token (this delivery's), lease seconds
+# KEYS: batch, leases, pending_high, pending_low, job_1..job_n (the jobs of one message).
+# ARGV: worker, gpu, now, ttl, lease seconds, then per job: job_id, token (this delivery's)
 # Leases are in Redis's own clock (TIME), so workers' clocks need not agree.
-# Returns {state before the call, request JSON}. 'missing': no record (expired); 'busy': running
-# under a live lease held by another delivery (this message is a duplicate). Only a 'queued'
-# or a 'running' whose lease lapsed (its worker is gone) is taken; the caller runs it then.
+# Returns per job {state before the call, request JSON}, flattened. 'missing': no record
+# (expired); 'busy': running under a live lease held by another delivery (this message is a
+# duplicate). Only a 'queued' or a 'running' whose lease lapsed (its worker is gone) is taken;
+# the caller runs it then.
 _START = """
 local t = redis.call('TIME')
 local clock = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'missing', false} end
-if state == 'queued' then
-  local priority = redis.call('HGET', KEYS[1], 'priority')
-  redis.call('ZREM', KEYS[4], ARGV[1])
-  redis.call('ZREM', KEYS[5], ARGV[1])
-  if redis.call('HGET', KEYS[2], 'cancelled') == '1' then
-    redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[4])
-    redis.call('HINCRBY', KEYS[2], priority .. ':queued', -1)
-    redis.call('HINCRBY', KEYS[2], priority .. ':cancelled', 1)
-    return {'cancelled', false}
+local cancelled = redis.call('HGET', KEYS[1], 'cancelled') == '1'
+local out = {}
+for i = 5, #KEYS do
+  local job = KEYS[i]
+  local id, token = ARGV[4 + (i - 4) * 2], ARGV[5 + (i - 4) * 2]
+  local state = redis.call('HGET', job, 'state')
+  local take = false
+  if not state then
+    state = 'missing'
+  elseif state == 'queued' then
+    local priority = redis.call('HGET', job, 'priority')
+    redis.call('ZREM', KEYS[3], id)
+    redis.call('ZREM', KEYS[4], id)
+    redis.call('HINCRBY', KEYS[1], priority .. ':queued', -1)
+    if cancelled then
+      redis.call('HSET', job, 'state', 'cancelled', 'finished_at', ARGV[3])
+      redis.call('HINCRBY', KEYS[1], priority .. ':cancelled', 1)
+      state = 'cancelled'
+    else
+      redis.call('HINCRBY', KEYS[1], priority .. ':running', 1)
+      take = true
+    end
+  elseif state == 'running' then
+    take = true
+    if redis.call('HGET', job, 'token') ~= token then
+      local lease = redis.call('ZSCORE', KEYS[2], id)
+      if lease and tonumber(lease) > clock then
+        state = 'busy'
+        take = false
+      else
+        -- Its worker is gone (the lease lapsed): run it again here.
+        redis.call('HINCRBY', job, 'deliveries', 1)
+      end
+    end
   end
-  redis.call('HINCRBY', KEYS[2], priority .. ':queued', -1)
-  redis.call('HINCRBY', KEYS[2], priority .. ':running', 1)
-elseif state == 'running' then
-  if redis.call('HGET', KEYS[1], 'token') ~= ARGV[6] then
-    local lease = redis.call('ZSCORE', KEYS[3], ARGV[1])
-    if lease and tonumber(lease) > clock then return {'busy', false} end
-    -- Its worker is gone (the lease lapsed): run it again here.
-    redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+  if take then
+    redis.call('HSET', job, 'state', 'running', 'worker', ARGV[1], 'gpu', ARGV[2],
+               'started_at', ARGV[3], 'token', token)
+    redis.call('ZADD', KEYS[2], clock + tonumber(ARGV[5]), id)
+    redis.call('EXPIRE', job, tonumber(ARGV[4]))
+    out[#out + 1] = state
+    out[#out + 1] = redis.call('HGET', job, 'request') or false
+  else
+    out[#out + 1] = state
+    out[#out + 1] = false
   end
-else
-  return {state, false}
 end
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2], 'gpu', ARGV[3],
-           'started_at', ARGV[4], 'token', ARGV[6])
-redis.call('ZADD', KEYS[3], clock + tonumber(ARGV[7]), ARGV[1])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-return {state, redis.call('HGET', KEYS[1], 'request') or false}
+return out
 """
 
 # KEYS: leases.  ARGV: lease seconds, job key prefix, batch key prefix, then (job_id, token) pairs
@@ -201,7 +228,10 @@ return n
 @dataclass(frozen=True)
 class QueuedJob:
     """One job ready to enqueue: its id, where it came from, its Celery message (bytes) and its
-    request (JSON text), which the job's record keeps for the worker."""
+    request (JSON text), which the job's record keeps for the worker.
+
+    `message` covers this job and the jobs before it in the same enqueue call that have none
+    (b""): a message of several jobs is carried by the last of them."""
 
     job_id: str
     line: int
@@ -275,6 +305,8 @@ class JobStore:
         """
         if not jobs:
             return 0
+        if not jobs[-1].message:
+            raise ValueError("the last job of an enqueue call must carry a message")
         keys_ = [keys.batch_key(batch_id), keys.batch_jobs_key(batch_id), priority,
                  keys.pending_key(priority), keys.SEQ_KEY]
         keys_ += [keys.job_key(j.job_id) for j in jobs]
@@ -343,13 +375,22 @@ class JobStore:
         """Take a job for this delivery (token) under a lease of lease_s seconds, and read its
         request in the same round trip. Retrying a call whose reply was lost is safe: the
         same token finds the job already its own."""
-        now = time.time()
-        state, request = self._start(
-            keys=[keys.job_key(job_id), keys.batch_key(batch_id), keys.LEASES_KEY,
-                  keys.pending_key(keys.QUEUE_HIGH), keys.pending_key(keys.QUEUE_LOW)],
-            args=[job_id, worker, gpu, f"{now:.6f}", self.ttl_s, token, lease_s],
+        return self.start_many([job_id], batch_id, worker, gpu, [token], lease_s)[0]
+
+    def start_many(self, job_ids: Sequence[str], batch_id: str, worker: str, gpu: str,
+                   tokens: Sequence[str], lease_s: float) -> list[Started]:
+        """start() for every job of a message (tokens[i] is job_ids[i]'s delivery), in one
+        script call. Each job is taken or refused on its own, as start() would."""
+        args: list[Any] = [worker, gpu, f"{time.time():.6f}", self.ttl_s, lease_s]
+        for job_id, token in zip(job_ids, tokens, strict=True):
+            args += [job_id, token]
+        flat = self._start(
+            keys=[keys.batch_key(batch_id), keys.LEASES_KEY, keys.pending_key(keys.QUEUE_HIGH),
+                  keys.pending_key(keys.QUEUE_LOW), *(keys.job_key(j) for j in job_ids)],
+            args=args,
         )
-        return Started(_text(state), json.loads(request) if request else None)
+        return [Started(_text(flat[k]), json.loads(flat[k + 1]) if flat[k + 1] else None)
+                for k in range(0, len(flat), 2)]
 
     def renew(self, holds: Mapping[str, str], lease_s: float) -> tuple[list[str], list[str]]:
         """Renew the leases of the jobs this worker runs ({job_id: token}). Returns the ids

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks import keys
-from tasks.messages import MessageBuilder
+from tasks.messages import MessageBuilder, job_ids_of
 from tasks.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class Sweeper:
 
     # --- jobs whose message vanished -----------------------------------------------------
     def _left_the_list(self, queue: str) -> list[str]:
-        """Pending jobs of `queue` enqueued before the message now at its consuming end."""
+        """Pending jobs of `queue` enqueued before the message now at its consuming end (its
+        task id is its first job's, the lowest enqueue sequence of its jobs)."""
         pending = keys.pending_key(queue)
         oldest = self.client.lindex(queue, -1)
         bound: float | str = "+inf"
@@ -123,10 +124,11 @@ class Sweeper:
         out: dict[str, float] = {}
         for tag, raw in self.client.hscan_iter(UNACKED_KEY, count=1000):
             try:
-                job_id = json.loads(raw)[0]["headers"]["id"]
+                job_ids = job_ids_of(json.loads(raw)[0])
             except (ValueError, KeyError, IndexError, TypeError):
-                continue
-            out[str(job_id)] = taken_at.get(_text(tag), 0.0)
+                continue  # not a tideq.generate message
+            for job_id in job_ids:
+                out[job_id] = taken_at.get(_text(tag), 0.0)
         return out
 
     def _check(self, queue: str, candidates: list[str], unacked: dict[str, float],

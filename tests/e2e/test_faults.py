@@ -66,19 +66,22 @@ def assert_exactly_once(producer: Producer, batch_id: str, n: int,
     return records
 
 
-def test_kill_9_of_a_worker_mid_batch_repeated(tmp_path, redis_url, tiny_llama, start_worker):
-    config_path = fault_config(tmp_path, redis_url, tiny_llama, num_workers=6,
-                               batch_size_per_gpu=6)
+@pytest.mark.parametrize("jobs_per_message,threads", [(1, 6), (4, 3)],
+                         ids=["a-job-a-message", "four-jobs-a-message"])
+def test_kill_9_of_a_worker_mid_batch_repeated(tmp_path, redis_url, tiny_llama, start_worker,
+                                               jobs_per_message, threads):
+    config_path = fault_config(tmp_path, redis_url, tiny_llama, num_workers=threads,
+                               batch_size_per_gpu=6, jobs_per_message=jobs_per_message)
     with Producer(load_config(config_path)) as producer:
         batch = producer.submit(prompts(tmp_path / "p.jsonl", 60, 24, "kill")).batch_id
         for kill in range(3):
-            worker = start_worker(config_path, concurrency=6)
+            worker = start_worker(config_path, concurrency=threads)
             done_before = producer.status(batch).count("done")
             wait_until(lambda n=done_before: producer.status(batch).count("done") > n + 2
                        and producer.status(batch).count("running") > 0, 120,
                        f"the worker of round {kill} to be busy")
             worker.stop(signal.SIGKILL)
-        start_worker(config_path, concurrency=6)
+        start_worker(config_path, concurrency=threads)
         records = assert_exactly_once(producer, batch, 60)
         assert sum(int(r.fields.get("deliveries", 0)) for r in records) >= 3
 
