@@ -13,7 +13,12 @@ side gets one warm-up batch, then --reps timed batches: first submit to last res
 The median is reported. The Redis database must be a throwaway one: it is flushed before and
 after.
 
-    python bench/bench_queue.py [--jobs 5000] [--concurrency 8] [--reps 3] [--out FILE]
+    python bench/bench_queue.py [--jobs 5000] [--concurrency 8] [--jobs-per-message 16]
+                                [--reps 3] [--out FILE]
+
+tideq's worker runs `jobs_per_message` jobs per message (the engine's batch is concurrency x
+jobs_per_message, so every job a worker holds is in the engine at once); plain Celery sends one
+message per task, as its users do.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from bench.common import card_name, git_commit, log, today  # noqa: E402
 
 DEFAULT_JOBS = 5000
 DEFAULT_CONCURRENCY = 8
+# Jobs per message on tideq's side; every job is still started, leased and stored on its own.
+DEFAULT_JOBS_PER_MESSAGE = 16
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"  # a database nothing else uses
 WARMUP_JOBS = 200
 # The echo engine needs a tokenizer: the demo's small checkpoint, built when missing.
@@ -117,7 +124,8 @@ def plain_celery(jobs: int, reps: int, concurrency: int, url: str, logs: Path) -
         worker.stop()
 
 
-def tideq(jobs: int, reps: int, concurrency: int, url: str, model: Path, tmp: Path) -> list[float]:
+def tideq(jobs: int, reps: int, concurrency: int, url: str, model: Path, tmp: Path,
+          jobs_per_message: int) -> list[float]:
     from producer import Producer
     from tasks.config import load_config
 
@@ -128,7 +136,8 @@ def tideq(jobs: int, reps: int, concurrency: int, url: str, model: Path, tmp: Pa
                   "dtype": "float32"},
         "num_gpus": 0,
         "num_workers": concurrency,
-        "batch_size_per_gpu": concurrency,
+        "jobs_per_message": jobs_per_message,
+        "batch_size_per_gpu": concurrency * jobs_per_message,
     }))  # fmt: skip
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"job {i}", "max_tokens": 4}) + "\n"
@@ -159,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                         help="worker threads, both sides")  # fmt: skip
+    parser.add_argument("--jobs-per-message", type=int, default=DEFAULT_JOBS_PER_MESSAGE,
+                        help="tideq's jobs_per_message (plain Celery sends one per task)")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help="checkpoint whose tokenizer the echo engine uses (built if missing)")
@@ -179,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             client.flushdb()
             log(f"tideq: {args.jobs} jobs x {args.reps}")
             ours = tideq(args.jobs, args.reps, args.concurrency, args.redis_url, args.model,
-                         Path(tmp))  # fmt: skip
+                         Path(tmp), args.jobs_per_message)  # fmt: skip
     finally:
         client.flushdb()
     ours_rate = args.jobs / statistics.median(ours)
@@ -198,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratios": {"vs_plain_celery": ours_rate / plain_rate},
         "jobs": args.jobs,
         "concurrency": args.concurrency,
+        "jobs_per_message": args.jobs_per_message,
         "seconds": {"tideq": ours, "plain_celery": plain},
         "load_average_before": load_before,
         "load_average_after": os.getloadavg()[0],

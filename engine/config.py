@@ -31,6 +31,9 @@ class EngineConfig:
         A cache shorter than max_model_len still serves: a request whose prompt and max_tokens
         could never fit it fails alone (KVCacheTooSmallError).
     reserved_high_slots: running slots only `high` requests may take (priority allocation).
+    low_seqs_while_high / low_tokens_while_high: while a `high` request runs or waits, the
+        most `low` sequences that compute in one step, and the most tokens they compute (the
+        others keep their cache and sit the step out); None: no limit (priority allocation).
     max_prompt_tokens: the longest prompt accepted; default max_model_len - 1.
     enforce_eager: no CUDA graphs / compilation (debugging).
     decode_lookahead: while a greedy decode step runs, launch the next one (same sequences, one
@@ -52,6 +55,8 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.9
     num_kv_blocks: int | None = None
     reserved_high_slots: int = 0
+    low_seqs_while_high: int | None = None
+    low_tokens_while_high: int | None = None
     # Longest prompt accepted (None: max_model_len - 1); the deployment's limit.
     max_prompt_tokens: int | None = None
     enforce_eager: bool = False

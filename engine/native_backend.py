@@ -105,6 +105,8 @@ class NativeBackend(GenerationBackend):
             reserved_high_slots=config.reserved_high_slots,
             max_model_len=self.max_model_len,
             eos_token_ids=self.eos_token_ids,
+            low_seqs_while_high=config.low_seqs_while_high,
+            low_tokens_while_high=config.low_tokens_while_high,
         )
         self._last_step_ids: set[str] | None = None
 

@@ -16,6 +16,12 @@ Every step the scheduler builds one flat batch of token chunks:
    them (a step or so) rather than compute them again, so a batch sharing a prefix that
    arrives at once computes it once.
 
+While a high sequence runs or waits, low work may be held to a fast lane's limits
+(`low_seqs_while_high` sequences and `low_tokens_while_high` tokens a step): the other low
+sequences keep their cache blocks and slots but sit the step out, so the step stays short and
+a high job's tokens come at close to an idle engine's pace. Without high work, low runs at
+full width again.
+
 A chunk that reaches the end of its sequence's tokens samples the next token; `postprocess`
 appends it, registers the blocks it completed in the prefix cache and retires finished
 sequences at once.
@@ -66,6 +72,28 @@ class SchedulerOutput:
         return not self.chunks
 
 
+class _LowLane:
+    """What low-priority work may still compute in the step being built (None: no limit)."""
+
+    def __init__(self, seqs: int | None, tokens: int | None) -> None:
+        self._seqs = seqs
+        self._tokens = tokens
+
+    @property
+    def open(self) -> bool:
+        return self._seqs != 0 and self._tokens != 0
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens if self._tokens is not None else 1 << 62
+
+    def take(self, tokens: int) -> None:
+        if self._seqs is not None:
+            self._seqs -= 1
+        if self._tokens is not None:
+            self._tokens -= tokens
+
+
 class Scheduler:
     """Decides, each step, which sequences compute which tokens.
 
@@ -76,6 +104,9 @@ class Scheduler:
         reserved_high_slots: running slots that only priority-0 sequences may take.
         max_model_len: a sequence finishes ("length") once it holds this many tokens.
         eos_token_ids: tokens that finish a sequence ("stop") unless it ignores EOS.
+        low_seqs_while_high: while a priority-0 sequence runs or waits, at most this many
+            lower-priority sequences compute in a step (None: no limit).
+        low_tokens_while_high: the same for the tokens lower-priority chunks compute.
     """
 
     def __init__(
@@ -86,9 +117,15 @@ class Scheduler:
         reserved_high_slots: int,
         max_model_len: int,
         eos_token_ids: Iterable[int],
+        low_seqs_while_high: int | None = None,
+        low_tokens_while_high: int | None = None,
     ) -> None:
         if max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if low_seqs_while_high is not None and low_seqs_while_high < 1:
+            raise ValueError("low_seqs_while_high must be >= 1 (or None)")
+        if low_tokens_while_high is not None and low_tokens_while_high < 1:
+            raise ValueError("low_tokens_while_high must be >= 1 (or None)")
         if reserved_high_slots >= max_num_seqs:
             raise ValueError("reserved_high_slots must leave at least one slot for low work")
         self.block_manager = block_manager
@@ -97,6 +134,8 @@ class Scheduler:
         self.reserved_high_slots = reserved_high_slots
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.low_seqs_while_high = low_seqs_while_high
+        self.low_tokens_while_high = low_tokens_while_high
         self.waiting: list[Sequence] = []  # kept sorted by Sequence.sort_key
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
@@ -171,14 +210,17 @@ class Scheduler:
         """Pick this step's chunks; may preempt running sequences to make room."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        lane = self._low_lane()
         queue = sorted(self.running, key=lambda s: s.sort_key)
         kept: list[Sequence] = []
         while queue:
             seq = queue.pop(0)
-            if budget == 0:
-                kept.append(seq)
+            if budget == 0 or (seq.priority > 0 and not lane.open):
+                kept.append(seq)  # sits this step out, keeping its blocks and slot
                 continue
             num = min(seq.num_uncomputed_tokens, budget)
+            if seq.priority > 0:
+                num = min(num, lane.tokens)
             target = seq.num_computed_tokens + num
             while not self.block_manager.can_grow(seq, target) and queue:
                 self._preempt(queue.pop(), out)
@@ -187,16 +229,26 @@ class Scheduler:
                 continue
             self._schedule(seq, num, out)
             budget -= num
+            if seq.priority > 0:
+                lane.take(num)
             kept.append(seq)
         self.running = kept
 
         # Admitting while preempting would only thrash: the preempted would evict the admitted.
         if not out.preempted:
-            self._admit(budget, out)
+            self._admit(budget, out, lane)
         out.admission_possible = bool(self.waiting) and len(self.running) < self.max_num_seqs
         return out
 
-    def _admit(self, budget: int, out: SchedulerOutput) -> None:
+    def _low_lane(self) -> _LowLane:
+        """This step's limits on low work: the fast lane's while high work is present."""
+        high = any(s.priority == 0 for s in self.running) or bool(
+            self.waiting and self.waiting[0].priority == 0)
+        if not high:
+            return _LowLane(None, None)
+        return _LowLane(self.low_seqs_while_high, self.low_tokens_while_high)
+
+    def _admit(self, budget: int, out: SchedulerOutput, lane: _LowLane) -> None:
         low_slots = self.max_num_seqs - self.reserved_high_slots
         manager = self.block_manager
         # Hashes of the full blocks running sequences are yet to compute (prefix caching).
@@ -206,6 +258,8 @@ class Scheduler:
             slots = self.max_num_seqs if seq.priority == 0 else low_slots
             if len(self.running) >= slots:
                 break  # waiting is sorted, so nothing behind it may take a slot either
+            if seq.priority > 0 and not lane.open:
+                break  # and behind a low sequence there is only low work
             # Preempting only lowers reference counts, so the cached prefix stays the same.
             cached = manager.match_prefix(seq)
             if manager.enable_caching:
@@ -214,6 +268,8 @@ class Scheduler:
                 if self._awaits_pending(seq, len(cached), pending):
                     break  # FIFO; whatever shares its prefix behind it would wait too
             num = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
+            if seq.priority > 0:
+                num = min(num, lane.tokens)
             if not self._can_admit(seq, cached, num):
                 budget += self._evict_lower(seq, cached, num, out)
                 if not self._can_admit(seq, cached, num):
@@ -227,6 +283,8 @@ class Scheduler:
             self.prefix_cache_hit_tokens += seq.num_computed_tokens
             self._schedule(seq, num, out)
             budget -= num
+            if seq.priority > 0:
+                lane.take(num)
             if pending is not None:
                 pending.update(manager.uncomputed_block_hashes(seq))
 

@@ -33,7 +33,8 @@ GPUS_ENV = "TIDEQ_GPUS"
 # would fork after CUDA is initialised.
 _POOLS_OK = ("thread", "solo")
 # Keys of the deployment's `engine:` section that the engine does not take as they are.
-DEPLOYMENT_ONLY_ENGINE_KEYS = {"reserved_high_fraction"}
+DEPLOYMENT_ONLY_ENGINE_KEYS = {"reserved_high_fraction", "low_fraction_while_high",
+                               "low_tokens_while_high"}
 # Redis connections beyond one per task thread (the lease keeper, Celery's own use).
 _SPARE_CONNECTIONS = 4
 
@@ -79,8 +80,14 @@ def engine_config_for(config: DeploymentConfig) -> Any:
     from engine.config import EngineConfig
 
     reserved = 0
+    low_seqs: int | None = None
+    low_tokens: int | None = None
     if config.gpu_allocation_strategy == "priority":
-        reserved = int(config.engine.reserved_high_fraction * config.max_num_seqs)
+        settings = config.engine
+        reserved = int(settings.reserved_high_fraction * config.max_num_seqs)
+        if settings.low_fraction_while_high < 1:
+            low_seqs = max(1, int(settings.low_fraction_while_high * config.max_num_seqs))
+        low_tokens = settings.low_tokens_while_high or None
     return EngineConfig(
         **config.engine.model_dump(exclude=DEPLOYMENT_ONLY_ENGINE_KEYS),
         model_path=config.model.path,
@@ -90,6 +97,8 @@ def engine_config_for(config: DeploymentConfig) -> Any:
         device="cpu" if config.num_gpus == 0 else "cuda",
         max_num_seqs=config.max_num_seqs,
         reserved_high_slots=min(reserved, config.max_num_seqs - 1),
+        low_seqs_while_high=low_seqs,
+        low_tokens_while_high=low_tokens,
         max_prompt_tokens=config.limits.max_prompt_tokens,
         shard_strategy=config.model_shard_strategy,
         group_size=config.gpus_per_worker if config.num_gpus else 1,

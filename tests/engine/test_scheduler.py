@@ -23,6 +23,8 @@ def make_scheduler(
     max_num_batched_tokens: int = 64,
     reserved_high_slots: int = 0,
     max_model_len: int = 128,
+    low_seqs_while_high: int | None = None,
+    low_tokens_while_high: int | None = None,
 ) -> Scheduler:
     return Scheduler(
         BlockManager(num_blocks, block_size),
@@ -31,6 +33,8 @@ def make_scheduler(
         reserved_high_slots=reserved_high_slots,
         max_model_len=max_model_len,
         eos_token_ids=[EOS],
+        low_seqs_while_high=low_seqs_while_high,
+        low_tokens_while_high=low_tokens_while_high,
     )
 
 
@@ -279,3 +283,51 @@ def test_first_time_reported_once_for_chunked_prompt() -> None:
     assert [r.scheduled_first_time for r in results] == [True, False]
     assert results[0].new_token_ids == [] and results[-1].new_token_ids == [TOKEN]
     assert results[-1].finished and results[-1].finish_reason == "length"
+
+
+def scheduled_ids(out: SchedulerOutput) -> list[str]:
+    return [c.seq.seq_id for c in out.chunks]
+
+
+def test_while_high_work_runs_low_work_keeps_to_the_fast_lane() -> None:
+    sched = make_scheduler(max_num_seqs=8, low_seqs_while_high=2)
+    lows = [add(sched, f"low{i}", 3, max_tokens=30) for i in range(5)]
+    step(sched)
+    assert len(step(sched).chunks) == 5  # no high work: every low sequence decodes
+    add(sched, "high", 3, priority=0, max_tokens=3)
+    blocks = {s.seq_id: list(s.block_table) for s in lows}
+    for _ in range(3):
+        out = step(sched)
+        ids = scheduled_ids(out)
+        assert "high" in ids
+        # The two oldest low sequences go on; the rest sit the steps out, keeping their
+        # cache blocks and their running slots (nothing is preempted).
+        assert sorted(i for i in ids if i != "high") == ["low0", "low1"]
+        assert not out.preempted
+    assert all(s.status is SequenceStatus.RUNNING for s in lows)
+    assert all(s.block_table[: len(blocks[s.seq_id])] == blocks[s.seq_id] for s in lows)
+    assert "high" not in sched.seqs  # finished after its 3 tokens
+    # High work gone: every low sequence decodes again.
+    assert sorted(scheduled_ids(step(sched))) == [f"low{i}" for i in range(5)]
+
+
+def test_a_waiting_high_sequence_holds_low_admission_to_the_lane() -> None:
+    sched = make_scheduler(max_num_seqs=8, max_num_batched_tokens=64,
+                           low_seqs_while_high=1, low_tokens_while_high=4)
+    add(sched, "high", 3, priority=0, max_tokens=8)
+    add(sched, "low0", 10, max_tokens=8)
+    add(sched, "low1", 10, max_tokens=8)
+    out = sched.schedule()
+    # The high prompt whole, one low sequence, its prefill cut to the lane's 4 tokens.
+    assert [(c.seq.seq_id, c.num_tokens) for c in out.chunks] == [("high", 3), ("low0", 4)]
+    assert [s.seq_id for s in sched.waiting] == ["low1"]
+
+
+def test_without_high_work_the_lane_limits_nothing() -> None:
+    sched = make_scheduler(max_num_seqs=8, max_num_batched_tokens=64,
+                           low_seqs_while_high=1, low_tokens_while_high=4)
+    for i in range(3):
+        add(sched, f"low{i}", 10, max_tokens=8)
+    out = sched.schedule()
+    assert [(c.seq.seq_id, c.num_tokens) for c in out.chunks] == [
+        ("low0", 10), ("low1", 10), ("low2", 10)]
