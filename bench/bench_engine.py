@@ -246,18 +246,22 @@ def engine_config(
         core=spec.core,  # type: ignore[arg-type]
         shard_strategy=spec.shard_strategy,  # type: ignore[arg-type]
         group_size=spec.ranks,
-        # NCCL between GPUs; gloo on a CPU run (the CPU smoke test covers the sharded paths).
-        distributed_backend="nccl" if args.device.startswith("cuda") else "gloo",
+        distributed_backend=distributed_backend(args),  # type: ignore[arg-type]
     )
 
 
 def variant_settings(args: argparse.Namespace, variant: str) -> dict[str, Any]:
-    """What the JSON records of a variant's engine settings (those the variants change)."""
-    config = engine_config(args, Path("."), variant)
-    return {"core": config.core, "shard_strategy": config.shard_strategy,
-            "group_size": config.group_size, "enforce_eager": config.enforce_eager,
-            "dtype": config.dtype,
-            "distributed_backend": config.distributed_backend if config.group_size > 1 else None}
+    """The engine settings a variant changes, as its JSON records them (read from the spec:
+    an EngineConfig is built, and may fail, only when the variant runs)."""
+    spec = VARIANTS[variant]
+    return {"core": spec.core, "shard_strategy": spec.shard_strategy, "group_size": spec.ranks,
+            "enforce_eager": spec.enforce_eager, "dtype": "int8" if spec.int8 else args.dtype,
+            "distributed_backend": distributed_backend(args) if spec.ranks > 1 else None}
+
+
+def distributed_backend(args: argparse.Namespace) -> str:
+    # NCCL between GPUs; gloo on a CPU run (the CPU smoke test covers the sharded paths).
+    return "nccl" if args.device.startswith("cuda") else "gloo"
 
 
 @contextmanager
