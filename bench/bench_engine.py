@@ -6,6 +6,12 @@
     W-latency     one request, 128-token prompt, 256 output tokens; decode tokens/s (time to
                   first token excluded) and its fraction of the card's bandwidth floor. Peers:
                   `generate()` with a dynamic cache and with a static (compiled) cache.
+    W-tp          W-latency of the `tp2` variant (tensor parallel over 2 GPUs) against the
+                  1-GPU engine of the same run: vs_1gpu and the 2-GPU floor.
+
+The project runs as one or more variants (--variants): the default engine (`fast`), and ones
+that change one thing (`thread`: the core in a thread of this process; `tp2` / `layer2`: the
+model sharded over 2 devices; `eager`, `int8`).
 
 Greedy, EOS ignored. Order of work, so that a time budget loses the least: every project
 figure first, then the peer each ratio needs, then the other peers; each JSON file is
