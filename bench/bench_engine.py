@@ -103,6 +103,10 @@ MIN_RUN_TIMEOUT_S = 60.0
 # contender started may overrun the budget by one warm-up + one run (~1 min for the slowest).
 GPU_TIME_BUDGET_S = 420.0
 
+# engine/random_checkpoint.py writes this file after the weights and the tokenizer: a
+# checkpoint folder without it was cut while being written.
+BUILD_MARKER = "tideq_build.json"
+
 # --quick: a CPU smoke run of the same code paths in seconds.
 QUICK_THROUGHPUT = ThroughputSpec(num_requests=8, prompt_min=8, prompt_max=32, output_tokens=8,
                                   warmup_requests=4, warmup_tokens=4)
@@ -719,10 +723,6 @@ def build_tp_record(pair: Pair, latency: dict[str, Any]) -> dict[str, Any] | Non
         rec["skipped"]["one_gpu"] = "no single-device variant in --variants"
     rec["details"] = {k: v for k, v in names.items() if v}
     return rec
-
-
-# engine/random_checkpoint.py writes this file after the weights and the tokenizer.
-BUILD_MARKER = "tideq_build.json"
 
 
 # --- orchestration ---------------------------------------------------------------------------

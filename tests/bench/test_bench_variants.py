@@ -19,8 +19,10 @@ def args_of(*argv: str) -> argparse.Namespace:
 def test_a_variant_limited_to_models_runs_only_there() -> None:
     args = args_of("--model", "1b,8b", "--variants", "thread,tp2@8b,fast,layer2@8b+tiny")
     assert args.variant_list == ["fast", "thread", "tp2", "layer2"]
-    assert args.variant_models == {"1b": ["fast", "thread"],
-                                   "8b": ["fast", "thread", "tp2", "layer2"]}
+    assert args.variant_models == {
+        "1b": ["fast", "thread"],
+        "8b": ["fast", "thread", "tp2", "layer2"],
+    }
 
 
 def test_bad_variants_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -51,12 +53,19 @@ def test_sharded_variants_need_the_native_backend_and_two_gpus(
 def test_each_variant_sets_its_engine_settings() -> None:
     args = args_of()
     config = bench_engine.engine_config(args, Path("/m"), "tp2")
-    assert (config.shard_strategy, config.group_size, config.distributed_backend,
-            config.core) == ("tensor", 2, "gloo", "process")
+    assert (config.shard_strategy, config.group_size, config.distributed_backend, config.core) == (
+        "tensor",
+        2,
+        "gloo",
+        "process",
+    )
     args.device = "cuda"
     config = bench_engine.engine_config(args, Path("/m"), "layer2")
     assert (config.shard_strategy, config.group_size, config.distributed_backend) == (
-        "layer", 2, "nccl")
+        "layer",
+        2,
+        "nccl",
+    )
     assert bench_engine.engine_config(args, Path("/m"), "thread").core == "thread"
     assert bench_engine.engine_config(args, Path("/m"), "fast").core == "process"
     assert bench_engine.engine_config(args, Path("/m"), "int8").dtype == "int8"
