@@ -6,6 +6,12 @@
     W-latency     one request, 128-token prompt, 256 output tokens; decode tokens/s (time to
                   first token excluded) and its fraction of the card's bandwidth floor. Peers:
                   `generate()` with a dynamic cache and with a static (compiled) cache.
+    W-tp          W-latency of the `tp2` variant (tensor parallel over 2 GPUs) against the
+                  1-GPU engine of the same run: vs_1gpu and the 2-GPU floor.
+
+The project runs as one or more variants (--variants): the default engine (`fast`), and ones
+that change one thing (`thread`: the core in a thread of this process; `tp2` / `layer2`: the
+model sharded over 2 devices; `eager`, `int8`).
 
 Greedy, EOS ignored. Order of work, so that a time budget loses the least: every project
 figure first, then the peer each ratio needs, then the other peers; each JSON file is
@@ -17,6 +23,7 @@ rewritten as soon as a contender finishes.
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 import time
@@ -96,6 +103,10 @@ MIN_RUN_TIMEOUT_S = 60.0
 # contender started may overrun the budget by one warm-up + one run (~1 min for the slowest).
 GPU_TIME_BUDGET_S = 420.0
 
+# engine/random_checkpoint.py writes this file after the weights and the tokenizer: a
+# checkpoint folder without it was cut while being written.
+BUILD_MARKER = "tideq_build.json"
+
 # --quick: a CPU smoke run of the same code paths in seconds.
 QUICK_THROUGHPUT = ThroughputSpec(num_requests=8, prompt_min=8, prompt_max=32, output_tokens=8,
                                   warmup_requests=4, warmup_tokens=4)
@@ -119,6 +130,9 @@ class Pair:
     peers: list[str]
     # The project's variants, headline first (its figure is "project").
     variants: list[str] = field(default_factory=lambda: ["fast"])
+    # Per variant: GPUs its engine uses (0 on a CPU run) and its engine settings (the JSON's).
+    gpus: dict[str, int] = field(default_factory=dict)
+    variant_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     prompts: list[list[int]] = field(default_factory=list)
     pad_id: int = 0
     params: int = 0
@@ -172,24 +186,114 @@ def count_params(checkpoint: Path) -> int:
 
 
 # --- the project -----------------------------------------------------------------------------
-# The project's variants (--variants): `fast` is the default engine (Triton attention and CUDA
-# graphs on a GPU), `eager` the engine before them (enforce_eager: PyTorch attention, no graphs),
-# `int8` the default engine with weight-only int8 linear layers.
-VARIANTS = ("fast", "eager", "int8")
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the project (--variants): EngineConfig fields that differ from the
+    default engine."""
+
+    about: str
+    enforce_eager: bool = False
+    int8: bool = False
+    core: str = "process"  # EngineConfig.core
+    shard_strategy: str = "none"  # EngineConfig.shard_strategy
+    ranks: int = 1  # EngineConfig.group_size: one process and one device per rank
+
+    @property
+    def parallel_reads(self) -> int:
+        """Ranks that read their share of the weights at the same time in a decode step:
+        all of a tensor group; one at a time in a layer split (each holds its layers whole
+        and the ranks take turns)."""
+        return self.ranks if self.shard_strategy == "tensor" else 1
+
+
+# `fast` is the default engine: Triton attention, fused layers, CUDA graphs for decode steps on
+# a GPU, the core in a process of its own. The others change one thing.
+VARIANTS: dict[str, Variant] = {
+    "fast": Variant("the default engine"),
+    "eager": Variant("enforce_eager: PyTorch attention, no graphs or fused layers",
+                     enforce_eager=True),
+    "int8": Variant("fast with weight-only int8 linear layers", int8=True),
+    "thread": Variant("fast with the core in a thread of the bench process (core='thread')",
+                      core="thread"),
+    "tp2": Variant("fast, tensor parallel over 2 devices (shard_strategy='tensor')",
+                   shard_strategy="tensor", ranks=2),
+    "layer2": Variant("layers split over 2 devices (shard_strategy='layer'; runs eagerly)",
+                      shard_strategy="layer", ranks=2),
+}
+# The variant whose W-latency figure is W-tp's project, against the headline (1-GPU) figure.
+TP_VARIANT = "tp2"
+
+
+def variant_gpus(args: argparse.Namespace, variant: str) -> int:
+    """GPUs a variant's engine uses: its ranks on a GPU run, none on a CPU run."""
+    return VARIANTS[variant].ranks if args.device.startswith("cuda") else 0
+
+
+def variant_unavailable(args: argparse.Namespace, variant: str) -> str | None:
+    """Why a variant cannot run here (it is then skipped, with this reason), or None."""
+    spec = VARIANTS[variant]
+    if spec.ranks > 1 and args.backend == "hf":
+        return f"{variant}: the hf backend cannot shard a model (use --backend native)"
+    if spec.ranks > 1 and args.device.startswith("cuda"):
+        visible = torch.cuda.device_count()
+        if visible < spec.ranks:
+            return f"{variant} needs {spec.ranks} GPUs, {visible} visible"
+    return None
 
 
 def engine_config(
     args: argparse.Namespace, checkpoint: Path, variant: str = "fast"
 ) -> EngineConfig:
+    spec = VARIANTS[variant]
     return EngineConfig(
-        model_path=str(checkpoint), dtype="int8" if variant == "int8" else args.dtype,
-        backend=args.backend, device=args.device, enforce_eager=variant == "eager",
+        model_path=str(checkpoint), dtype="int8" if spec.int8 else args.dtype,
+        backend=args.backend, device=args.device, enforce_eager=spec.enforce_eager,
         # Every repetition sends the same prompts: a prefix cache would skip their prefill
         # from the second run on, which the HF peers cannot do; BENCHMARKS.md times fresh work.
         enable_prefix_caching=False,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        core=spec.core,  # type: ignore[arg-type]
+        shard_strategy=spec.shard_strategy,  # type: ignore[arg-type]
+        group_size=spec.ranks,
+        distributed_backend=distributed_backend(args),  # type: ignore[arg-type]
     )
+
+
+def variant_settings(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    """The engine settings a variant changes, as its JSON records them (read from the spec:
+    an EngineConfig is built, and may fail, only when the variant runs)."""
+    spec = VARIANTS[variant]
+    return {"core": spec.core, "shard_strategy": spec.shard_strategy, "group_size": spec.ranks,
+            "enforce_eager": spec.enforce_eager, "dtype": "int8" if spec.int8 else args.dtype,
+            "distributed_backend": distributed_backend(args) if spec.ranks > 1 else None}
+
+
+def distributed_backend(args: argparse.Namespace) -> str:
+    # NCCL between GPUs; gloo on a CPU run (the CPU smoke test covers the sharded paths).
+    return "nccl" if args.device.startswith("cuda") else "gloo"
+
+
+@contextmanager
+def running_engine(args: argparse.Namespace, checkpoint: Path, variant: str) -> Iterator[Any]:
+    """The engine of one variant, shut down whole on exit so the next contender has the cards
+    to itself: a process core's rank processes have exited (Engine.shutdown joins them, and
+    kills what has not left), and a core in this process has released its captured graphs
+    (the rest of its memory goes with the engine object: the caller frees the device memory
+    once its frame is gone, see free_device_memory after each contender)."""
+    from engine.engine import Engine
+
+    engine = Engine(engine_config(args, checkpoint, variant))
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+        close = getattr(engine.backend, "close", None)  # a core in a thread: its backend
+        if close is not None:
+            try:
+                close()
+            except Exception as err:  # cleanup is best effort; the memory goes with gc
+                log(f"  closing the {variant} backend failed: {err}")
 
 
 def result_name(variant: str, main: str) -> str:
@@ -303,10 +407,10 @@ def project_throughput(
     args: argparse.Namespace, pair: Pair, spec: ThroughputSpec, deadline: Deadline,
     variant: str = "fast",
 ) -> dict[str, Any]:
-    from engine.engine import Engine
-
-    engine = Engine(engine_config(args, pair.checkpoint, variant))
-    try:
+    t_start = time.perf_counter()
+    with running_engine(args, pair.checkpoint, variant) as engine:
+        startup_s = time.perf_counter() - t_start
+        log(f"  project {variant}: engine up in {startup_s:.1f}s")
         counter = iter(range(1 << 30))
 
         def run() -> tuple[float, dict[str, Any]]:
@@ -326,19 +430,18 @@ def project_throughput(
         # Warm-up: the whole workload once (the engine may capture graphs per batch size).
         rep = repeat(run, args.reps, [run] * args.warmup, deadline, f"project {variant}")
         extra = {"profile": profiled_run(engine, run)} if args.profile and variant == "fast" else {}
-        return {**rep.summary(), "engine_stats": engine.stats(), **extra}
-    finally:
-        engine.shutdown()
+        return {**rep.summary(), "startup_s": startup_s, "engine_stats": engine.stats(),
+                **extra}
 
 
 def project_latency(
     args: argparse.Namespace, pair: Pair, spec: LatencySpec, deadline: Deadline,
     variant: str = "fast",
 ) -> dict[str, Any]:
-    from engine.engine import Engine
-
-    engine = Engine(engine_config(args, pair.checkpoint, variant))
-    try:
+    t_start = time.perf_counter()
+    with running_engine(args, pair.checkpoint, variant) as engine:
+        startup_s = time.perf_counter() - t_start
+        log(f"  project {variant}: engine up in {startup_s:.1f}s")
         counter = iter(range(1 << 30))
 
         def run() -> tuple[float, dict[str, Any]]:
@@ -356,9 +459,8 @@ def project_latency(
         extra: dict[str, Any] = {}
         if args.profile and variant == "fast":
             extra = {"profile": profiled_run(engine, run), "kernels": kernel_profile(run)}
-        return {**rep.summary(), "engine_stats": engine.stats(), **extra}
-    finally:
-        engine.shutdown()
+        return {**rep.summary(), "startup_s": startup_s, "engine_stats": engine.stats(),
+                **extra}
 
 
 # --- Hugging Face peers ----------------------------------------------------------------------
@@ -534,35 +636,126 @@ def build_record(
     variants = {v: ok.get(result_name(v, main)) for v in pair.variants}
     rec: dict[str, Any] = {
         "workload": WORKLOAD_IDS[pair.workload], "model": pair.model, **base,
+        # The GPUs of the headline figure's engine (2 when it is a sharded variant).
+        "gpus": pair.gpus.get(main, base.get("gpus")),
         "unit": "tokens/s" if pair.workload == "throughput" else "decode tokens/s",
         "project": project, "project_variant": main, "project_variants": variants,
+        "variant_gpus": {v: pair.gpus[v] for v in pair.variants},
+        "variant_ranks": {v: VARIANTS[v].ranks for v in pair.variants},
         "peers": peers, "ratios": ratios,
     }
     if pair.workload == "latency" and floor is not None:
-        floor_s = pair.param_bytes / floor["bytes_per_s"]  # seconds per token
+        floor_s = pair.param_bytes / floor["bytes_per_s"]  # seconds per token, one device
         rec["floor"] = {
             "bandwidth_GBps": floor["GBps"], "params": pair.params,
             "param_bytes": pair.param_bytes, "ms_per_token": floor_s * 1e3,
             "tokens_per_s": 1.0 / floor_s,
         }
+        # Each variant against the floor of the devices it reads the weights on at once: a
+        # tensor group of N reads 1/N of them per device (floor / N); one device, or a layer
+        # split whose ranks take turns, reads them all in sequence (one device's floor).
+        variant_floor_s = {v: floor_s / VARIANTS[v].parallel_reads for v in pair.variants}
+        rec["variant_floor_ms_per_token"] = {v: f * 1e3 for v, f in variant_floor_s.items()}
         if project is not None:
-            ratios["fraction_of_floor"] = project * floor_s
+            ratios["fraction_of_floor"] = project * variant_floor_s.get(main, floor_s)
         rec["peer_fraction_of_floor"] = {k: v * floor_s for k, v in peers.items()}
         rec["variant_fraction_of_floor"] = {
-            k: v * floor_s for k, v in variants.items() if v is not None
+            k: v * variant_floor_s[k] for k, v in variants.items() if v is not None
         }
     if project is not None:
         for k, v in peers.items():
             if v > 0:
                 ratios[f"vs_{k}"] = project / v
-    rec["settings"] = {**base.pop("settings"), "workload": asdict(spec)}
+        # Each other variant against the headline one, e.g. thread_vs_fast, tp2_vs_fast.
+        for k, v in variants.items():
+            if k != main and v is not None and project > 0:
+                ratios[f"{k}_vs_{main}"] = v / project
+    rec["settings"] = {**base.pop("settings"), "workload": asdict(spec),
+                       "variant_settings": dict(pair.variant_settings)}
     rec["errors"] = {k: v["error"] for k, v in res.items() if "error" in v}
     rec["skipped"] = {k: v["skipped"] for k, v in res.items() if "skipped" in v}
     rec["details"] = res
     return rec
 
 
+def build_tp_record(pair: Pair, latency: dict[str, Any]) -> dict[str, Any] | None:
+    """W-tp (BENCHMARKS.md): the W-latency figure of the tensor-parallel variant against the
+    1-GPU one of the same run (the first single-rank variant timed, normally `fast`); its
+    floor is parameter bytes / (ranks x copy bandwidth), each device reading its share."""
+    if pair.workload != "latency" or TP_VARIANT not in pair.variants:
+        return None
+    main = pair.variants[0]
+    tp = pair.results.get(result_name(TP_VARIANT, main), {})
+    one = next((v for v in pair.variants if VARIANTS[v].ranks == 1), None)
+    one_res = pair.results.get(result_name(one, main), {}) if one is not None else {}
+    project = tp.get("median")
+    one_gpu = one_res.get("median")
+    ratios: dict[str, float] = {}
+    rec: dict[str, Any] = {
+        "workload": "W-tp", "model": pair.model,
+        **{k: latency[k] for k in ("card", "date", "commit", "backend", "reps", "python",
+                                   "torch", "transformers", "cuda") if k in latency},
+        "gpus": pair.gpus[TP_VARIANT], "unit": latency["unit"],
+        "project": project, "project_variant": TP_VARIANT,
+        "one_gpu": {"variant": one, "gpus": pair.gpus.get(one) if one else None,
+                    "median": one_gpu},
+        "peers": {}, "ratios": ratios,
+    }
+    if project is not None and one_gpu:
+        ratios["vs_1gpu"] = project / one_gpu
+    floor = latency.get("floor")
+    if floor is not None:
+        ranks = VARIANTS[TP_VARIANT].parallel_reads
+        floor_s = floor["ms_per_token"] / 1e3 / ranks
+        rec["floor"] = {**floor, "ranks": ranks, "ms_per_token": floor_s * 1e3,
+                        "tokens_per_s": 1.0 / floor_s}
+        if project is not None:
+            ratios["fraction_of_floor"] = project * floor_s
+        if one_gpu is not None:
+            rec["one_gpu"]["fraction_of_floor"] = one_gpu * floor["ms_per_token"] / 1e3
+    names = {"project": tp, "one_gpu": one_res}
+    rec["settings"] = {**latency["settings"],
+                       "variant_settings": {k: pair.variant_settings[v] for k, v in
+                                            (("project", TP_VARIANT), ("one_gpu", one)) if v}}
+    rec["errors"] = {k: v["error"] for k, v in names.items() if "error" in v}
+    rec["skipped"] = {k: v["skipped"] for k, v in names.items() if "skipped" in v}
+    if one is None:
+        rec["skipped"]["one_gpu"] = "no single-device variant in --variants"
+    rec["details"] = {k: v for k, v in names.items() if v}
+    return rec
+
+
 # --- orchestration ---------------------------------------------------------------------------
+def parse_variants(
+    p: argparse.ArgumentParser, text: str, models: list[str]
+) -> tuple[list[str], dict[str, list[str]]]:
+    """--variants: every variant in timing order (`fast` first: it is the headline), and the
+    variants of each model in that order (NAME@MODEL+MODEL limits NAME to those models)."""
+    order: list[str] = []
+    where: dict[str, set[str]] = {}
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        name, _, only = item.partition("@")
+        if name not in VARIANTS:
+            p.error(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
+        chosen = [m.strip() for m in only.split("+") if m.strip()] if only else list(models)
+        unknown = [m for m in chosen if m not in MODELS]
+        if unknown:
+            p.error(f"--variants {item}: unknown model(s) {unknown}; choose from {list(MODELS)}")
+        if name not in where:
+            order.append(name)
+            where[name] = set()
+        where[name].update(chosen)
+    if not order:
+        p.error("--variants names no variant")
+    # The headline variant first: it is timed first and its figure is `project`.
+    order.sort(key=lambda v: v != "fast")
+    per_model = {m: [v for v in order if m in where[v]] for m in models}
+    empty = [m for m, vs in per_model.items() if not vs]
+    if empty:
+        p.error(f"--variants {text}: no variant runs on {empty}")
+    return [v for v in order if any(v in vs for vs in per_model.values())], per_model
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -583,11 +776,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peers", default="all",
                    help="comma list of hf_generate, hf_generate_static64, hf_generate_static256,"
                         " hf_generate_batch, hf_static_cache; 'all' or 'none'")
-    p.add_argument("--variants", default="fast",
-                   help=f"comma list of the project's variants to time, of {', '.join(VARIANTS)}"
-                        " (fast: Triton attention + CUDA graphs; eager: enforce_eager, the"
-                        " engine before them; int8: fast with int8 weights); the JSON's"
-                        " `project` is fast (else the first), `project_variants` has each")
+    p.add_argument("--variants", default="fast", metavar="NAME[@MODEL[+MODEL]],...",
+                   help="comma list of the project's variants to time, of "
+                        + "; ".join(f"{k} ({v.about})" for k, v in VARIANTS.items())
+                        + ". NAME@MODEL times it on those models only (tp2@8b,"
+                        " thread@1b+8b). The JSON's `project` is fast (else the first),"
+                        " `project_variants` has each")
     p.add_argument("--profile", action="store_true",
                    help="one extra run of the fast variant recording per-step host time,"
                         " time blocked on the device and device time (JSON details.profile)")
@@ -611,12 +805,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     args.models = models
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        p.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
-    # The headline variant first: it is timed first and its figure is `project`.
-    args.variant_list = sorted(dict.fromkeys(variants), key=lambda v: v != "fast")
+    args.variant_list, args.variant_models = parse_variants(p, args.variants, models)
     args.workloads = ["throughput", "latency"] if args.workload == "all" else [args.workload]
     args.reps = args.reps or (2 if args.quick else 3)
     args.peer_reps = args.peer_reps or (1 if args.quick else 2)
@@ -643,6 +832,11 @@ def prepare_checkpoint(args: argparse.Namespace, model: str) -> Path:
 
     path = args.model_dir / f"llama-{model}"
     t0 = time.perf_counter()
+    if path.exists() and not (path / BUILD_MARKER).exists():
+        # The builder writes its marker last: without it a run was cut while writing the
+        # weights (a `timeout` mid-save), and the shards there may be partial.
+        log(f"checkpoint {model}: {path} is incomplete; building it again")
+        shutil.rmtree(path)
     # Built on the card (fast for 8b) in the benchmark dtype; reused when already there.
     ensure_checkpoint(path, arch="llama", shape=model, dtype=args.dtype, seed=0,
                       device=args.device)
@@ -667,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     specs: dict[str, Any] = {"throughput": tspec, "latency": lspec}
     card = card_name(args.device)
     base: dict[str, Any] = {
+        # Replaced per record by the GPUs of its headline figure's engine.
         "card": card, "gpus": 1 if args.device.startswith("cuda") else 0, "date": today(),
         "commit": git_commit(args.commit), "backend": args.backend,
         "reps": {"project": args.reps, "peers": args.peer_reps, "warmup": args.warmup},
@@ -677,6 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_model_len": args.max_model_len, "time_budget_s": args.time_budget,
         "variants": args.variant_list, "profile": args.profile,
+        "visible_gpus": torch.cuda.device_count() if args.device.startswith("cuda") else 0,
         "greedy": True, "ignore_eos": True,
     }
     log(f"card {card}; backend {args.backend}; models {args.models}; workloads {args.workloads};"
@@ -684,14 +880,22 @@ def main(argv: list[str] | None = None) -> int:
     log(" ".join(f"{k} {v}" for k, v in versions().items()))
 
     pairs: list[Pair] = []
-    records: dict[int, dict[str, Any]] = {}
+    # Per pair: its record, and W-tp's when the pair times the tensor-parallel variant.
+    records: dict[int, list[dict[str, Any]]] = {}
     floor: dict[str, float] | None = None
 
     def save(pair: Pair) -> None:
         rec = build_record(pair, {**base, "settings": dict(settings)}, floor,
                            specs[pair.workload])
-        records[id(pair)] = rec
+        records[id(pair)] = [rec]
         write_result(args.out, rec)
+        tp = build_tp_record(pair, rec)
+        if tp is not None:
+            records[id(pair)].append(tp)
+            write_result(args.out, tp)
+
+    def table() -> list[dict[str, Any]]:
+        return [rec for p in pairs for rec in records.get(id(p), [])]
 
     def contender(pair: Pair, name: str, fn: Callable[[], dict[str, Any]]) -> None:
         if deadline.expired():
@@ -726,22 +930,35 @@ def main(argv: list[str] | None = None) -> int:
                 if model not in DEFINED_ON[wl] and not args.all_pairs:
                     log(f"{WORKLOAD_IDS[wl]} is not defined on {model}: skipped (--all-pairs)")
                     continue
+                variants = list(args.variant_models[model])
                 pair = Pair(wl, model, ckpt, [n for n in PEERS[wl] if n in args.peer_set],
-                            variants=list(args.variant_list), pad_id=pad_id, params=params,
-                            param_bytes=params * torch.finfo(getattr(torch, args.dtype)).bits // 8)
+                            variants=variants, pad_id=pad_id, params=params,
+                            param_bytes=params * torch.finfo(getattr(torch, args.dtype)).bits // 8,
+                            gpus={v: variant_gpus(args, v) for v in variants},
+                            variant_settings={v: variant_settings(args, v) for v in variants})
                 if wl == "throughput":
                     pair.prompts = throughput_prompts(allowed, tspec)
                 else:
                     pair.prompts = random_prompts(allowed, [lspec.prompt_tokens], lspec.seed)
                 pairs.append(pair)
 
-        # Phase 1: every project figure (the headline variant of every pair first).
-        for index in range(len(args.variant_list)):
+        # Phase 1: every project figure (the headline variant of every pair first, then the
+        # second of every pair, ...). A variant this machine cannot run is skipped, with why.
+        for index in range(max((len(p.variants) for p in pairs), default=0)):
             for pair in pairs:
+                if index >= len(pair.variants):
+                    continue
                 spec = specs[pair.workload]
                 fn = project_throughput if pair.workload == "throughput" else project_latency
                 variant = pair.variants[index]
-                contender(pair, result_name(variant, pair.variants[0]),
+                name = result_name(variant, pair.variants[0])
+                reason = variant_unavailable(args, variant)
+                if reason is not None:
+                    log(f"{pair.workload}/{pair.model} {name}: skipped ({reason})")
+                    pair.results[name] = {"skipped": reason}
+                    save(pair)
+                    continue
+                contender(pair, name,
                           lambda fn=fn, pair=pair, spec=spec, variant=variant:
                           fn(args, pair, spec, deadline, variant))
                 free_device_memory(args.device)
@@ -777,13 +994,13 @@ def main(argv: list[str] | None = None) -> int:
             for n in [*names, *pair.peers]:
                 pair.results.setdefault(n, {"skipped": "interrupted"})
             save(pair)
-        print_table([records[id(p)] for p in pairs if id(p) in records])
+        print_table(table())
         return 130
 
     for pair in pairs:
         save(pair)
-    print_table([records[id(p)] for p in pairs])
-    log(f"wrote {len(pairs)} JSON file(s) to {args.out}")
+    print_table(table())
+    log(f"wrote {len(table())} JSON file(s) to {args.out}")
     return 0
 
 

@@ -107,3 +107,63 @@ def test_queue_benchmark_runs_both_sides(tmp_path: Path, redis_url: str, tiny_ll
     assert record["project"] > 0 and record["peers"]["plain_celery"] > 0
     ratio = record["project"] / record["peers"]["plain_celery"]
     assert record["ratios"]["vs_plain_celery"] == pytest.approx(ratio)
+
+
+@pytest.mark.timeout(180)
+def test_quick_cpu_run_of_the_engine_variants(tmp_path: Path, models: Path) -> None:
+    """The core in a thread against the core process, and the sharded variants over two gloo
+    ranks (W-latency, the native backend): each variant's figure, GPUs, ranks, floor and
+    ratio to the headline, and the W-tp record (tp2 against the 1-device figure)."""
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TIDEQ_COMMIT": "test-sha"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "bench_engine.py"), "--workload", "latency",
+         "--model", "tiny", "--quick", "--backend", "native", "--device", "cpu", "--dtype",
+         "float32", "--peers", "none", "--reps", "1", "--variants", "thread,tp2,layer2,fast",
+         "--out", str(out), "--model-dir", str(models)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=170,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = {f.name.split("_", 2)[2]: json.loads(f.read_text()) for f in out.glob("*.json")}
+    assert set(files) == {"w-latency_tiny.json", "w-tp_tiny.json"}
+
+    lat = files["w-latency_tiny.json"]
+    assert not REQUIRED - set(lat), REQUIRED - set(lat)
+    assert lat["errors"] == {} and lat["skipped"] == {}, (lat["errors"], lat["skipped"])
+    variants = ["fast", "thread", "tp2", "layer2"]  # fast first: the headline
+    assert lat["project_variant"] == "fast" and list(lat["project_variants"]) == variants
+    assert all(v > 0 for v in lat["project_variants"].values())
+    assert lat["project"] == lat["project_variants"]["fast"]
+    assert lat["gpus"] == 0 and lat["variant_gpus"] == dict.fromkeys(variants, 0)
+    assert lat["variant_ranks"] == {"fast": 1, "thread": 1, "tp2": 2, "layer2": 2}
+    settings = lat["settings"]["variant_settings"]
+    assert settings["thread"]["core"] == "thread" and settings["fast"]["core"] == "process"
+    assert settings["tp2"] == {**settings["fast"], "shard_strategy": "tensor", "group_size": 2,
+                               "distributed_backend": "gloo"}
+    assert settings["layer2"]["shard_strategy"] == "layer"
+    # A tensor group reads half of the weights per device: half a device's floor; the layer
+    # split's ranks take turns: one device's floor.
+    one = lat["floor"]["ms_per_token"]
+    assert lat["variant_floor_ms_per_token"] == pytest.approx(
+        {"fast": one, "thread": one, "tp2": one / 2, "layer2": one})
+    for name in variants:
+        assert lat["variant_fraction_of_floor"][name] == pytest.approx(
+            lat["project_variants"][name] * lat["variant_floor_ms_per_token"][name] / 1e3)
+        if name != "fast":
+            assert lat["ratios"][f"{name}_vs_fast"] == pytest.approx(
+                lat["project_variants"][name] / lat["project"])
+        assert lat["details"][result_key(name)]["startup_s"] > 0
+
+    tp = files["w-tp_tiny.json"]
+    assert not REQUIRED - set(tp), REQUIRED - set(tp)
+    assert tp["workload"] == "W-tp" and tp["errors"] == {} and tp["skipped"] == {}
+    assert tp["project"] == lat["project_variants"]["tp2"] and tp["gpus"] == 0
+    assert tp["one_gpu"]["variant"] == "fast" and tp["one_gpu"]["median"] == lat["project"]
+    assert tp["ratios"]["vs_1gpu"] == pytest.approx(tp["project"] / lat["project"])
+    assert tp["floor"]["ranks"] == 2 and tp["floor"]["ms_per_token"] == pytest.approx(one / 2)
+    assert tp["ratios"]["fraction_of_floor"] == pytest.approx(
+        lat["variant_fraction_of_floor"]["tp2"])
+
+
+def result_key(variant: str) -> str:
+    return "project" if variant == "fast" else f"project_{variant}"
