@@ -138,7 +138,7 @@ def _build(config: EngineConfig, rank: int, world: int, port: int) -> Generation
     import torch
     import torch.distributed as dist
 
-    from engine.parallel import ParallelGroup
+    from engine.distributed import ParallelGroup
 
     if config.device != "cpu" and torch.cuda.is_available():
         # The worker's CUDA_VISIBLE_DEVICES is its group: rank r drives the r-th device.

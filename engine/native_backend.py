@@ -20,9 +20,9 @@ from engine.backend import GenerationBackend, StepOutput
 from engine.checkpoint import eos_token_ids
 from engine.config import EngineConfig
 from engine.devices import resolve_device
+from engine.distributed import ParallelGroup
 from engine.kv_cache import BlockManager
 from engine.models import ARCHITECTURES
-from engine.parallel import ParallelGroup
 from engine.request import EngineError, PromptTooLongError, SamplingParams
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler

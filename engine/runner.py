@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from engine.attention import ChunkSpec, PagedAttention, TorchPagedAttention
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, DecodeStep
+from engine.distributed import ParallelGroup
 from engine.kv_cache import block_bytes, blocks_for_sequences
+from engine.layers.attention import ChunkSpec, PagedAttention, paged_attention
 from engine.loader import load_model
 from engine.models import CausalLM
-from engine.parallel import ParallelGroup
 from engine.request import EngineError
 from engine.sampler import sample
 from engine.scheduler import SchedulerOutput
@@ -85,13 +85,10 @@ class Lookahead:
         )
 
 
-def default_attention(fast: bool) -> PagedAttention:
-    """The Triton kernels when `fast` (a GPU, no enforce_eager), else plain PyTorch."""
-    if fast:
-        from engine.triton_attention import TritonPagedAttention
-
-        return TritonPagedAttention()
-    return TorchPagedAttention()
+def use_triton(device: torch.device, config: EngineConfig) -> bool:
+    """Whether the model's layers run their Triton kernels (attention, norms, rotary, the
+    activation, decode-sized matmuls): on a GPU, unless config.enforce_eager."""
+    return device.type == "cuda" and not config.enforce_eager
 
 
 class ModelRunner:
@@ -103,7 +100,8 @@ class ModelRunner:
         dtype: of the activations and the KV cache (bfloat16 for config.dtype "int8").
         max_model_len: longest sequence served (sizes the position tables and the cache).
         attention: the paged-attention implementation; when None, the Triton kernels on a GPU
-            (plain PyTorch with config.enforce_eager, or on the CPU).
+            (plain PyTorch with config.enforce_eager, or on the CPU). The other layers pick
+            their kernels alike (`use_triton`) when the model is built.
 
     On a GPU without enforce_eager, pure decode steps replay CUDA graphs (engine.cuda_graphs)
     captured once the cache exists (on every rank of a tensor-parallel group, each capturing
@@ -136,11 +134,14 @@ class ModelRunner:
         self.split_layers = group.world_size > 1 and config.shard_strategy == "layer"
         self.block_size = config.block_size
         fast = device.type == "cuda" and not config.enforce_eager
-        self.attention: PagedAttention = attention or default_attention(fast)
+        triton = use_triton(device, config)
+        self.attention: PagedAttention = attention or paged_attention(triton)
         with self._on_device():
-            self._build(config, hf_config, max_model_len, fast)
+            self._build(config, hf_config, max_model_len, fast, triton)
 
-    def _build(self, config: EngineConfig, hf_config: Any, max_model_len: int, fast: bool) -> None:
+    def _build(
+        self, config: EngineConfig, hf_config: Any, max_model_len: int, fast: bool, triton: bool
+    ) -> None:
         device, dtype, group = self.device, self.dtype, self.group
         self.model: CausalLM = load_model(
             hf_config,
@@ -152,11 +153,8 @@ class ModelRunner:
             max_model_len,
             int8=config.dtype == "int8",
             split_layers=self.split_layers,
+            triton=triton,
         )
-        if fast:  # fused norm / rotary / activation kernels
-            use_triton = getattr(self.model, "use_triton_kernels", None)
-            if use_triton is not None:
-                use_triton()
         args = self.model.args
         # This rank's layers and key/value heads: all heads of its layers in a layer split,
         # its share of every layer's heads in tensor parallelism.

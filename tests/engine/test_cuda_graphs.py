@@ -80,9 +80,8 @@ def check_static_buffers_on_cpu(path: str) -> None:
     """Run in the subprocess: Triton attention, the fused layers, the GEMV kernel (one-row
     decode steps) and the graphs' buffers, run eagerly on the CPU."""
     import engine.runner as runner_module
-    from engine import triton_gemv
     from engine.cuda_graphs import DecodeGraphs
-    from engine.triton_attention import TritonPagedAttention
+    from engine.kernels import gemv as triton_gemv
 
     gemv_calls: list[bool] = []
     plain_gemv = triton_gemv.gemv
@@ -95,12 +94,11 @@ def check_static_buffers_on_cpu(path: str) -> None:
 
     want = generate(NativeBackend(config(Path(path), "cpu")))
     want_abort = generate_with_abort(NativeBackend(config(Path(path), "cpu")))
-    runner_module.default_attention = lambda fast: TritonPagedAttention()
+    runner_module.use_triton = lambda device, config: True  # the GPU path's layers
 
     def fast_backend() -> NativeBackend:
         backend = NativeBackend(config(Path(path), "cpu"))
         runner = backend.runner
-        runner.model.use_triton_kernels()  # the fused layers, as on the GPU
         runner.graphs = DecodeGraphs(
             runner.model,
             runner.kv_caches,

@@ -25,12 +25,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from engine.attention import TorchPagedAttention
 from engine.backend import GenerationBackend
 from engine.config import EngineConfig
+from engine.distributed import ParallelGroup
+from engine.layers.attention import TorchPagedAttention
 from engine.loader import build_model, load_weights, materialise, quantize_int8
 from engine.native_backend import NativeBackend
-from engine.parallel import ParallelGroup
 from engine.request import SamplingParams
 
 WORLD = 2
@@ -385,17 +385,15 @@ def _fast_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str)
     through the graphs' static buffers (run, not captured) with the decode lookahead."""
     import engine.runner as runner_module
     from engine.cuda_graphs import DecodeGraphs
-    from engine.triton_attention import TritonPagedAttention
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        runner_module.default_attention = lambda fast: TritonPagedAttention()
+        runner_module.use_triton = lambda device, config: True  # the GPU path's layers
         backend = NativeBackend(engine_config(path, {}, "tensor", world), ParallelGroup(
             rank, world, dist.group.WORLD
         ))  # fmt: skip
         runner = backend.runner
-        runner.model.use_triton_kernels()
         runner.graphs = DecodeGraphs(
             runner.model, runner.kv_caches, 4, runner.max_blocks, runner.block_size,
             runner.scratch_block, runner.device, replay=False,
