@@ -1,5 +1,5 @@
 """The fast GPU path of the runner (Triton attention, decode steps through the static buffers of
-engine.cuda_graphs) gives the same greedy tokens as the plain PyTorch path.
+engine.executor.cuda_graphs) gives the same greedy tokens as the plain PyTorch path.
 
 On the CPU the decode steps run the graphs' static buffers eagerly (no capture) and the Triton
 kernels in the interpreter, in a subprocess (TRITON_INTERPRET must not leak into other tests).
@@ -17,8 +17,8 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 from triton_interpreter import run_in_interpreter  # noqa: E402
 
+from engine.backends.native import NativeBackend  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
-from engine.native_backend import NativeBackend  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
 
 MAX_TOKENS = 12
@@ -79,8 +79,8 @@ def config(path: Path, device: str, **overrides: object) -> EngineConfig:
 def check_static_buffers_on_cpu(path: str) -> None:
     """Run in the subprocess: Triton attention, the fused layers, the GEMV kernel (one-row
     decode steps) and the graphs' buffers, run eagerly on the CPU."""
-    import engine.runner as runner_module
-    from engine.cuda_graphs import DecodeGraphs
+    import engine.executor.runner as runner_module
+    from engine.executor.cuda_graphs import DecodeGraphs
     from engine.kernels import gemv as triton_gemv
 
     gemv_calls: list[bool] = []
