@@ -7,15 +7,15 @@ For each layer shape [N, K] (qkv, o, gate_up, down) and each M (rows of x, defau
 one sequence), median of --reps, microseconds per call:
 
     cublas       torch.nn.functional.linear on a bf16 weight
-    gemv         engine.triton_gemv.gemv on the same bf16 weight
-    gemv_int8    the same kernel on an int8 weight with row scales (engine.quant's decode path)
+    gemv         engine.kernels.gemv.gemv on the same bf16 weight
+    gemv_int8    the same kernel on an int8 weight with row scales (int8 layers' decode path)
 
 and the fused inputs against the kernels they replace (M = 1):
 
     qkv, gate_up   RMSNorm(x + residual) then cublas   vs   gemv with the norm fused in
     down           SiLU(gate) * up then cublas          vs   gemv with the activation fused in
 
-plus greedy argmax over a 128k vocabulary: torch.argmax against engine.triton_argmax.
+plus greedy argmax over a 128k vocabulary: torch.argmax against engine.kernels.argmax.
 Reported: weight bytes / time against the card's measured copy bandwidth. `--sweep` also times
 block configurations at M = 1 and lists the best next to the default.
 
@@ -48,9 +48,9 @@ from bench.common import (  # noqa: E402
     versions,
     write_result,
 )
-from engine import triton_layers  # noqa: E402
-from engine.triton_argmax import argmax  # noqa: E402
-from engine.triton_gemv import GemvConfig, default_config, gemv  # noqa: E402
+from engine.kernels import elementwise  # noqa: E402
+from engine.kernels.argmax import argmax  # noqa: E402
+from engine.kernels.gemv import GemvConfig, default_config, gemv  # noqa: E402
 
 # Linear layers of one decoder layer as [N, K] (BENCHMARKS.md shapes; head_dim 64 / 128).
 LAYERS: dict[str, dict[str, tuple[int, int]]] = {
@@ -157,18 +157,18 @@ def bench_layer(
     torch.testing.assert_close(gemv(xk, w16[0])[0], F.linear(xk, w16[0]), rtol=2e-2, atol=2e-2)
     if m == 1 and name in ("qkv", "gate_up"):
         calls["unfused"] = [
-            lambda w=w: F.linear(triton_layers.rms_norm(xk, norm_w, EPS, res)[0], w) for w in w16
+            lambda w=w: F.linear(elementwise.rms_norm(xk, norm_w, EPS, res)[0], w) for w in w16
         ]
         calls["fused"] = [
             lambda w=w: gemv(xk, w, norm_weight=norm_w, eps=EPS, residual=res) for w in w16
         ]
-        want = F.linear(triton_layers.rms_norm(xk, norm_w, EPS, res)[0], w16[0])
+        want = F.linear(elementwise.rms_norm(xk, norm_w, EPS, res)[0], w16[0])
         got = gemv(xk, w16[0], norm_weight=norm_w, eps=EPS, residual=res)[0]
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     if m == 1 and name == "down":
-        calls["unfused"] = [lambda w=w: F.linear(triton_layers.silu_and_mul(x), w) for w in w16]
+        calls["unfused"] = [lambda w=w: F.linear(elementwise.silu_and_mul(x), w) for w in w16]
         calls["fused"] = [lambda w=w: gemv(x, w, silu_mul=True) for w in w16]
-        want = F.linear(triton_layers.silu_and_mul(x), w16[0])
+        want = F.linear(elementwise.silu_and_mul(x), w16[0])
         torch.testing.assert_close(gemv(x, w16[0], silu_mul=True)[0], want, rtol=2e-2, atol=2e-2)
     us = {key: time_calls(c, reps, graph=True) * 1e6 for key, c in calls.items()}
     row: dict[str, Any] = {

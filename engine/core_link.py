@@ -1,6 +1,7 @@
 """The front's side of the link to its engine core: in processes of its own (the default, and
 what workers run) or in a thread of this process (tests that hand the engine a ready backend,
-debugging). Both carry the same messages (engine/core.py), so the front has one code path.
+debugging). Both carry the same messages (engine/core/engine_core.py), so the front has one
+code path.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
 
-from engine.backend import GenerationBackend, create_backend
+from engine.backends import create_backend
 from engine.checkpoint import require_checkpoint
 from engine.config import EngineConfig
-from engine.core import IDLE_WAIT_S, EngineCore, Event, Message, serve
+from engine.core.backend import GenerationBackend
+from engine.core.engine_core import IDLE_WAIT_S, EngineCore, Event, Message, serve
 from engine.core_process import free_port, rank_main
 from engine.request import EngineError
 

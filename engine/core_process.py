@@ -1,5 +1,6 @@
-"""The engine core in processes of its own: rank 0 runs the core loop (engine/core.py) and
-talks to the front over a pipe; a sharded group has one more process per further device.
+"""The engine core in processes of its own: rank 0 runs the core loop
+(engine/core/engine_core.py) and talks to the front over a pipe; a sharded group has one more
+process per further device.
 
 Why processes: the front's Python work (hundreds of task threads, Redis round trips,
 detokenising) would otherwise compete with the step loop for one GIL.
@@ -27,8 +28,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from engine.backend import GenerationBackend, StepOutput
 from engine.config import EngineConfig
+from engine.core.backend import GenerationBackend, StepOutput
 from engine.request import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -131,14 +132,14 @@ def rank_main(config: EngineConfig, rank: int, world: int, port: int,
 
 
 def _build(config: EngineConfig, rank: int, world: int, port: int) -> GenerationBackend:
-    from engine.backend import create_backend
+    from engine.backends import create_backend
 
     if world == 1:
         return create_backend(config)
     import torch
     import torch.distributed as dist
 
-    from engine.parallel import ParallelGroup
+    from engine.distributed import ParallelGroup
 
     if config.device != "cpu" and torch.cuda.is_available():
         # The worker's CUDA_VISIBLE_DEVICES is its group: rank r drives the r-th device.
@@ -150,7 +151,7 @@ def _build(config: EngineConfig, rank: int, world: int, port: int) -> Generation
 
 
 def _lead(backend: GenerationBackend, front: Connection, followers: list[Connection]) -> None:
-    from engine.core import EngineCore, Message, serve
+    from engine.core.engine_core import EngineCore, Message, serve
 
     replicated = ReplicatedBackend(backend, followers) if followers else None
     core = EngineCore(replicated or backend)

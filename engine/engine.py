@@ -1,12 +1,12 @@
 """The engine's front: tokenising, futures, stop strings, detokenising.
 
 Any thread may call `submit`. The scheduler and the model run in the engine core
-(engine/core.py), in processes of its own by default (engine/core_process.py), and answer in
-token ids; a receiver thread here turns each step's events into text and resolves futures.
+(engine/core/engine_core.py), in processes of its own by default (engine/core_process.py), and
+answer in token ids; a receiver thread here turns each step's events into text and resolves futures.
 Requests that arrive during a step join the next one.
 
 A request fails alone: one the core refuses, one whose step raises (found by running the
-step's requests one at a time, engine/recovery.py) or one whose output cannot be handled here
+step's requests one at a time, engine/core/recovery.py) or one whose output cannot be handled here
 fails its own future; the others go on. If the core itself dies (a rank process killed, say),
 every live request fails with EngineShutDownError and `is_alive()` turns false.
 
@@ -27,9 +27,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.backend import GenerationBackend
 from engine.config import EngineConfig
-from engine.core import Event
+from engine.core.backend import GenerationBackend
+from engine.core.engine_core import Event
 from engine.core_link import IDLE_WAIT_S, CoreGoneError, open_core
 from engine.request import (
     PRIORITY_RANK,

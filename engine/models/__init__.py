@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from engine.parallel import LayerSplit
+from engine.distributed import LayerSplit
 
 # config.json architecture -> module under engine.models. Llama, Qwen2 and Mistral differ only
 # in biases, sliding windows and defaults, which the llama module reads from the config.
@@ -34,12 +34,13 @@ class ModelShape(Protocol):
 class CausalLM(nn.Module, abc.ABC):
     """A decoder over a flat token batch and a paged KV cache.
 
-    Subclasses are built on the meta device (see engine.loader) from `args_class.from_hf` as
-    `cls(args, group, attention, max_positions, layer_split)`: `group` shards every layer
-    (tensor parallel; a group of one when the model is split by layers), `layer_split` says
-    which layers this rank holds. The forward pass of a layer-split rank takes its input
-    from the previous rank and hands its output to the next one itself; only the last rank
-    computes logits.
+    Subclasses are built on the meta device (see engine.executor.loader) from `args_class.from_hf`
+    as `cls(args, group, attention, max_positions, layer_split, triton=...)`: `group` shards every
+    layer (tensor parallel; a group of one when the model is split by layers), `layer_split` says
+    which layers this rank holds, `triton` whether the layers run their Triton kernels (each layer
+    picks its implementation when built). The forward pass of a layer-split rank takes its input
+    from the previous rank and hands its output to the next one itself; only the last rank computes
+    logits.
     """
 
     args: ModelShape

@@ -2,45 +2,32 @@
 optional QKV bias and sliding window, SwiGLU MLP, tied or untied embeddings.
 
 Works on a flat token batch ([T] ids and positions, no padding) over a paged KV cache, with
-tensor-parallel layers from engine.parallel, or only some layers (engine.parallel.LayerSplit).
+the tensor-parallel layers of engine.layers, or only some layers (engine.distributed.LayerSplit).
 Module names follow the Hugging Face checkpoint, except the fused `qkv_proj` and
 `gate_up_proj` (see `packed_modules`).
+
+Kernels are the layers' choice, made when the model is built (`triton`: the GPU path); the
+model's own code is the same on every path.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, PagedAttention
+from engine.distributed import LayerSplit, ParallelGroup
+from engine.layers.activation import SiluAndMul
+from engine.layers.attention import AttentionMetadata, PagedAttention
+from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import Rope, RotaryEmbedding
 from engine.models import CausalLM
-from engine.parallel import (
-    LayerSplit,
-    LinearBase,
-    MergedColumnParallelLinear,
-    ParallelGroup,
-    ParallelLMHead,
-    QKVParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: [num_blocks, block_size, Hkv, D]
-
-
-@dataclass
-class Rope:
-    """What the attention layers rotate by: per-token cos/sin [T, 1, D] in the model dtype on
-    the PyTorch path; the whole float32 tables [max_positions, D] on the fused path."""
-
-    positions: torch.Tensor  # [T]
-    cos: torch.Tensor
-    sin: torch.Tensor
 
 
 @dataclass
@@ -121,116 +108,22 @@ def sliding_windows(config: Any, num_layers: int) -> list[int | None]:
     return [window] * num_layers
 
 
-def rope_inv_freq(params: dict[str, Any], head_dim: int) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] for the checkpoint's RoPE type (float32, CPU)."""
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("partial rotary embeddings are not supported")
-    base = float(params["rope_theta"])
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim
-    inv_freq = 1.0 / (base**exponents)
-    rope_type = params["rope_type"]
-    if rope_type == "default":
-        return inv_freq
-    if rope_type == "linear":
-        return inv_freq / params["factor"]
-    if rope_type == "llama3":
-        factor = params["factor"]
-        low, high = params["low_freq_factor"], params["high_freq_factor"]
-        old_len = params["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"RoPE type {rope_type!r} is not supported by the native backend")
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to max_positions, applied in the rotate-half form."""
-
-    cos: torch.Tensor  # [max_positions, head_dim] float32
-    sin: torch.Tensor
-
-    def __init__(self, head_dim: int, max_positions: int, params: dict[str, Any]) -> None:
-        super().__init__()
-        self.head_dim = head_dim
-        self.max_positions = max_positions
-        self.params = params
-        self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
-        self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
-
-    def init_buffers(self) -> None:
-        """(Re)compute the tables in place, on whatever device the buffers now live."""
-        inv_freq = rope_inv_freq(self.params, self.head_dim).to(self.cos.device)
-        t = torch.arange(self.max_positions, device=self.cos.device, dtype=torch.float)
-        freqs = torch.outer(t, inv_freq)  # [P, D / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
-        self.cos = emb.cos()
-        self.sin = emb.sin()
-
-    def forward(
-        self, positions: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [T] -> cos, sin: [T, 1, D]
-        return (
-            self.cos[positions].unsqueeze(1).to(dtype),
-            self.sin[positions].unsqueeze(1).to(dtype),
-        )
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, H, D]; cos, sin: [T, 1, D]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def triton_layers() -> Any:
-    """engine.triton_layers, imported on first use (the CPU path never needs Triton)."""
-    from engine import triton_layers as module
-
-    return module
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
-
-    fused = False  # the Triton kernel (GPU path); see LlamaForCausalLM.use_triton_kernels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, D]; normalised in float32, scaled in the model dtype.
-        if self.fused:
-            return triton_layers().rms_norm(x, self.weight, self.eps)[0]
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-    def add_forward(
-        self, x: torch.Tensor, residual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, residual: [T, D] -> (norm(x + residual), x + residual)."""
-        if self.fused:
-            out, summed = triton_layers().rms_norm(x, self.weight, self.eps, residual)
-            assert summed is not None
-            return out, summed
-        summed = residual + x
-        return self.forward(summed), summed
-
-
 class LlamaAttention(nn.Module):
     def __init__(
-        self, args: LlamaArgs, layer: int, group: ParallelGroup, attention: PagedAttention
+        self,
+        args: LlamaArgs,
+        layer: int,
+        group: ParallelGroup,
+        attention: PagedAttention,
+        triton: bool,
     ) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
-            args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads, args.qkv_bias, group
-        )
+            args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads, args.qkv_bias,
+            group, triton,
+        )  # fmt: skip
         self.o_proj = RowParallelLinear(
-            args.num_heads * args.head_dim, args.hidden_size, args.o_bias, group
+            args.num_heads * args.head_dim, args.hidden_size, args.o_bias, group, triton
         )
         self.num_heads = self.qkv_proj.num_heads  # this rank's heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
@@ -238,8 +131,6 @@ class LlamaAttention(nn.Module):
         self.scale = args.head_dim**-0.5
         self.sliding_window = args.sliding_windows[layer]
         self.attention = attention
-
-    fused = False  # rotary and the cache write by one Triton kernel (GPU path)
 
     def forward(
         self,
@@ -267,51 +158,45 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)  # [T, H, Dh]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.fused:  # one kernel rotates q and k and writes k and v to the cache
-            triton_layers().rotary_and_cache_(
-                q, k, v, rope.positions, rope.cos, rope.sin, cache[0], cache[1], meta.slot_mapping
-            )
-            o = self.attention(q, None, None, cache[0], cache[1], meta, self.scale,
-                               self.sliding_window)  # fmt: skip
-        else:
-            q = apply_rotary(q, rope.cos, rope.sin)
-            k = apply_rotary(k, rope.cos, rope.sin)
-            o = self.attention(q, k, v, cache[0], cache[1], meta, self.scale, self.sliding_window)
+        # k, v: None when the rotation has already stored them in the cache (fused kernel).
+        q, k_new, v_new = rope.apply(q, k, v, cache[0], cache[1], meta.slot_mapping)
+        o = self.attention(
+            q, k_new, v_new, cache[0], cache[1], meta, self.scale, self.sliding_window
+        )
         return self.o_proj(o.reshape(t, q_size))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, args: LlamaArgs, group: ParallelGroup) -> None:
+    def __init__(self, args: LlamaArgs, group: ParallelGroup, triton: bool) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            args.hidden_size, [args.intermediate_size] * 2, args.mlp_bias, group
+            args.hidden_size, [args.intermediate_size] * 2, args.mlp_bias, group, triton
         )
         self.down_proj = RowParallelLinear(
-            args.intermediate_size, args.hidden_size, args.mlp_bias, group
+            args.intermediate_size, args.hidden_size, args.mlp_bias, group, triton
         )
-
-    fused = False  # SiLU(gate) * up by the Triton kernel (GPU path)
+        self.act_fn = SiluAndMul(triton)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D]
         gate_up = self.gate_up_proj(x)  # [T, 2 * I / world]
-        if self.down_proj.takes_fused_gemv(gate_up):  # the activation inside the GEMV kernel
-            return self.down_proj.silu_mul_forward(gate_up)
-        if self.fused:
-            return self.down_proj(triton_layers().silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)  # [T, I / world] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj.silu_mul_forward(gate_up, self.act_fn)
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, args: LlamaArgs, layer: int, group: ParallelGroup, attention: PagedAttention
+        self,
+        args: LlamaArgs,
+        layer: int,
+        group: ParallelGroup,
+        attention: PagedAttention,
+        triton: bool,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(args, layer, group, attention)
-        self.mlp = LlamaMLP(args, group)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = LlamaAttention(args, layer, group, attention, triton)
+        self.mlp = LlamaMLP(args, group, triton)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, triton)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, triton)
 
     def forward(
         self,
@@ -324,19 +209,7 @@ class LlamaDecoderLayer(nn.Module):
         # x: [T, D], the last layer's output; residual: [T, D], the stream before it (None at
         # the first layer). Returns this layer's (output, residual); the stream is their sum,
         # added in the next norm.
-        qkv_proj, norm = self.self_attn.qkv_proj, self.input_layernorm
-        if qkv_proj.takes_fused_gemv(x):  # decode: the add and the norm inside the GEMV kernel
-            qkv, summed = qkv_proj.gemv_forward(
-                x, norm_weight=norm.weight, eps=norm.eps, residual=residual
-            )
-            residual = x if summed is None else summed
-        else:
-            if residual is None:
-                residual = x
-                h = norm(x)
-            else:
-                h, residual = norm.add_forward(x, residual)
-            qkv = qkv_proj(h)
+        qkv, residual = self.self_attn.qkv_proj.norm_forward(x, residual, self.input_layernorm)
         h = self.self_attn.attend(qkv, rope, cache, meta)
         h, residual = self.post_attention_layernorm.add_forward(h, residual)
         return self.mlp(h), residual
@@ -355,6 +228,7 @@ class LlamaModel(nn.Module):
         attention: PagedAttention,
         max_positions: int,
         split: LayerSplit,
+        triton: bool,
     ) -> None:
         super().__init__()
         self.split = split
@@ -364,13 +238,18 @@ class LlamaModel(nn.Module):
             else None
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(args, i, group, attention) if split.holds(i) else MissingLayer()
+            LlamaDecoderLayer(args, i, group, attention, triton)
+            if split.holds(i)
+            else MissingLayer()
             for i in range(args.num_layers)
         )
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if split.is_last else None
-        self.rotary_emb = RotaryEmbedding(args.head_dim, max_positions, args.rope_parameters)
+        self.norm = (
+            RMSNorm(args.hidden_size, args.rms_norm_eps, triton) if split.is_last else None
+        )
+        self.rotary_emb = RotaryEmbedding(
+            args.head_dim, max_positions, args.rope_parameters, triton
+        )
         self.hidden_size = args.hidden_size
-        self.fused_rope = False
 
     def forward(
         self,
@@ -388,10 +267,7 @@ class LlamaModel(nn.Module):
         else:  # a later rank of a layer split: the previous rank's stream
             dtype = self.activation_dtype()
             x = split.recv_hidden((input_ids.shape[0], self.hidden_size), dtype, input_ids.device)
-        if self.fused_rope:  # the kernel reads the float32 tables at each position
-            rope = Rope(positions, self.rotary_emb.cos, self.rotary_emb.sin)
-        else:
-            rope = Rope(positions, *self.rotary_emb(positions, x.dtype))
+        rope = self.rotary_emb.step(positions, x.dtype)
         residual: torch.Tensor | None = None
         layers = self.layers[split.start : split.end]
         for layer, cache in zip(layers, kv_caches, strict=True):
@@ -415,7 +291,9 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    """The decoder plus the vocabulary head. Build on the meta device; see engine.loader."""
+    """The decoder plus the vocabulary head. Build on the meta device; see
+    engine.executor.loader. `triton`: the layers run their Triton kernels (the GPU path, or the
+    CPU under TRITON_INTERPRET=1)."""
 
     args_class = LlamaArgs
     packed_modules = {
@@ -433,11 +311,14 @@ class LlamaForCausalLM(CausalLM):
         attention: PagedAttention,
         max_positions: int,
         layer_split: LayerSplit | None = None,
+        triton: bool = False,
     ) -> None:
         super().__init__()
         self.args: LlamaArgs = args
         self.layer_split = layer_split or LayerSplit.whole(args.num_layers)
-        self.model = LlamaModel(args, group, attention, max_positions, self.layer_split)
+        self.model = LlamaModel(
+            args, group, attention, max_positions, self.layer_split, triton
+        )
         self.lm_head = (
             ParallelLMHead(args.vocab_size, args.hidden_size, group)
             if self.layer_split.is_last
@@ -467,18 +348,6 @@ class LlamaForCausalLM(CausalLM):
 
     def init_buffers(self) -> None:
         self.model.rotary_emb.init_buffers()
-
-    def use_triton_kernels(self) -> None:
-        """Run norms (with the residual add), rotary embedding and the MLP's activation
-        through engine.triton_layers, and decode-sized matmuls through engine.triton_gemv
-        (with the norm or the activation before them fused in): the GPU path (or the CPU
-        under TRITON_INTERPRET=1)."""
-        self.model.fused_rope = True
-        for module in self.modules():
-            if isinstance(module, (RMSNorm, LlamaAttention, LlamaMLP)):
-                module.fused = True
-            if isinstance(module, LinearBase):
-                module.gemv = True
 
     def forward(
         self,

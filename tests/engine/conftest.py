@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from engine.backend import GenerationBackend
+from engine.core.backend import GenerationBackend
 from engine.random_checkpoint import build_checkpoint
 from engine.request import SamplingParams
 

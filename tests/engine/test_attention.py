@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from engine.attention import ChunkSpec, TorchPagedAttention
+from engine.layers.attention import ChunkSpec, TorchPagedAttention
 
 
 def reference(

@@ -1,5 +1,5 @@
 """The fast GPU path of the runner (Triton attention, decode steps through the static buffers of
-engine.cuda_graphs) gives the same greedy tokens as the plain PyTorch path.
+engine.executor.cuda_graphs) gives the same greedy tokens as the plain PyTorch path.
 
 On the CPU the decode steps run the graphs' static buffers eagerly (no capture) and the Triton
 kernels in the interpreter, in a subprocess (TRITON_INTERPRET must not leak into other tests).
@@ -17,8 +17,8 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 from triton_interpreter import run_in_interpreter  # noqa: E402
 
+from engine.backends.native import NativeBackend  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
-from engine.native_backend import NativeBackend  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
 
 MAX_TOKENS = 12
@@ -79,10 +79,9 @@ def config(path: Path, device: str, **overrides: object) -> EngineConfig:
 def check_static_buffers_on_cpu(path: str) -> None:
     """Run in the subprocess: Triton attention, the fused layers, the GEMV kernel (one-row
     decode steps) and the graphs' buffers, run eagerly on the CPU."""
-    import engine.runner as runner_module
-    from engine import triton_gemv
-    from engine.cuda_graphs import DecodeGraphs
-    from engine.triton_attention import TritonPagedAttention
+    import engine.executor.runner as runner_module
+    from engine.executor.cuda_graphs import DecodeGraphs
+    from engine.kernels import gemv as triton_gemv
 
     gemv_calls: list[bool] = []
     plain_gemv = triton_gemv.gemv
@@ -95,12 +94,11 @@ def check_static_buffers_on_cpu(path: str) -> None:
 
     want = generate(NativeBackend(config(Path(path), "cpu")))
     want_abort = generate_with_abort(NativeBackend(config(Path(path), "cpu")))
-    runner_module.default_attention = lambda fast: TritonPagedAttention()
+    runner_module.use_triton = lambda device, config: True  # the GPU path's layers
 
     def fast_backend() -> NativeBackend:
         backend = NativeBackend(config(Path(path), "cpu"))
         runner = backend.runner
-        runner.model.use_triton_kernels()  # the fused layers, as on the GPU
         runner.graphs = DecodeGraphs(
             runner.model,
             runner.kv_caches,

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import torch
 
+from engine.backends.native import NativeBackend
 from engine.config import EngineConfig
+from engine.core.scheduler import SchedulerOutput
 from engine.engine import Engine
-from engine.native_backend import NativeBackend
 from engine.request import (
     EngineError,
     EngineOutOfMemoryError,
@@ -23,7 +24,6 @@ from engine.request import (
     Request,
     SamplingParams,
 )
-from engine.scheduler import SchedulerOutput
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 

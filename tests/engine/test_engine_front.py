@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from engine.backend import GenerationBackend, StepOutput
 from engine.config import EngineConfig
+from engine.core.backend import GenerationBackend, StepOutput
 from engine.engine import Engine
 from engine.request import (
     EngineError,

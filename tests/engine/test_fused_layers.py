@@ -1,4 +1,4 @@
-"""The fused Triton layers (engine.triton_layers) against the model's PyTorch layers: residual
+"""The fused Triton layers (engine.kernels.elementwise) against the model's PyTorch layers: residual
 add + RMSNorm, rotary embedding fused with the KV-cache write, SiLU(gate) * up.
 On the CPU they run in Triton's interpreter, in a subprocess (TRITON_INTERPRET must not leak
 into other tests)."""
@@ -15,12 +15,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from triton_interpreter import run_in_interpreter  # noqa: E402
 
-from engine.attention import write_kv  # noqa: E402
-from engine.models.llama import RMSNorm, RotaryEmbedding, apply_rotary  # noqa: E402
+from engine.layers.attention import write_kv  # noqa: E402
+from engine.layers.norm import RMSNorm  # noqa: E402
+from engine.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 
 
 def check_against_torch(device: str, dtype: torch.dtype, atol: float) -> None:
-    from engine import triton_layers
+    from engine.kernels import elementwise
 
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
@@ -35,10 +36,10 @@ def check_against_torch(device: str, dtype: torch.dtype, atol: float) -> None:
     x, res = rand(t, d), rand(t, d)
     want_sum = res + x
     want = norm(want_sum)
-    got, got_sum = triton_layers.rms_norm(x, norm.weight, 1e-5, res)
+    got, got_sum = elementwise.rms_norm(x, norm.weight, 1e-5, res)
     torch.testing.assert_close(got_sum, want_sum, atol=0, rtol=0)
     torch.testing.assert_close(got, want, atol=atol, rtol=atol)
-    torch.testing.assert_close(triton_layers.rms_norm(x, norm.weight, 1e-5)[0], norm(x),
+    torch.testing.assert_close(elementwise.rms_norm(x, norm.weight, 1e-5)[0], norm(x),
                                atol=atol, rtol=atol)  # fmt: skip
 
     check_rotary_and_cache(dev, dtype, atol, rand)
@@ -46,7 +47,7 @@ def check_against_torch(device: str, dtype: torch.dtype, atol: float) -> None:
     # SiLU(gate) * up, a width that does not divide into the kernel's blocks
     gate_up = rand(t, 2 * 1100)
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(triton_layers.silu_and_mul(gate_up), F.silu(gate) * up,
+    torch.testing.assert_close(elementwise.silu_and_mul(gate_up), F.silu(gate) * up,
                                atol=atol, rtol=atol)  # fmt: skip
 
 
@@ -56,7 +57,7 @@ def check_rotary_and_cache(
     """rotary_and_cache_ against the model's PyTorch rotary then write_kv: q rotated in place,
     rotated keys and the values (bit for bit) at their slots, every other slot untouched;
     q, k, v are views of one fused projection, the slots in shuffled order."""
-    from engine import triton_layers
+    from engine.kernels import elementwise
 
     t, heads, kv_heads, head_dim = 5, 6, 2, 16
     rope = RotaryEmbedding(head_dim, 64, {"rope_type": "default", "rope_theta": 10000.0})
@@ -80,7 +81,7 @@ def check_rotary_and_cache(
     q, k, v = qkv.clone().split(sizes, dim=-1)
     q, k, v = q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim), v.view(t, kv_heads, -1)
     k_cache, v_cache = caches[0].clone(), caches[1].clone()
-    triton_layers.rotary_and_cache_(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, slots)
+    elementwise.rotary_and_cache_(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, slots)
     torch.testing.assert_close(q, want_q, atol=atol, rtol=atol)
     torch.testing.assert_close(k_cache, want_k_cache, atol=atol, rtol=atol)
     torch.testing.assert_close(v_cache, want_v_cache, atol=0, rtol=0)

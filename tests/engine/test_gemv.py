@@ -1,4 +1,4 @@
-"""The decode GEMV kernel (engine.triton_gemv) and the two-stage argmax (engine.triton_argmax)
+"""The decode GEMV kernel (engine.kernels.gemv) and the two-stage argmax (engine.kernels.argmax)
 against plain PyTorch: every input transform, bias, int8 weights, masked edges, the dispatch
 rule. On the CPU the kernels run in Triton's interpreter, in a subprocess (TRITON_INTERPRET
 must not leak into other tests)."""
@@ -17,8 +17,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def check_gemv(device: str, dtype: torch.dtype) -> None:
-    from engine import triton_layers
-    from engine.triton_gemv import GemvConfig, gemv
+    from engine.kernels import elementwise
+    from engine.kernels.gemv import GemvConfig, gemv
 
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
@@ -40,7 +40,7 @@ def check_gemv(device: str, dtype: torch.dtype) -> None:
 
             # RMSNorm(x + residual) * weight in front, as the fused layers compute it
             res, norm_w = rand(m, k), rand(k)
-            h, summed = triton_layers.rms_norm(x, norm_w, 1e-5, res)
+            h, summed = elementwise.rms_norm(x, norm_w, 1e-5, res)
             got, got_sum = gemv(x, w, b, norm_weight=norm_w, eps=1e-5, residual=res,
                                 config=config)  # fmt: skip
             assert got_sum is not None
@@ -48,12 +48,12 @@ def check_gemv(device: str, dtype: torch.dtype) -> None:
             close(got, F.linear(h, w, b))
             got, no_sum = gemv(x, w, norm_weight=norm_w, eps=1e-5, config=config)
             assert no_sum is None
-            close(got, F.linear(triton_layers.rms_norm(x, norm_w, 1e-5)[0], w))
+            close(got, F.linear(elementwise.rms_norm(x, norm_w, 1e-5)[0], w))
 
             # SiLU(gate) * up in front
             gate_up = rand(m, 2 * k)
             close(gemv(gate_up, w, silu_mul=True, config=config)[0],
-                  F.linear(triton_layers.silu_and_mul(gate_up), w))  # fmt: skip
+                  F.linear(elementwise.silu_and_mul(gate_up), w))  # fmt: skip
 
             # int8 weight with row scales, with the norm in front
             q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(dev)
@@ -75,7 +75,7 @@ def check_gemv(device: str, dtype: torch.dtype) -> None:
 
 
 def check_argmax(device: str) -> None:
-    from engine.triton_argmax import BLOCK, argmax
+    from engine.kernels.argmax import BLOCK, argmax
 
     gen = torch.Generator().manual_seed(0)
     vocab = 3 * BLOCK + 77  # a last block that is mostly padding
@@ -97,7 +97,7 @@ def test_kernels_match_torch_on_cpu_interpreter() -> None:
 
 
 def test_dispatch_rule() -> None:
-    from engine.triton_gemv import MAX_ELEMENTS, MAX_ROWS, fuses_input, suits
+    from engine.kernels.gemv import MAX_ELEMENTS, MAX_ROWS, fuses_input, suits
 
     bf16 = torch.empty(1, dtype=torch.bfloat16).expand(2048, 2048)
     big = torch.empty(1, dtype=torch.bfloat16).expand(MAX_ELEMENTS // 1024 + 1, 1024)

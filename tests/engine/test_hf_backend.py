@@ -3,8 +3,8 @@ batches formed high priority first."""
 
 from __future__ import annotations
 
+from engine.backends.hf import HFBackend
 from engine.config import EngineConfig
-from engine.hf_backend import HFBackend
 from engine.request import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)

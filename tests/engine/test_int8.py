@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig
 
-from engine.attention import ChunkSpec, TorchPagedAttention
+from engine.backends.native import NativeBackend
 from engine.config import EngineConfig
-from engine.loader import load_model
-from engine.native_backend import NativeBackend
-from engine.parallel import ColumnParallelLinear, ParallelGroup, RowParallelLinear
+from engine.distributed import ParallelGroup
+from engine.executor.loader import load_model
+from engine.layers.attention import ChunkSpec, TorchPagedAttention
+from engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine.request import SamplingParams
 
 

@@ -1,8 +1,9 @@
-"""The int8 Triton kernels (engine.quant) against the dequantise-and-matmul reference.
+"""The int8 Triton kernels (engine.kernels.int8_matmul) and their dispatch
+(engine.layers.quant) against the dequantise-and-matmul reference.
 
 On CPU the kernels run in Triton's interpreter. The interpreter is chosen when triton is first
-imported (TRITON_INTERPRET=1), and this test process has imported it already (engine.parallel
-pulls in engine.quant), so the interpreted check runs `check_kernels` in a child process with
+imported (TRITON_INTERPRET=1), and this test process has imported it already (engine.layers.quant
+pulls in the kernels), so the interpreted check runs `check_kernels` in a child process with
 the variable set; nothing leaks into the other tests. On CUDA (`gpu` marker) the same check
 runs in-process, plus the dispatch and a CUDA-graph capture.
 
@@ -22,14 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.quant import (
-    TRITON_MAX_M,
-    GemvConfig,
-    KernelConfig,
-    int8_linear,
-    int8_linear_reference,
-    int8_linear_triton,
-)
+from engine.layers.quant import TRITON_MAX_M, int8_linear, int8_linear_reference
+
+pytest.importorskip("triton")
+
+from engine.kernels.gemv import GemvConfig  # noqa: E402
+from engine.kernels.int8_matmul import KernelConfig, int8_linear_triton  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -41,30 +41,30 @@ def compile_ptx(fn: Any, constexprs: dict[str, Any], pointers: dict[str, str]) -
 
 
 def kernels() -> list[tuple[str, Any, dict[str, Any], dict[str, str]]]:
-    from engine import triton_argmax, triton_attention, triton_gemv, triton_layers
+    from engine.kernels import argmax, attention, elementwise, gemv
 
-    gemv = triton_gemv._gemv_kernel
+    gemv_kernel = gemv._gemv_kernel
     common = dict(HAS_SCALE=False, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024)
     long_ptrs = {
         "rows_ptr": "*i64", "tables_ptr": "*i64", "lens_ptr": "*i64", "counters_ptr": "*i32",
         "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
     }  # fmt: skip
     return [
-        ("gemv", gemv, dict(PROLOGUE=0, HAS_RES=False, **common), {}),
-        ("gemv+norm", gemv, dict(PROLOGUE=1, HAS_RES=True, **common), {}),
-        ("gemv+silu", gemv, dict(PROLOGUE=2, HAS_RES=False, **common), {}),
-        ("gemv int8", gemv, dict(PROLOGUE=0, HAS_RES=False, **{**common, "HAS_SCALE": True}),
+        ("gemv", gemv_kernel, dict(PROLOGUE=0, HAS_RES=False, **common), {}),
+        ("gemv+norm", gemv_kernel, dict(PROLOGUE=1, HAS_RES=True, **common), {}),
+        ("gemv+silu", gemv_kernel, dict(PROLOGUE=2, HAS_RES=False, **common), {}),
+        ("gemv int8", gemv_kernel, dict(PROLOGUE=0, HAS_RES=False, **{**common, "HAS_SCALE": True}),
          {"w_ptr": "*i8"}),  # fmt: skip
-        ("rms_norm", triton_layers._rms_norm_kernel, dict(HAS_RES=True, BLOCK=2048), {}),
-        ("rotary+cache", triton_layers._rotary_cache_kernel,
+        ("rms_norm", elementwise._rms_norm_kernel, dict(HAS_RES=True, BLOCK=2048), {}),
+        ("rotary+cache", elementwise._rotary_cache_kernel,
          dict(NUM_Q=32, NUM_K=8, BLOCK_Q=32, BLOCK_K=8, HALF=32, BLOCK_HALF=32),
          {"pos_ptr": "*i64", "slot_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}),
-        ("decode attention", triton_attention._decode_kernel,
+        ("decode attention", attention._decode_kernel,
          dict(BLOCK_SIZE=16, GROUP=4, GROUP_P2=4, BLOCK_G=16, HEAD_DIM=64, BLOCK_D=64,
               BLOCK_N=64, PRECISION="tf32", SPLITS=8, MIN_SPLIT=64), long_ptrs),
-        ("argmax blocks", triton_argmax._block_max_kernel, dict(BLOCK=2048),
+        ("argmax blocks", argmax._block_max_kernel, dict(BLOCK=2048),
          {"val_ptr": "*fp32", "idx_ptr": "*i64"}),
-        ("argmax pick", triton_argmax._pick_kernel, dict(BLOCK_P=64),
+        ("argmax pick", argmax._pick_kernel, dict(BLOCK_P=64),
          {"val_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*i64"}),
     ]  # fmt: skip
 

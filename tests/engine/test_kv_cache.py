@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.kv_cache import BlockManager, block_bytes, blocks_for_sequences
+from engine.core.kv_cache import BlockManager
+from engine.core.sequence import Sequence
 from engine.request import SamplingParams
-from engine.sequence import Sequence
 
 
 def make_seq(seq_id: str = "s", prompt_len: int = 5) -> Sequence:
@@ -39,6 +39,8 @@ def test_cannot_grow_past_pool_and_free_returns_blocks() -> None:
 
 
 def test_sizing_helpers() -> None:
+    from engine.executor.runner import block_bytes, blocks_for_sequences  # the cache tensors
+
     assert blocks_for_sequences(num_seqs=3, max_model_len=33, block_size=16) == 9
     # keys + values, 2 layers, 16 tokens, 2 heads of 8, 4-byte floats
     assert block_bytes(2, 16, 2, 8, 4) == 2 * 2 * 16 * 2 * 8 * 4

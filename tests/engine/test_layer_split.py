@@ -35,10 +35,10 @@ from test_parallel import (
 )
 from transformers import AutoConfig
 
-from engine.attention import TorchPagedAttention
-from engine.loader import build_model, load_weights, materialise
-from engine.native_backend import NativeBackend
-from engine.parallel import ParallelGroup, layer_range
+from engine.backends.native import NativeBackend
+from engine.distributed import ParallelGroup, layer_range
+from engine.executor.loader import build_model, load_weights, materialise
+from engine.layers.attention import TorchPagedAttention
 
 
 @pytest.fixture(scope="module")

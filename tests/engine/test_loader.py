@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from engine.attention import TorchPagedAttention
+from engine.backends.native import NativeBackend
 from engine.config import EngineConfig
-from engine.loader import build_model, load_weights, materialise
-from engine.native_backend import NativeBackend
-from engine.parallel import ParallelGroup
+from engine.distributed import ParallelGroup
+from engine.executor.loader import build_model, load_weights, materialise
+from engine.layers.attention import TorchPagedAttention
 from engine.request import SamplingParams
 
 

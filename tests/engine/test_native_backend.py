@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from engine.backends.native import NativeBackend, supports
 from engine.config import EngineConfig
-from engine.native_backend import NativeBackend, supports
 from engine.request import (
     EngineError,
     KVCacheTooSmallError,

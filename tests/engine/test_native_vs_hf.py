@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from engine.backends.native import NativeBackend
 from engine.config import EngineConfig
-from engine.native_backend import NativeBackend
 from engine.request import SamplingParams
 
 MAX_TOKENS = 24

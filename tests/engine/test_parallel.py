@@ -25,12 +25,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from engine.attention import TorchPagedAttention
-from engine.backend import GenerationBackend
+from engine.backends.native import NativeBackend
 from engine.config import EngineConfig
-from engine.loader import build_model, load_weights, materialise, quantize_int8
-from engine.native_backend import NativeBackend
-from engine.parallel import ParallelGroup
+from engine.core.backend import GenerationBackend
+from engine.distributed import ParallelGroup
+from engine.executor.loader import build_model, load_weights, materialise, quantize_int8
+from engine.layers.attention import TorchPagedAttention
 from engine.request import SamplingParams
 
 WORLD = 2
@@ -383,19 +383,17 @@ def _fast_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str)
     """A tensor-parallel rank on the GPU path's code: Triton attention, the fused layers and
     the GEMV kernel (in Triton's interpreter, TRITON_INTERPRET=1 inherited), decode steps
     through the graphs' static buffers (run, not captured) with the decode lookahead."""
-    import engine.runner as runner_module
-    from engine.cuda_graphs import DecodeGraphs
-    from engine.triton_attention import TritonPagedAttention
+    import engine.executor.runner as runner_module
+    from engine.executor.cuda_graphs import DecodeGraphs
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        runner_module.default_attention = lambda fast: TritonPagedAttention()
+        runner_module.use_triton = lambda device, config: True  # the GPU path's layers
         backend = NativeBackend(engine_config(path, {}, "tensor", world), ParallelGroup(
             rank, world, dist.group.WORLD
         ))  # fmt: skip
         runner = backend.runner
-        runner.model.use_triton_kernels()
         runner.graphs = DecodeGraphs(
             runner.model, runner.kv_caches, 4, runner.max_blocks, runner.block_size,
             runner.scratch_block, runner.device, replay=False,
@@ -440,7 +438,7 @@ def test_a_closed_backend_drops_its_graphs_and_still_serves(
 ) -> None:
     """close() (before a group's process group goes) releases the decode graphs; the
     backend then runs every step eagerly, with the same tokens."""
-    from engine.cuda_graphs import DecodeGraphs
+    from engine.executor.cuda_graphs import DecodeGraphs
 
     path = checkpoint("llama")
     requests = greedy_requests(PROMPTS[:2])

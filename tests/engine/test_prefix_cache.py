@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from engine import kv_cache
-from engine.kv_cache import BlockManager
+from engine.core import kv_cache
+from engine.core.kv_cache import BlockManager
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.sequence import Sequence, SequenceStatus
 from engine.request import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Sequence, SequenceStatus
 
 EOS = 1
 
@@ -454,8 +454,8 @@ def test_greedy_outputs_unchanged_with_shared_prefixes(
     hf_greedy: HFGreedy,
     drive: Callable[..., Any],
 ) -> None:
+    from engine.backends.native import NativeBackend
     from engine.config import EngineConfig
-    from engine.native_backend import NativeBackend
 
     path = checkpoint("llama")
     prompts = shared_prefix_prompts()

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import torch
 
+from engine.backends.native import NativeBackend
 from engine.config import EngineConfig
-from engine.native_backend import NativeBackend
+from engine.executor.runner import token_seed
+from engine.executor.sampler import apply_top_k_top_p, sample
 from engine.request import MAX_SEED, MAX_TOP_K, SamplingParams
-from engine.runner import token_seed
-from engine.sampler import apply_top_k_top_p, sample
 
 SEEDED = SamplingParams(
     max_tokens=20, temperature=0.9, top_p=0.95, top_k=200, seed=1234, ignore_eos=True

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from engine.kv_cache import BlockManager
+from engine.core.kv_cache import BlockManager
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.sequence import Sequence, SequenceStatus
 from engine.request import KVCacheTooSmallError, SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Sequence, SequenceStatus
 
 EOS = 1
 TOKEN = 7  # any non-EOS token the fake model "samples"
@@ -68,7 +68,7 @@ def scheduled(out: SchedulerOutput) -> dict[str, int]:
 
 
 def test_imports_no_torch() -> None:
-    code = "import sys, engine.scheduler; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, engine.core.scheduler; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

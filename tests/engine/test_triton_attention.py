@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 from triton_interpreter import run_in_interpreter  # noqa: E402
 
-from engine.attention import ChunkSpec, TorchPagedAttention  # noqa: E402
+from engine.layers.attention import ChunkSpec, TorchPagedAttention  # noqa: E402
 
 # (start, num_tokens) per chunk of one step: decode tokens at ragged lengths, prefills with no
 # history, a prefill chunk with history, one longer than a prefill tile; and single-sequence
@@ -48,7 +48,7 @@ def check_against_torch(device: str, dtype: torch.dtype, atol: float) -> None:
     """Every step of STEPS, every layout in the loop, compared with TorchPagedAttention; both
     also with the step's keys and values already in the cache (k = v = None); the Triton one
     launched twice, which must leave its split counters zero and give the same result."""
-    from engine.triton_attention import TritonPagedAttention
+    from engine.layers.attention import TritonPagedAttention
 
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)

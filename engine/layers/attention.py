@@ -1,12 +1,13 @@
-"""Paged attention over a flat batch of decode tokens and prefill chunks, in plain PyTorch.
+"""Paged attention over a flat batch of decode tokens and prefill chunks.
 
 Each layer's cache is a pair of tensors [num_blocks, block_size, kv_heads, head_dim]; token
 position p of a sequence lives in block `block_table[p // block_size]`, offset
 `p % block_size`. A step's batch concatenates every scheduled chunk's tokens; a chunk may start
 mid-sequence (decode, later prefill chunks) and attends to everything cached before it.
 
-The runner picks an attention implementation object; this one runs anywhere (CPU CI). A faster
-GPU kernel plugs in by providing the same two methods.
+Two implementations of one protocol (PagedAttention), chosen when the model is built
+(`paged_attention`): TorchPagedAttention runs anywhere (CPU CI); TritonPagedAttention lays the
+step out for the Triton kernels of engine.kernels.attention (the GPU path).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def write_kv(
     v: torch.Tensor | None,
 ) -> None:
     """Store a step's keys and values at their cache slots. k = v = None: a fused kernel
-    (engine.triton_layers.rotary_and_cache_) has already stored them; nothing to do.
+    (engine.kernels.elementwise.rotary_and_cache_) has already stored them; nothing to do.
 
     caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T] long; k, v: [T, Hkv, D].
     """
@@ -127,7 +128,7 @@ class PagedAttention(Protocol):
     __call__(q, k, v, k_cache, v_cache, meta, scale, sliding_window) stores the step's keys
     and values k, v: [T, Hkv, D] at `meta.slot_mapping`, then returns the output [T, H, D] of
     q: [T, H, D]. k = v = None means they are already in the cache at those slots (written by
-    a fused kernel such as engine.triton_layers.rotary_and_cache_).
+    a fused kernel such as engine.kernels.elementwise.rotary_and_cache_).
     """
 
     def build_metadata(
@@ -281,3 +282,159 @@ class TorchPagedAttention:
         )  # [1, Hkv, G * n, D]
         o = o.reshape(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3)  # [n, Hkv, G, D]
         return o.reshape(n, -1, head_dim)
+
+
+@dataclass
+class PrefillTiles:
+    """The multi-token chunks of a step, split into tiles of PREFILL_BLOCK_M query tokens
+    (engine.kernels.attention)."""
+
+    tile_chunk: torch.Tensor  # [W] long: the chunk of each tile
+    tile_start: torch.Tensor  # [W] long: first query token of the tile within its chunk
+    chunk_row: torch.Tensor  # [P] long: first row of each chunk in the flat batch
+    chunk_len: torch.Tensor  # [P] long: query tokens of each chunk
+    chunk_ctx: torch.Tensor  # [P] long: tokens each chunk attends to (history + itself)
+    block_tables: torch.Tensor  # [P, max_blocks] long (padded with block 0)
+
+
+def _long(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+class TritonPagedAttention:
+    """PagedAttention with the Triton kernels of engine.kernels.attention (CUDA, or the CPU
+    under TRITON_INTERPRET=1).
+
+    Metadata: the decode fields as in TorchPagedAttention; multi-token chunks go into
+    `meta.prefill_tiles` (and `meta.prefills` stays empty). All of a step's integers travel to
+    the device in one copy.
+    """
+
+    def __init__(self) -> None:
+        from engine.kernels import attention as kernels  # Triton: the GPU path only
+
+        self.kernels = kernels
+        # device -> the split decode's arrival counters (see _counters); shared by every
+        # layer's launch, which the stream runs one after another.
+        self.split_counters: dict[torch.device, torch.Tensor] = {}
+
+    def build_metadata(
+        self, chunks: list[ChunkSpec], block_size: int, device: torch.device
+    ) -> AttentionMetadata:
+        layout = layout_chunks(chunks, block_size)
+        slots, decode_rows = layout.slots, layout.decode_rows
+        decode_tables, decode_lens = layout.decode_tables, layout.decode_lens
+        chunk_row, chunk_len = layout.prefill_rows, layout.prefill_lens
+        chunk_ctx, chunk_tables = layout.prefill_ctx, layout.prefill_tables
+        tile_chunk: list[int] = []
+        tile_start: list[int] = []
+        for index, num_tokens in enumerate(chunk_len):
+            for start in range(0, num_tokens, self.kernels.PREFILL_BLOCK_M):
+                tile_chunk.append(index)
+                tile_start.append(start)
+        d_width = max((len(t) for t in decode_tables), default=0)
+        p_width = max((len(t) for t in chunk_tables), default=0)
+        flat: list[int] = [*slots, *decode_rows, *decode_lens]
+        for t in decode_tables:
+            flat.extend(t)
+            flat.extend([0] * (d_width - len(t)))
+        flat += [*tile_chunk, *tile_start, *chunk_row, *chunk_len, *chunk_ctx]
+        for t in chunk_tables:
+            flat.extend(t)
+            flat.extend([0] * (p_width - len(t)))
+        packed = _long(flat, device)
+        sizes = [
+            len(slots),
+            len(decode_rows),
+            len(decode_lens),
+            len(decode_tables) * d_width,
+            len(tile_chunk),
+            len(tile_start),
+            len(chunk_row),
+            len(chunk_len),
+            len(chunk_ctx),
+            len(chunk_tables) * p_width,
+        ]
+        parts = packed.split(sizes)
+        tiles = None
+        if chunk_row:
+            tiles = PrefillTiles(
+                tile_chunk=parts[4],
+                tile_start=parts[5],
+                chunk_row=parts[6],
+                chunk_len=parts[7],
+                chunk_ctx=parts[8],
+                block_tables=parts[9].view(len(chunk_tables), p_width),
+            )
+        return AttentionMetadata(
+            slot_mapping=parts[0],
+            decode_rows=parts[1],
+            decode_block_tables=parts[3].view(len(decode_tables), d_width),
+            decode_context_lens=parts[2],
+            prefills=[],
+            prefill_tiles=tiles,
+        )
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, Hkv, D], or both None when already in the caches;
+        caches: [num_blocks, block_size, Hkv, D].
+
+        Writes k, v into the caches (unless None), then returns the attention output [T, H, D].
+        """
+        kernels = self.kernels
+        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+        out = torch.empty_like(q)
+        window = sliding_window or 0
+        num_decode = meta.decode_rows.shape[0]
+        if num_decode:
+            num_kv_heads = k_cache.shape[2]
+            splits = kernels.decode_splits(num_decode, num_kv_heads)
+            # Fetched even when unused: the first decode launch, a warm-up outside any CUDA
+            # graph, allocates them.
+            counters = self._counters(q.device, num_decode * num_kv_heads if splits > 1 else 0)
+            kernels.decode_attention(
+                q, k_cache, v_cache, out, meta.decode_rows, meta.decode_block_tables,
+                meta.decode_context_lens, counters, scale, window,
+            )  # fmt: skip
+        tiles = meta.prefill_tiles
+        if tiles is not None:
+            kernels.prefill_attention(
+                q, k_cache, v_cache, out, tiles.tile_chunk, tiles.tile_start, tiles.chunk_row,
+                tiles.chunk_len, tiles.chunk_ctx, tiles.block_tables, scale, window,
+            )  # fmt: skip
+        return out
+
+    def _counters(self, device: torch.device, need: int) -> torch.Tensor:
+        """At least `need` int32 arrival counters for the split decode on this device, all zero
+        between launches (each launch's last part per (sequence, key/value head) resets its
+        own), so neither a launch nor a graph replay needs a memset.
+
+        Allocated and zeroed on the first decode launch, replaced only when one needs more,
+        which must not happen inside a CUDA graph capture: the capture runs a warm-up outside
+        the graph first, and the first allocation already holds SPLIT_TARGET counters, more
+        than any batch that splits (num_decode * num_kv_heads * 2 <= SPLIT_TARGET) uses.
+        """
+        counters = self.split_counters.get(device)
+        if counters is None or counters.numel() < need:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("split-decode counters must be allocated before capture")
+            size = max(need, self.kernels.SPLIT_TARGET)
+            counters = torch.zeros(size, dtype=torch.int32, device=device)
+            self.split_counters[device] = counters
+        return counters
+
+
+def paged_attention(triton: bool) -> PagedAttention:
+    """The implementation a model's attention layers run: the Triton kernels when `triton`
+    (a GPU, no enforce_eager), else plain PyTorch."""
+    return TritonPagedAttention() if triton else TorchPagedAttention()

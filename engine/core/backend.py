@@ -1,5 +1,6 @@
-"""The contract between the engine's front (engine/engine.py: tokenising, the loop thread,
-futures, stop strings) and a generation backend (native paged engine or transformers).
+"""The contract between the engine core (engine/core/engine_core.py, driven by the front,
+engine/engine.py: tokenising, futures, stop strings) and a generation backend (engine/backends:
+the native paged engine, transformers, echo).
 
 A backend works in token ids only. It owns EOS and max_tokens; the front owns stop strings
 (it detokenises) and aborts a request once one is matched.
@@ -63,34 +64,3 @@ class GenerationBackend(ABC):
     def stats(self) -> dict[str, Any]:
         """Counters for logs and metrics (running, waiting, cache use, ...)."""
         return {}
-
-
-def create_backend(config: Any, group: Any = None) -> GenerationBackend:
-    """The backend config.backend names (config: an EngineConfig); "auto" takes the native
-    one where it supports the checkpoint's architecture, and says which it chose. `group`:
-    the ParallelGroup of a sharded model (native backend only)."""
-    import logging
-
-    from engine.request import EngineError
-
-    choice = config.backend
-    if choice == "auto":
-        from engine import native_backend
-
-        choice = "native" if native_backend.supports(config.model_path) else "hf"
-        logging.getLogger(__name__).info("backend auto: chose %s for %s", choice,
-                                         config.model_path)
-    if choice == "native":
-        from engine.native_backend import NativeBackend
-
-        return NativeBackend(config, group)
-    if group is not None and group.world_size > 1:
-        raise EngineError(f"backend {choice!r} cannot shard a model; use the native backend"
-                          " (a Llama-family architecture) or gpus_per_worker: 1")
-    if choice == "echo":
-        from engine.echo_backend import EchoBackend
-
-        return EchoBackend(config)
-    from engine.hf_backend import HFBackend
-
-    return HFBackend(config)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.backend import GenerationBackend, StepOutput
 from engine.checkpoint import eos_token_ids
 from engine.config import EngineConfig
+from engine.core.backend import GenerationBackend, StepOutput
 from engine.request import EngineError, SamplingParams
 
 

@@ -33,10 +33,10 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from engine.backend import StepOutput
-from engine.kv_cache import BlockManager, block_hashes, cdiv
+from engine.core.backend import StepOutput
+from engine.core.kv_cache import BlockManager, block_hashes, cdiv
+from engine.core.sequence import Sequence, SequenceStatus
 from engine.request import FinishReason, KVCacheTooSmallError
-from engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass

@@ -2,7 +2,7 @@
 full blocks are kept for reuse by later sequences with the same prefix (prefix caching).
 
 Pure Python so that the scheduler (and its tests) need no torch; the cache tensors themselves
-are allocated by the runner from the block count decided here.
+are allocated by the runner (engine.executor.runner), which decides how many blocks fit.
 
 Prefix caching. A full block whose tokens are all computed is registered under its hash,
 chained over (the parent block's hash, its token ids), and given a content id that names its
@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from engine.sequence import Sequence
+from engine.core.sequence import Sequence
 
 # The content id and hash standing for "no parent" (a sequence's first block).
 ROOT_CONTENT_ID = 0
@@ -245,15 +245,3 @@ class BlockManager:
         content_id = self._next_content_id
         self._next_content_id += 1
         return content_id
-
-
-def blocks_for_sequences(num_seqs: int, max_model_len: int, block_size: int) -> int:
-    """Blocks for `num_seqs` sequences of `max_model_len` tokens each (the CPU default)."""
-    return num_seqs * cdiv(max_model_len, block_size)
-
-
-def block_bytes(
-    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype_bytes: int
-) -> int:
-    """Bytes one block takes across all layers, keys and values."""
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_bytes

@@ -5,7 +5,7 @@ A step whose chunks are all one token long (pure decode) picks the smallest capt
 that holds it, writes its inputs into one pinned host buffer, copies that buffer to the device
 in one transfer and replays the graph. Rows past the real batch are padding: they write their
 key/value into a scratch cache block that no sequence owns and attend to it alone. Each graph
-ends with the argmax of every row (engine.triton_argmax), which greedy steps use as their
+ends with the argmax of every row (engine.kernels.argmax), which greedy steps use as their
 tokens. Steps with longer chunks (prefill) run eagerly.
 """
 
@@ -18,15 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.layers.attention import AttentionMetadata
 from engine.models import CausalLM
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """engine.triton_argmax.argmax, imported on first use (only captured graphs need it).
+    """engine.kernels.argmax.argmax, imported on first use (only captured graphs need it).
 
     logits: [B, V] -> [B] long"""
-    from engine.triton_argmax import argmax as triton_argmax
+    from engine.kernels.argmax import argmax as triton_argmax
 
     return triton_argmax(logits)
 

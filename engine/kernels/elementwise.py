@@ -3,7 +3,7 @@
 SiLU(gate) * up. Each replaces several PyTorch kernels
 with one; at small batch a decode step is mostly kernel launches and their tails, so the count
 matters even inside a CUDA graph. They round where the PyTorch layers round (the sum to the
-model dtype, the normalised value before the weight). The model's PyTorch code stays the CPU
+model dtype, the normalised value before the weight). The layers' PyTorch code stays the CPU
 path; these also run in Triton's interpreter (TRITON_INTERPRET=1), which is how CI checks them.
 """
 
@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine import pdl
-from engine.pdl import allow_next_then_wait
+from engine.kernels import pdl
+from engine.kernels.pdl import allow_next_then_wait
 
 SILU_BLOCK = 1024
 
@@ -34,7 +34,7 @@ def _rms_norm_kernel(
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    allow_next_then_wait(USE_PDL)  # engine.pdl
+    allow_next_then_wait(USE_PDL)  # engine.kernels.pdl
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -119,7 +119,7 @@ def _rotary_cache_kernel(
     BLOCK_HALF: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    allow_next_then_wait(USE_PDL)  # engine.pdl
+    allow_next_then_wait(USE_PDL)  # engine.kernels.pdl
     t = tl.program_id(0)
     cos, sin = _cos_sin(pos_ptr, cos_ptr, sin_ptr, t, stride_table, HALF, BLOCK_HALF)
     i = tl.arange(0, BLOCK_HALF)
@@ -152,9 +152,9 @@ def rotary_and_cache_(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Rotary embedding (rotate-half form) on q and k, then engine.attention.write_kv of k and
-    v, in one kernel: q is rotated in place, the rotated k and the unchanged v go to the
-    caches at their slots.
+    """Rotary embedding (rotate-half form) on q and k, then the cache write of k and v
+    (engine.layers.attention.write_kv), in one kernel: q is rotated in place, the rotated k
+    and the unchanged v go to the caches at their slots.
 
     k itself is left unrotated (the attention kernels read keys only from the cache), so pass
     k = v = None to the attention call that follows.

@@ -18,9 +18,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from engine.attention import PagedAttention
+from engine.distributed import LayerSplit, ParallelGroup
+from engine.layers.attention import PagedAttention
+from engine.layers.linear import LinearBase, load_slice
 from engine.models import CausalLM, model_class
-from engine.parallel import LayerSplit, LinearBase, ParallelGroup, load_slice
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,13 @@ def build_model(
     attention: PagedAttention,
     max_positions: int,
     split_layers: bool = False,
+    triton: bool = False,
 ) -> CausalLM:
     """The architecture's module on the meta device (parameters have shapes, no storage).
 
     The group shards every layer (tensor parallel), or with split_layers gives each rank
-    consecutive whole layers (engine.parallel.LayerSplit)."""
+    consecutive whole layers (engine.distributed.LayerSplit). With `triton` the layers run
+    their Triton kernels (the GPU path)."""
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures:
         raise ValueError("config.json names no architecture")
@@ -64,7 +67,7 @@ def build_model(
     else:
         split, tensor_group = LayerSplit.whole(args.num_layers), group
     with torch.device("meta"):
-        model = cls(args, tensor_group, attention, max_positions, split)
+        model = cls(args, tensor_group, attention, max_positions, split, triton=triton)
     model.tie_weights()
     return model
 
@@ -149,6 +152,7 @@ def load_model(
     max_positions: int,
     int8: bool = False,
     split_layers: bool = False,
+    triton: bool = False,
 ) -> CausalLM:
     """Build, allocate and load the model for this rank; returns it in eval mode.
 
@@ -160,8 +164,9 @@ def load_model(
         int8: weight-only int8 linear layers (quantised per output row while loading).
         split_layers: shard by layers (each rank holds consecutive whole layers) instead of
             slicing every layer over the group.
+        triton: the layers run their Triton kernels (the GPU path).
     """
-    model = build_model(hf_config, group, attention, max_positions, split_layers)
+    model = build_model(hf_config, group, attention, max_positions, split_layers, triton)
     if int8:
         quantize_int8(model)
     materialise(model, device, dtype)

@@ -16,17 +16,17 @@ from typing import Any
 
 import torch
 
-from engine.backend import GenerationBackend, StepOutput
 from engine.checkpoint import eos_token_ids
 from engine.config import EngineConfig
+from engine.core.backend import GenerationBackend, StepOutput
+from engine.core.kv_cache import BlockManager
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence
 from engine.devices import resolve_device
-from engine.kv_cache import BlockManager
+from engine.distributed import ParallelGroup
+from engine.executor.runner import ModelRunner
 from engine.models import ARCHITECTURES
-from engine.parallel import ParallelGroup
 from engine.request import EngineError, PromptTooLongError, SamplingParams
-from engine.runner import ModelRunner
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

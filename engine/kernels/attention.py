@@ -1,4 +1,5 @@
-"""Paged attention in Triton: the GPU implementation of engine.attention.PagedAttention.
+"""Paged attention in Triton: the kernels behind engine.layers.attention.TritonPagedAttention,
+launched on plain tensors (the layer builds them from its step metadata).
 
 Two kernels read keys and values straight from the paged cache through the block tables, with
 an online softmax, so nothing is gathered or padded:
@@ -14,22 +15,19 @@ an online softmax, so nothing is gathered or padded:
   chunk's history plus itself, causally masked. Every multi-token chunk of the step runs in the
   same launch (varlen), whether or not it has cached history.
 
-The step's new keys and values are in the cache before the kernels run: written here with
-index_copy_, or already by engine.triton_layers.rotary_and_cache_ (k = v = None). Both kernels
+The step's new keys and values are in the cache before the kernels run (the layer writes them,
+or engine.kernels.elementwise.rotary_and_cache_ already has). Both kernels
 run in Triton's interpreter on the CPU (TRITON_INTERPRET=1), which is how CI checks them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from engine import pdl
-from engine.attention import AttentionMetadata, ChunkSpec, layout_chunks, write_kv
-from engine.pdl import allow_next_then_wait
+from engine.kernels import pdl
+from engine.kernels.pdl import allow_next_then_wait
 
 # Key/value positions per tile of the loop (several cache blocks when block_size is small).
 DECODE_BLOCK_N = 64
@@ -46,18 +44,6 @@ MIN_SPLIT_TOKENS = 64
 # tl.dot needs at least 16 rows: the GQA group is padded up to this.
 MIN_DOT_ROWS = 16
 _LOG2E = 1.4426950408889634
-
-
-@dataclass
-class PrefillTiles:
-    """The multi-token chunks of a step, split into tiles of PREFILL_BLOCK_M query tokens."""
-
-    tile_chunk: torch.Tensor  # [W] long: the chunk of each tile
-    tile_start: torch.Tensor  # [W] long: first query token of the tile within its chunk
-    chunk_row: torch.Tensor  # [P] long: first row of each chunk in the flat batch
-    chunk_len: torch.Tensor  # [P] long: query tokens of each chunk
-    chunk_ctx: torch.Tensor  # [P] long: tokens each chunk attends to (history + itself)
-    block_tables: torch.Tensor  # [P, max_blocks] long (padded with block 0)
 
 
 @triton.jit
@@ -172,7 +158,7 @@ def _decode_kernel(
     MIN_SPLIT: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    allow_next_then_wait(USE_PDL)  # engine.pdl
+    allow_next_then_wait(USE_PDL)  # engine.kernels.pdl
     i = tl.program_id(0)  # which one-token chunk
     kvh = tl.program_id(1)  # which key/value head
     split = tl.program_id(2)  # which part of the context (SPLITS > 1: flash-decoding)
@@ -321,181 +307,96 @@ def _prefill_kernel(
     )
 
 
-def _long(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+def decode_splits(num_decode: int, num_kv_heads: int) -> int:
+    """The parts a decode launch may split each context into: few (sequence, head) programs
+    leave most of the GPU idle on a long context, so each context may take up to this many
+    (a static choice per batch size, so captured graphs keep it); the kernel uses as many as
+    the context's length needs."""
+    splits = 1
+    while splits < MAX_SPLITS and num_decode * num_kv_heads * splits * 2 <= SPLIT_TARGET:
+        splits *= 2
+    return splits
 
 
-class TritonPagedAttention:
-    """engine.attention.PagedAttention with the Triton kernels above (CUDA, or the CPU under
-    TRITON_INTERPRET=1).
+def _precision(q: torch.Tensor) -> str:
+    # float32 models (tests) keep full precision; tf32 would round their inputs.
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
-    Metadata: the decode fields as in TorchPagedAttention; multi-token chunks go into
-    `meta.prefill_tiles` (and `meta.prefills` stays empty). All of a step's integers travel to
-    the device in one copy.
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    rows: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    counters: torch.Tensor,
+    scale: float,
+    sliding_window: int,
+) -> None:
+    """The one-token chunks' rows of out: [T, H, D], in one launch.
+
+    q: [T, H, D]; caches: [num_blocks, block_size, Hkv, D] contiguous, the step's keys and
+    values already in them; rows: [Nd] long, the batch rows of the one-token chunks;
+    block_tables: [Nd, max_blocks] long; context_lens: [Nd] long; counters: int32 arrival
+    counters, all zero, at least Nd * Hkv of them when decode_splits(Nd, Hkv) > 1 (each launch
+    leaves them zero again); sliding_window: 0 for full attention.
     """
-
-    def __init__(self) -> None:
-        # device -> the split decode's arrival counters (see _counters); shared by every
-        # layer's launch, which the stream runs one after another.
-        self.split_counters: dict[torch.device, torch.Tensor] = {}
-
-    def build_metadata(
-        self, chunks: list[ChunkSpec], block_size: int, device: torch.device
-    ) -> AttentionMetadata:
-        layout = layout_chunks(chunks, block_size)
-        slots, decode_rows = layout.slots, layout.decode_rows
-        decode_tables, decode_lens = layout.decode_tables, layout.decode_lens
-        chunk_row, chunk_len = layout.prefill_rows, layout.prefill_lens
-        chunk_ctx, chunk_tables = layout.prefill_ctx, layout.prefill_tables
-        tile_chunk: list[int] = []
-        tile_start: list[int] = []
-        for index, num_tokens in enumerate(chunk_len):
-            for start in range(0, num_tokens, PREFILL_BLOCK_M):
-                tile_chunk.append(index)
-                tile_start.append(start)
-        d_width = max((len(t) for t in decode_tables), default=0)
-        p_width = max((len(t) for t in chunk_tables), default=0)
-        flat: list[int] = [*slots, *decode_rows, *decode_lens]
-        for t in decode_tables:
-            flat.extend(t)
-            flat.extend([0] * (d_width - len(t)))
-        flat += [*tile_chunk, *tile_start, *chunk_row, *chunk_len, *chunk_ctx]
-        for t in chunk_tables:
-            flat.extend(t)
-            flat.extend([0] * (p_width - len(t)))
-        packed = _long(flat, device)
-        sizes = [
-            len(slots),
-            len(decode_rows),
-            len(decode_lens),
-            len(decode_tables) * d_width,
-            len(tile_chunk),
-            len(tile_start),
-            len(chunk_row),
-            len(chunk_len),
-            len(chunk_ctx),
-            len(chunk_tables) * p_width,
-        ]
-        parts = packed.split(sizes)
-        tiles = None
-        if chunk_row:
-            tiles = PrefillTiles(
-                tile_chunk=parts[4],
-                tile_start=parts[5],
-                chunk_row=parts[6],
-                chunk_len=parts[7],
-                chunk_ctx=parts[8],
-                block_tables=parts[9].view(len(chunk_tables), p_width),
-            )
-        return AttentionMetadata(
-            slot_mapping=parts[0],
-            decode_rows=parts[1],
-            decode_block_tables=parts[3].view(len(decode_tables), d_width),
-            decode_context_lens=parts[2],
-            prefills=[],
-            prefill_tiles=tiles,
-        )
-
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor | None,
-        v: torch.Tensor | None,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None,
-    ) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, Hkv, D], or both None when already in the caches;
-        caches: [num_blocks, block_size, Hkv, D].
-
-        Writes k, v into the caches (unless None), then returns the attention output [T, H, D].
-        """
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        block_size = k_cache.shape[1]
-        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
-        out = torch.empty_like(q)
-        group = q.shape[1] // num_kv_heads
-        block_d = triton.next_power_of_2(head_dim)
-        window = sliding_window or 0
-        slot_stride = num_kv_heads * head_dim  # the caches are contiguous
-        scale_log2 = scale * _LOG2E
-        # float32 models (tests) keep full precision; tf32 would round their inputs.
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        if meta.decode_rows.shape[0]:
-            self._decode(q, k_cache, v_cache, out, meta, scale_log2, window, precision)
-        tiles = meta.prefill_tiles
-        if tiles is not None:
-            _prefill_kernel[(tiles.tile_chunk.shape[0], q.shape[1])](
-                q, k_cache, v_cache, out, tiles.tile_chunk, tiles.tile_start, tiles.chunk_row,
-                tiles.chunk_len, tiles.chunk_ctx, tiles.block_tables, scale_log2, window,
-                q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-                tiles.block_tables.stride(0), slot_stride,
-                BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, PRECISION=precision,
-            )  # fmt: skip
-        return out
-
-    def _decode(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        out: torch.Tensor,
-        meta: AttentionMetadata,
-        scale_log2: float,
-        window: int,
-        precision: str,
-    ) -> None:
-        """The one-token chunks' rows of out: [T, H, D], in one launch."""
-        num_decode = meta.decode_rows.shape[0]
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        group = q.shape[1] // num_kv_heads
-        tables = meta.decode_block_tables
-        # Few (sequence, head) programs leave most of the GPU idle on a long context: allow
-        # each context up to `splits` parts (a static choice per batch size, so captured
-        # graphs keep it); the kernel uses as many as the context's length needs.
-        splits = 1
-        while splits < MAX_SPLITS and num_decode * num_kv_heads * splits * 2 <= SPLIT_TARGET:
-            splits *= 2
-        # Fetched even when unused: the first decode launch, a warm-up outside any CUDA graph,
-        # allocates them.
-        counters = self._counters(q.device, num_decode * num_kv_heads if splits > 1 else 0)
-        part_o = part_lse = out  # unused without splits
-        if splits > 1:
-            part_o = torch.empty(
-                (num_decode, num_kv_heads, splits, group, head_dim),
-                dtype=torch.float32, device=q.device,
-            )  # fmt: skip
-            part_lse = torch.empty(
-                (num_decode, num_kv_heads, splits, group), dtype=torch.float32, device=q.device
-            )
-        _decode_kernel[(num_decode, num_kv_heads, splits)](
-            q, k_cache, v_cache, out, meta.decode_rows, tables, meta.decode_context_lens,
-            counters, part_o, part_lse, scale_log2, window, q.stride(0), q.stride(1),
-            out.stride(0), out.stride(1), tables.stride(0), num_kv_heads * head_dim,
-            BLOCK_SIZE=k_cache.shape[1], GROUP=group, GROUP_P2=triton.next_power_of_2(group),
-            BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-            BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=DECODE_BLOCK_N,
-            PRECISION=precision, SPLITS=splits, MIN_SPLIT=MIN_SPLIT_TOKENS,
-            **pdl.launch_options(q.device),
+    num_decode = rows.shape[0]
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    group = q.shape[1] // num_kv_heads
+    splits = decode_splits(num_decode, num_kv_heads)
+    part_o = part_lse = out  # unused without splits
+    if splits > 1:
+        part_o = torch.empty(
+            (num_decode, num_kv_heads, splits, group, head_dim),
+            dtype=torch.float32, device=q.device,
         )  # fmt: skip
+        part_lse = torch.empty(
+            (num_decode, num_kv_heads, splits, group), dtype=torch.float32, device=q.device
+        )
+    _decode_kernel[(num_decode, num_kv_heads, splits)](
+        q, k_cache, v_cache, out, rows, block_tables, context_lens,
+        counters, part_o, part_lse, scale * _LOG2E, sliding_window, q.stride(0), q.stride(1),
+        out.stride(0), out.stride(1), block_tables.stride(0), num_kv_heads * head_dim,
+        BLOCK_SIZE=k_cache.shape[1], GROUP=group, GROUP_P2=triton.next_power_of_2(group),
+        BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=DECODE_BLOCK_N,
+        PRECISION=_precision(q), SPLITS=splits, MIN_SPLIT=MIN_SPLIT_TOKENS,
+        **pdl.launch_options(q.device),
+    )  # fmt: skip
 
-    def _counters(self, device: torch.device, need: int) -> torch.Tensor:
-        """At least `need` int32 arrival counters for the split decode on this device, all zero
-        between launches (each launch's last part per (sequence, key/value head) resets its
-        own), so neither a launch nor a graph replay needs a memset.
 
-        Allocated and zeroed on the first decode launch, replaced only when one needs more,
-        which must not happen inside a CUDA graph capture: the capture runs a warm-up outside
-        the graph first, and the first allocation already holds SPLIT_TARGET counters, more
-        than any batch that splits (num_decode * num_kv_heads * 2 <= SPLIT_TARGET) uses.
-        """
-        counters = self.split_counters.get(device)
-        if counters is None or counters.numel() < need:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("split-decode counters must be allocated before capture")
-            counters = torch.zeros(max(need, SPLIT_TARGET), dtype=torch.int32, device=device)
-            self.split_counters[device] = counters
-        return counters
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    tile_chunk: torch.Tensor,
+    tile_start: torch.Tensor,
+    chunk_row: torch.Tensor,
+    chunk_len: torch.Tensor,
+    chunk_ctx: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int,
+) -> None:
+    """The multi-token chunks' rows of out: [T, H, D], every chunk in one launch.
+
+    The chunks are cut into tiles of PREFILL_BLOCK_M query tokens: tile_chunk, tile_start:
+    [W] long, each tile's chunk and first query token within it; chunk_row, chunk_len,
+    chunk_ctx: [P] long, each chunk's first row in the batch, query tokens, and tokens
+    attended to (history + itself); block_tables: [P, max_blocks] long. q, caches and
+    sliding_window as in decode_attention.
+    """
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    _prefill_kernel[(tile_chunk.shape[0], q.shape[1])](
+        q, k_cache, v_cache, out, tile_chunk, tile_start, chunk_row,
+        chunk_len, chunk_ctx, block_tables, scale * _LOG2E, sliding_window,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        block_tables.stride(0), num_kv_heads * head_dim,
+        BLOCK_SIZE=k_cache.shape[1], GROUP=q.shape[1] // num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=PREFILL_BLOCK_M,
+        BLOCK_N=PREFILL_BLOCK_N, PRECISION=_precision(q),
+    )  # fmt: skip

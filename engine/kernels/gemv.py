@@ -11,11 +11,11 @@ own input on the way in, replacing the kernel that would have produced it:
   the residual stream the next layer reads.
 - `SILU_MUL`: the input is SiLU(gate) * up, gate and up being the two halves of x's row.
 
-Each rounds where the unfused PyTorch layers round (engine.models.llama, engine.triton_layers),
-so the fused and unfused paths agree up to the order of the fp32 accumulation.
+Each rounds where the unfused layers round (engine.layers, engine.kernels.elementwise), so the
+fused and unfused paths agree up to the order of the fp32 accumulation.
 
 The weight may be int8 with one scale per output row (weight-only quantisation, see
-engine.quant): the tile is converted in registers and the scale applied once at the end.
+engine.layers.quant): the tile is converted in registers and the scale applied once at the end.
 
 Each program owns BLOCK_N output features for all M rows and walks the whole of K, multiplying
 elementwise into an fp32 [M, BLOCK_N, BLOCK_K] accumulator that is summed over K only at the
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine import pdl
+from engine.kernels import pdl
 
 # Input rows this kernel takes. Measured on an H200 (bench/bench_gemv.py): with an int8 weight
 # it is the decode path up to 4 rows; on a bfloat16 weight it beats cuBLAS at one row, on
@@ -167,7 +167,7 @@ def _gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # The first weight tile is read before waiting on the previous kernel (engine.pdl): no
+    # The first weight tile is read before waiting on the previous kernel (engine.kernels.pdl): no
     # kernel writes weights, and this is the latency a chain of short matmuls pays each time.
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
     w_first = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0)

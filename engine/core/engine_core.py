@@ -14,7 +14,7 @@ Events from the core (tuples), in order:
     ("stats", dict)                 the backend's counters, now and then
 
 A request fails alone: one the backend refuses, or one whose step raises (found by running
-the step's requests one at a time, engine/recovery.py); the others go on.
+the step's requests one at a time, engine/core/recovery.py); the others go on.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.backend import GenerationBackend
-from engine.recovery import (
+from engine.core.backend import GenerationBackend
+from engine.core.recovery import (
     MAX_OUT_OF_MEMORY,
     MAX_STEP_FAILURES,
     StepFailure,
@@ -54,7 +54,7 @@ class _Admitted:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     priority: int
-    # Failed steps it ran in, and out-of-memory errors it met (engine/recovery.py).
+    # Failed steps it ran in, and out-of-memory errors it met (engine/core/recovery.py).
     step_failures: int = 0
     out_of_memory: int = 0
 

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine import pdl
-from engine.pdl import allow_next_then_wait
+from engine.kernels import pdl
+from engine.kernels.pdl import allow_next_then_wait
 
 # Logits per first-stage program: ~60-130 programs for the 32k-256k vocabularies of the
 # Llama family, about one per SM.
@@ -24,7 +24,7 @@ BLOCK = 2048
 def _block_max_kernel(
     logits_ptr, val_ptr, idx_ptr, V, stride, NUM_BLOCKS, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
 ):
-    allow_next_then_wait(USE_PDL)  # engine.pdl
+    allow_next_then_wait(USE_PDL)  # engine.kernels.pdl
     row = tl.program_id(0)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)

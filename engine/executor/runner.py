@@ -16,22 +16,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from engine.attention import ChunkSpec, PagedAttention, TorchPagedAttention
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs, DecodeStep
-from engine.kv_cache import block_bytes, blocks_for_sequences
-from engine.loader import load_model
+from engine.distributed import ParallelGroup
+from engine.executor.cuda_graphs import DecodeGraphs, DecodeStep
+from engine.executor.loader import load_model
+from engine.executor.sampler import sample
+from engine.layers.attention import ChunkSpec, PagedAttention, paged_attention
 from engine.models import CausalLM
-from engine.parallel import ParallelGroup
-from engine.request import EngineError
-from engine.sampler import sample
-from engine.scheduler import SchedulerOutput
+from engine.request import EngineError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +40,60 @@ MIB = 1 << 20
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _MASK64 = (1 << 64) - 1
+
+
+class StepSequence(Protocol):
+    """What the runner reads of a scheduled sequence (engine.core.sequence.Sequence)."""
+
+    @property
+    def seq_id(self) -> str: ...
+    @property
+    def token_ids(self) -> list[int]: ...
+    @property
+    def block_table(self) -> list[int]: ...
+    @property
+    def sampling(self) -> SamplingParams: ...
+    @property
+    def num_output_tokens(self) -> int: ...
+
+
+class StepChunk(Protocol):
+    """Tokens [start, start + num_tokens) of `seq`, computed this step; `samples`: the chunk
+    reaches the sequence's last token, so a new token is sampled after it."""
+
+    @property
+    def seq(self) -> StepSequence: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def samples(self) -> bool: ...
+
+
+class ScheduledStep(Protocol):
+    """One scheduled step as the runner reads it (engine.core.scheduler.SchedulerOutput)."""
+
+    @property
+    def chunks(self) -> Sequence[StepChunk]: ...
+    @property
+    def sampling_chunks(self) -> Sequence[StepChunk]: ...
+    @property
+    def admission_possible(self) -> bool:
+        """Whether a waiting sequence may be admitted next step (the batch may change)."""
+        ...
+
+
+def blocks_for_sequences(num_seqs: int, max_model_len: int, block_size: int) -> int:
+    """Blocks for `num_seqs` sequences of `max_model_len` tokens each (the CPU default)."""
+    return num_seqs * -(-max_model_len // block_size)
+
+
+def block_bytes(
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype_bytes: int
+) -> int:
+    """Bytes one block takes across all layers, keys and values."""
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_bytes
 
 
 def _splitmix64(x: int) -> int:
@@ -85,13 +137,10 @@ class Lookahead:
         )
 
 
-def default_attention(fast: bool) -> PagedAttention:
-    """The Triton kernels when `fast` (a GPU, no enforce_eager), else plain PyTorch."""
-    if fast:
-        from engine.triton_attention import TritonPagedAttention
-
-        return TritonPagedAttention()
-    return TorchPagedAttention()
+def use_triton(device: torch.device, config: EngineConfig) -> bool:
+    """Whether the model's layers run their Triton kernels (attention, norms, rotary, the
+    activation, decode-sized matmuls): on a GPU, unless config.enforce_eager."""
+    return device.type == "cuda" and not config.enforce_eager
 
 
 class ModelRunner:
@@ -103,12 +152,13 @@ class ModelRunner:
         dtype: of the activations and the KV cache (bfloat16 for config.dtype "int8").
         max_model_len: longest sequence served (sizes the position tables and the cache).
         attention: the paged-attention implementation; when None, the Triton kernels on a GPU
-            (plain PyTorch with config.enforce_eager, or on the CPU).
+            (plain PyTorch with config.enforce_eager, or on the CPU). The other layers pick
+            their kernels alike (`use_triton`) when the model is built.
 
-    On a GPU without enforce_eager, pure decode steps replay CUDA graphs (engine.cuda_graphs)
-    captured once the cache exists (on every rank of a tensor-parallel group, each capturing
-    the same batch sizes in the same order, collectives included); other steps, and every
-    step of a layer split, run eagerly.
+    On a GPU without enforce_eager, pure decode steps replay CUDA graphs
+    (engine.executor.cuda_graphs) captured once the cache exists (on every rank of a tensor-parallel
+    group, each capturing the same batch sizes in the same order, collectives included); other
+    steps, and every step of a layer split, run eagerly.
 
     In a group (group.world_size > 1) config.shard_strategy picks tensor parallelism or the
     layer split; every rank must be fed the same steps in the same order.
@@ -136,11 +186,14 @@ class ModelRunner:
         self.split_layers = group.world_size > 1 and config.shard_strategy == "layer"
         self.block_size = config.block_size
         fast = device.type == "cuda" and not config.enforce_eager
-        self.attention: PagedAttention = attention or default_attention(fast)
+        triton = use_triton(device, config)
+        self.attention: PagedAttention = attention or paged_attention(triton)
         with self._on_device():
-            self._build(config, hf_config, max_model_len, fast)
+            self._build(config, hf_config, max_model_len, fast, triton)
 
-    def _build(self, config: EngineConfig, hf_config: Any, max_model_len: int, fast: bool) -> None:
+    def _build(
+        self, config: EngineConfig, hf_config: Any, max_model_len: int, fast: bool, triton: bool
+    ) -> None:
         device, dtype, group = self.device, self.dtype, self.group
         self.model: CausalLM = load_model(
             hf_config,
@@ -152,11 +205,8 @@ class ModelRunner:
             max_model_len,
             int8=config.dtype == "int8",
             split_layers=self.split_layers,
+            triton=triton,
         )
-        if fast:  # fused norm / rotary / activation kernels
-            use_triton = getattr(self.model, "use_triton_kernels", None)
-            if use_triton is not None:
-                use_triton()
         args = self.model.args
         # This rank's layers and key/value heads: all heads of its layers in a layer split,
         # its share of every layer's heads in tensor parallelism.
@@ -273,13 +323,13 @@ class ModelRunner:
             yield
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int]:
+    def execute(self, out: ScheduledStep) -> list[int]:
         """Run one step; return the sampled token of each of `out.sampling_chunks` (the same
         on every rank of a group)."""
         with self._on_device():
             return self._execute(out)
 
-    def _execute(self, out: SchedulerOutput) -> list[int]:
+    def _execute(self, out: ScheduledStep) -> list[int]:
         t0 = time.perf_counter()
         start = self._event() if self.profile is not None else None
         chunks = out.chunks
@@ -308,7 +358,7 @@ class ModelRunner:
         return result
 
     def _decode_graph(
-        self, out: SchedulerOutput, graphs: DecodeGraphs, pending: Lookahead | None
+        self, out: ScheduledStep, graphs: DecodeGraphs, pending: Lookahead | None
     ) -> tuple[list[int], str, float, torch.cuda.Event | None]:
         """A pure decode step through the captured graphs, served by the pending lookahead
         when it is this step. Returns the sampled tokens, the kind of step, when its last
@@ -337,7 +387,7 @@ class ModelRunner:
         result: list[int] = sampled.tolist()
         return result, kind, t_enqueued, end
 
-    def _graph_inputs(self, out: SchedulerOutput) -> GraphInputs:
+    def _graph_inputs(self, out: ScheduledStep) -> GraphInputs:
         bs = self.block_size
         inputs = GraphInputs([], [], [], [], [])
         for chunk in out.chunks:
@@ -351,7 +401,7 @@ class ModelRunner:
         return inputs
 
     def _launch_lookahead(
-        self, out: SchedulerOutput, inputs: GraphInputs, step: DecodeStep, graphs: DecodeGraphs
+        self, out: ScheduledStep, inputs: GraphInputs, step: DecodeStep, graphs: DecodeGraphs
     ) -> Lookahead | None:
         """Launch the step after `step` (every sequence one token on, input tokens from
         step's argmax on the device) where the scheduler will likely ask for it next: no
@@ -379,7 +429,7 @@ class ModelRunner:
         ahead = graphs.launch([], positions, slots, tables, ids_from=step.tokens)
         return Lookahead(inputs.seq_ids, positions, slots, ahead)
 
-    def _eager(self, out: SchedulerOutput) -> torch.Tensor | None:
+    def _eager(self, out: ScheduledStep) -> torch.Tensor | None:
         """Any step, run eagerly; logits [N, V] of the sampling rows (None when no chunk
         samples, or on a rank of a layer split without the vocabulary head)."""
         ids: list[int] = []
@@ -407,7 +457,7 @@ class ModelRunner:
         logits: torch.Tensor = self.model.compute_logits(hidden[rows])  # [N, V]
         return logits
 
-    def _sample(self, logits: torch.Tensor | None, out: SchedulerOutput) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor | None, out: ScheduledStep) -> torch.Tensor:
         """The next token of each sampling chunk ([N] long), the same on every rank.
 
         logits: [N, V], or None on a rank of a layer split without the vocabulary head."""
@@ -444,7 +494,7 @@ class ModelRunner:
     def _record(
         self,
         kind: str,
-        out: SchedulerOutput,
+        out: ScheduledStep,
         t0: float,
         t_enqueued: float,
         start: torch.cuda.Event | None,

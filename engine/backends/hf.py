@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.backend import GenerationBackend, StepOutput
 from engine.checkpoint import eos_token_ids
 from engine.config import EngineConfig
+from engine.core.backend import GenerationBackend, StepOutput
 from engine.devices import resolve_device
+from engine.executor.sampler import make_generator, sample
 from engine.request import SamplingParams
-from engine.sampler import make_generator, sample
 
 log = logging.getLogger(__name__)
 
