@@ -142,6 +142,11 @@ class ProcessCore:
         for end in (core_end, *leader_ends, *follower_ends):
             end.close()
         self._send_lock = threading.Lock()
+        # close() (any thread) and the receiver thread, seeing the processes end, both tear the
+        # link down; the second must not close the pipe's descriptor again (EBADF, or worse, a
+        # descriptor number already reused).
+        self._kill_lock = threading.Lock()
+        self._killed = False
         self._gone: str | None = None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
@@ -218,12 +223,16 @@ class ProcessCore:
         self._kill()
 
     def _kill(self) -> None:
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.kill()
-        for proc in self.procs:
-            proc.join(5)
-        self._conn.close()
+        with self._kill_lock:
+            if self._killed:
+                return
+            self._killed = True
+            for proc in self.procs:
+                if proc.is_alive():
+                    proc.kill()
+            for proc in self.procs:
+                proc.join(5)
+            self._conn.close()
 
 
 def open_core(config: EngineConfig, backend: GenerationBackend | None) -> CoreLink:
