@@ -131,8 +131,11 @@ class Engine:
             self._live[rid] = live
             self._counters["requests"] += 1
         try:
+            # Tokens every step only where they are read before the end: stop strings are
+            # matched and streamed text is sent here.
+            per_step = bool(request.sampling.stop) or on_text is not None
             self._core.send(("add", rid, prompt_ids, request.sampling,
-                             PRIORITY_RANK[request.priority]))
+                             PRIORITY_RANK[request.priority], per_step))
         except CoreGoneError as err:
             self._fail(rid, EngineShutDownError(str(err)))
         return future
