@@ -209,15 +209,18 @@ def test_a_bad_model_folder_is_one_line_naming_the_key(tmp_path, monkeypatch, se
     assert "\n" not in str(info.value)
 
 
-def test_the_priority_strategy_holds_slots_and_a_fast_lane_for_high_jobs():
+def test_the_priority_strategy_holds_slots_and_on_request_a_fast_lane_for_high_jobs():
     base = {"num_gpus": 0, "batch_size_per_gpu": 64}
     even = engine_config_for(parse_config(base))
     assert (even.reserved_high_slots, even.low_seqs_while_high,
             even.low_tokens_while_high) == (0, None, None)
     priority = engine_config_for(parse_config({**base, "gpu_allocation_strategy": "priority"}))
     assert (priority.reserved_high_slots, priority.low_seqs_while_high,
-            priority.low_tokens_while_high) == (16, 16, 512)
-    off = engine_config_for(parse_config({
+            priority.low_tokens_while_high) == (16, None, None)
+    lane = engine_config_for(parse_config({
         **base, "gpu_allocation_strategy": "priority",
-        "engine": {"low_fraction_while_high": 1, "low_tokens_while_high": 0}}))
-    assert (off.low_seqs_while_high, off.low_tokens_while_high) == (None, None)
+        "engine": {"low_fraction_while_high": 0.25, "low_tokens_while_high": 512}}))
+    assert (lane.low_seqs_while_high, lane.low_tokens_while_high) == (16, 512)
+    even_lane = engine_config_for(parse_config({
+        **base, "engine": {"low_fraction_while_high": 0.25, "low_tokens_while_high": 512}}))
+    assert (even_lane.low_seqs_while_high, even_lane.low_tokens_while_high) == (None, None)
