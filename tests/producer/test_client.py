@@ -15,7 +15,7 @@ import redis
 from producer import FileChangedError, Producer, UnknownBatchError, WaitTimeoutError
 from producer.cli import main
 from tasks import keys
-from tasks.messages import decode
+from tasks.messages import decode, job_ids_of
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -94,6 +94,22 @@ def test_chunks_keep_input_order(producer: Producer, rdb: redis.Redis,
                            .fields["request"])["prompt"]
                 for m in reversed(rdb.lrange("low", 0, -1))]
     assert consumed == [f"p{i}" for i in range(10)]
+
+
+def test_messages_of_several_jobs_never_span_two_enqueue_calls(
+        producer: Producer, rdb: redis.Redis, write_jsonl: Callable[..., Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """jobs_per_message 3 and enqueue calls of 4 lines: each call pushes the messages of the
+    jobs it records, so a call cut short leaves no job recorded without a message."""
+    monkeypatch.setattr("producer.client.ENQUEUE_CHUNK", 4)
+    producer.jobs_per_message = 3
+    path = write_jsonl([{"prompt": f"p{i}"} for i in range(10)])
+    report = producer.submit(path)
+    assert report.new == 10
+    groups = [[job_id.rsplit(":L", 1)[1] for job_id in job_ids_of(decode(m)[0])]
+              for m in reversed(rdb.lrange("low", 0, -1))]
+    # Calls of lines 1-4, 5-8, 9-10; within each, groups of at most three in input order.
+    assert groups == [["1", "2", "3"], ["4"], ["5", "6", "7"], ["8"], ["9", "10"]]
 
 
 @pytest.mark.parametrize("batch_id", ["", "has space", "a:b", "-lead", "x" * 129])
