@@ -52,12 +52,6 @@ class WorkerFaultError(RuntimeError):
     another worker."""
 
 
-def run_job(runtime: Any, job_id: str, batch_id: str,
-            message_request: dict[str, Any] | None = None) -> str:
-    """run_jobs for a message of one job; returns its outcome."""
-    return run_jobs(runtime, [job_id], batch_id, message_request)[job_id]
-
-
 def run_jobs(runtime: Any, job_ids: list[str], batch_id: str,
              message_request: dict[str, Any] | None = None) -> dict[str, str]:
     """The body of the generate task, outside Celery so that it can be tested and reused:
