@@ -89,7 +89,7 @@ def versions() -> dict[str, str]:
 
 
 def today() -> str:
-    return dt.datetime.now(dt.timezone.utc).date().isoformat()
+    return dt.datetime.now(dt.UTC).date().isoformat()
 
 
 # --- device helpers --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import re
 import secrets
 import shutil
 import subprocess
-import sys
+import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -138,12 +138,8 @@ def _option(argv: list[str], flag: str) -> str:
 
 
 def _tideq_executables() -> set[str]:
-    if sys.version_info < (3, 11):
-        pytest.skip("reads pyproject.toml with tomllib")
-    import tomllib
-
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    scripts, deps = project["scripts"], project["dependencies"]
     assert any(d.startswith(("celery[", "celery>", "celery=")) for d in deps)
     assert any(d.startswith("flower") for d in deps)
     return {"celery", "python", *scripts}
