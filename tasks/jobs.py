@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 import uuid
 from concurrent.futures import Future, as_completed
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
 from celery.exceptions import Reject
 
 from tasks import keys
 from tasks.messages import job_ids_in
+
+if TYPE_CHECKING:
+    from tasks.streams import StreamPublisher
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,12 @@ def run_jobs(runtime: Any, job_ids: list[str], batch_id: str,
     skipped, and a job whose result this worker could not store comes back through the
     sweeper. Redis errors propagate after the client's retries: nothing false is stored then.
     """
+    from tasks.streams import publisher_for
+
     store = runtime.store
+    # Live text to tideq:stream:<job_id> when the deployment streams tokens (one publisher
+    # per worker, looked up once per message).
+    streams = publisher_for(runtime)
     tokens = [uuid.uuid4().hex for _ in job_ids]
     started = store.start_many(job_ids, batch_id, runtime.worker_name, runtime.gpu_label,
                                tokens, runtime.config.redis.lease_s)
@@ -79,7 +87,7 @@ def run_jobs(runtime: Any, job_ids: list[str], batch_id: str,
             continue
         runtime.leases.hold(job_id, token)
         request = start.request if start.request is not None else message_request
-        jobs.append(_HeldJob(runtime, job_id, batch_id, request))
+        jobs.append(_HeldJob(runtime, job_id, batch_id, request, streams))
     try:
         running: dict[Future[Any], _HeldJob] = {}
         for job in jobs:
@@ -106,17 +114,14 @@ class _HeldJob:
     store."""
 
     def __init__(self, runtime: Any, job_id: str, batch_id: str,
-                 request: dict[str, Any] | None) -> None:
-        from tasks.streams import publisher_for
-
+                 request: dict[str, Any] | None, streams: StreamPublisher | None) -> None:
         self.runtime = runtime
         self.job_id = job_id
         self.batch_id = batch_id
         self.request = request
         self.priority = (request or {}).get("priority", keys.QUEUE_LOW)
         self.outcome = ""
-        # Live text to tideq:stream:<job_id> when the deployment streams tokens.
-        self.streams = publisher_for(runtime)
+        self.streams = streams
 
     def submit(self) -> Future[Any] | None:
         """Hand the request to the engine; None if the job ended at once (invalid request,

@@ -44,6 +44,14 @@ def queued_ids(store: JobStore, queue: str) -> list[str]:
     return [decode(m)[0]["headers"]["id"] for m in store.client.lrange(queue, 0, -1)]
 
 
+def take_unacknowledged(store: JobStore, queue: str) -> None:
+    """Take the oldest message of `queue` as a live worker does: kombu records a message it
+    delivered and that is not acknowledged yet in its unacked hash and index."""
+    raw = store.client.rpop(queue)
+    store.client.hset(UNACKED_KEY, "tag-1", json.dumps([json.loads(raw), "", queue]))
+    store.client.zadd(UNACKED_INDEX_KEY, {"tag-1": time.time()})
+
+
 def test_a_message_lost_in_flight_is_sent_again_after_the_grace(store, sweeper):
     ids = enqueue(store, "b", 4)
     # A worker popped the oldest message and died before recording it as unacknowledged.
@@ -64,10 +72,7 @@ def test_a_message_lost_in_flight_is_sent_again_after_the_grace(store, sweeper):
 
 def test_a_message_a_live_worker_holds_is_left_alone(store, sweeper):
     (job,) = enqueue(store, "b", 1)
-    raw = store.client.rpop("low")
-    # What kombu records for a message it delivered and that is not acknowledged yet.
-    store.client.hset(UNACKED_KEY, "tag-1", json.dumps([json.loads(raw), "", "low"]))
-    store.client.zadd(UNACKED_INDEX_KEY, {"tag-1": time.time()})
+    take_unacknowledged(store, "low")
     sweeper.sweep()
     time.sleep(GRACE_S + 0.1)
     assert sweeper.sweep().lost == 0
@@ -243,10 +248,7 @@ def test_a_lost_message_of_several_jobs_comes_back_one_message_per_job(store, sw
 
 def test_every_job_of_a_message_a_live_worker_holds_is_left_alone(store, sweeper):
     store.enqueue("b", "low", chunked("b", range(1, 9), per_message=4))
-    raw = store.client.rpop("low")
-    # What kombu records for a message it delivered and that is not acknowledged yet.
-    store.client.hset(UNACKED_KEY, "tag-1", json.dumps([json.loads(raw), "", "low"]))
-    store.client.zadd(UNACKED_INDEX_KEY, {"tag-1": time.time()})
+    take_unacknowledged(store, "low")
     sweeper.sweep()
     time.sleep(GRACE_S + 0.1)
     assert sweeper.sweep().lost == 0
