@@ -57,7 +57,7 @@ def _rank(rank: int, world: int, rendezvous: str, hidden: int, tokens: list[int]
                 symm.rendezvous(buf, group_name)
                 out_t = torch.empty_like(x)
 
-                def one_shot(t: torch.Tensor) -> None:
+                def one_shot(t: torch.Tensor, buf=buf, out_t=out_t) -> None:
                     buf.copy_(t)
                     torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", group_name, out_t)
                     t.copy_(out_t)
@@ -68,7 +68,7 @@ def _rank(rank: int, world: int, rendezvous: str, hidden: int, tokens: list[int]
                 row["one_shot_max_abs_err"] = float((y.float() - want.float()).abs().max())
                 row["one_shot_us"] = _time_graph(one_shot, x.clone(), device)
 
-                def two_shot(t: torch.Tensor) -> None:
+                def two_shot(t: torch.Tensor, buf=buf) -> None:
                     buf.copy_(t)
                     torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", group_name)
                     t.copy_(buf)

@@ -197,6 +197,7 @@ class Variant:
     core: str = "process"  # EngineConfig.core
     shard_strategy: str = "none"  # EngineConfig.shard_strategy
     ranks: int = 1  # EngineConfig.group_size: one process and one device per rank
+    custom_all_reduce: bool = True  # EngineConfig.custom_all_reduce
 
     @property
     def parallel_reads(self) -> int:
@@ -217,6 +218,8 @@ VARIANTS: dict[str, Variant] = {
                       core="thread"),
     "tp2": Variant("fast, tensor parallel over 2 devices (shard_strategy='tensor')",
                    shard_strategy="tensor", ranks=2),
+    "tp2nccl": Variant("tp2 with every all-reduce on NCCL (custom_all_reduce=False)",
+                       shard_strategy="tensor", ranks=2, custom_all_reduce=False),
     "layer2": Variant("layers split over 2 devices (shard_strategy='layer'; runs eagerly)",
                       shard_strategy="layer", ranks=2),
 }
@@ -257,6 +260,7 @@ def engine_config(
         shard_strategy=spec.shard_strategy,  # type: ignore[arg-type]
         group_size=spec.ranks,
         distributed_backend=distributed_backend(args),  # type: ignore[arg-type]
+        custom_all_reduce=spec.custom_all_reduce,
     )
 
 
@@ -266,7 +270,8 @@ def variant_settings(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     spec = VARIANTS[variant]
     return {"core": spec.core, "shard_strategy": spec.shard_strategy, "group_size": spec.ranks,
             "enforce_eager": spec.enforce_eager, "dtype": "int8" if spec.int8 else args.dtype,
-            "distributed_backend": distributed_backend(args) if spec.ranks > 1 else None}
+            "distributed_backend": distributed_backend(args) if spec.ranks > 1 else None,
+            "custom_all_reduce": spec.custom_all_reduce}
 
 
 def distributed_backend(args: argparse.Namespace) -> str:

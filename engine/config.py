@@ -42,6 +42,9 @@ class EngineConfig:
         that step, discarded (its cache writes are harmless) when it asks for another.
     enable_prefix_caching: keep computed full KV blocks so that prompts sharing a prefix
         (one system prompt, many questions) compute it once (native backend).
+    custom_all_reduce: with tensor sharding on GPUs, small sums (decode steps) go through a
+        one-shot all-reduce over PyTorch's symmetric memory instead of NCCL
+        (engine/distributed.py); off keeps every sum on NCCL (comparisons, debugging).
     """
 
     model_path: str
@@ -65,6 +68,8 @@ class EngineConfig:
     decode_lookahead: bool = True
     # On by default: greedy outputs are unchanged, and unshared prompts lose nothing.
     enable_prefix_caching: bool = True
+    # On by default: ~2.5x faster than NCCL for a decode step's sums (engine/distributed.py).
+    custom_all_reduce: bool = True
     # Sharding over a group of devices, one process per device (engine/core_process.py).
     shard_strategy: ShardStrategy = "none"
     group_size: int = 1

@@ -108,6 +108,10 @@ class EngineSettings(_Strict):
     # Keep computed KV blocks so that prompts sharing a prefix compute it once (greedy
     # outputs are unchanged; off only to compare).
     enable_prefix_caching: bool = True
+    # With model_shard_strategy tensor on GPUs: a decode step's small all-reduces go through a
+    # one-shot sum over symmetric memory (NVLink peer reads) instead of NCCL; off only to
+    # compare or debug.
+    custom_all_reduce: bool = True
 
 
 class LimitSettings(_Strict):

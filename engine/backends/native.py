@@ -23,7 +23,7 @@ from engine.core.kv_cache import BlockManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.devices import resolve_device
-from engine.distributed import ParallelGroup
+from engine.distributed import ParallelGroup, with_symmetric_all_reduce
 from engine.executor.runner import ModelRunner
 from engine.models import ARCHITECTURES
 from engine.request import EngineError, PromptTooLongError, SamplingParams
@@ -82,6 +82,8 @@ class NativeBackend(GenerationBackend):
             )
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype)
+        if config.custom_all_reduce and config.shard_strategy == "tensor":
+            self.group = with_symmetric_all_reduce(self.group, self.device, dtype)
         hf_config = AutoConfig.from_pretrained(config.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
         self.eos_token_ids = eos_token_ids(config.model_path, hf_config)

@@ -28,7 +28,7 @@ from transformers import AutoConfig
 from engine.backends.native import NativeBackend
 from engine.config import EngineConfig
 from engine.core.backend import GenerationBackend
-from engine.distributed import ParallelGroup
+from engine.distributed import ParallelGroup, with_symmetric_all_reduce
 from engine.executor.loader import build_model, load_weights, materialise, quantize_int8
 from engine.layers.attention import TorchPagedAttention
 from engine.request import SamplingParams
@@ -493,6 +493,7 @@ def _gpu_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str) 
 
     def body() -> None:
         group = ParallelGroup(rank, world, dist.group.WORLD)
+        check_symmetric_all_reduce(group, torch.device("cuda", rank))
         results: dict[str, Any] = {}
         for case in gpu_cases():
             if case.rng_by_rank:
@@ -504,6 +505,7 @@ def _gpu_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str) 
             assert runner.device == torch.device("cuda", rank), runner.device
             assert runner.kv_cache.device == runner.device
             assert runner.graphs is not None, "every rank captures its decode graphs"
+            assert runner.group.symmetric is not None, "decode sums take the one-shot path"
             runner.profile = []
             tokens = generate(backend, case.requests, case.stagger)
             kinds = sorted({step["kind"] for step in runner.profile})
@@ -516,6 +518,36 @@ def _gpu_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str) 
     exit_on_error(body)
     dist.destroy_process_group()
     faulthandler.cancel_dump_traceback_later()
+
+
+def check_symmetric_all_reduce(group: ParallelGroup, device: torch.device) -> None:
+    """The one-shot sums equal NCCL's, eagerly and replayed in a CUDA graph; a sum too large
+    for its buffer goes to NCCL."""
+    fast = with_symmetric_all_reduce(group, device, torch.bfloat16)
+    assert fast.symmetric is not None
+    too_large = fast.symmetric.max_numel // 64 + 1
+    for rows, cols in ((1, 64), (3, 4096), (too_large, 64)):
+        gen = torch.Generator(device=device).manual_seed(group.rank * 100 + rows)
+        x = torch.randn(rows, cols, dtype=torch.bfloat16, device=device, generator=gen)
+        want = x.clone()
+        dist.all_reduce(want, group=group.process_group)
+        assert fast.symmetric.fits(x) == (rows != too_large)
+        got = fast.all_reduce(x.clone())
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        staged = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fast.all_reduce(staged.clone())  # warm-up outside the capture
+        torch.cuda.current_stream(device).wait_stream(side)
+        with torch.cuda.graph(graph):
+            fast.all_reduce(staged)
+        staged.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize(device)
+        torch.testing.assert_close(staged, want, rtol=0, atol=0)
+        del graph
 
 
 def gpu_cases() -> list[Case]:
