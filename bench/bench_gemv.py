@@ -66,6 +66,14 @@ LAYERS: dict[str, dict[str, tuple[int, int]]] = {
         "gate_up": (2 * 14336, 4096),
         "down": (4096, 14336),
     },
+    # What each rank of `8b` sharded over 2 GPUs (tensor) multiplies: qkv and gate_up split by
+    # output features, o and down by input features.
+    "8b-tp2": {
+        "qkv": ((32 + 2 * 8) * 128 // 2, 4096),
+        "o": (4096, 4096 // 2),
+        "gate_up": (14336, 4096),
+        "down": (4096, 14336 // 2),
+    },
 }
 VOCAB = 128256
 EPS = 1e-5
@@ -223,7 +231,7 @@ def bench_argmax(reps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="1b,8b", help="comma-separated: 1b, 8b")
+    parser.add_argument("--model", default="1b,8b", help="comma-separated: 1b, 8b, 8b-tp2")
     parser.add_argument("--m", default="1", help="comma-separated rows of x, e.g. 1,2,4")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="also time block configurations")
