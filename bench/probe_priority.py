@@ -14,6 +14,7 @@ decode, eager mixed) with their seqs, tokens and time.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -40,6 +41,56 @@ SETTINGS: dict[str, dict[str, Any]] = {
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def profile_eager_steps(runner: Any) -> Any:
+    """Python's profiler around every eager step's forward (the host side of a mixed step)."""
+    import cProfile
+
+    prof = cProfile.Profile()
+    eager = runner._eager
+
+    def profiled(out: Any) -> Any:
+        prof.enable()
+        try:
+            return eager(out)
+        finally:
+            prof.disable()
+
+    runner._eager = profiled
+    return prof
+
+
+def print_host_profile(prof: Any) -> None:
+    import io
+    import pstats
+
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(28)
+    body = text.getvalue()
+    print(body[body.find("ncalls"):], flush=True)
+
+
+def trace_flood(seconds: float) -> dict[str, Any]:
+    """Host and device time by operator while the flood runs (torch.profiler; the core runs
+    in a thread of this process)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time.sleep(seconds)
+    rows = prof.key_averages()
+    cpu = sorted(rows, key=lambda e: -e.self_cpu_time_total)[:25]
+    dev = sorted(rows, key=lambda e: -getattr(e, "self_device_time_total", 0.0))[:12]
+    out = {"cpu": [{"name": e.key[:80], "calls": e.count, "self_cpu_ms": e.self_cpu_time_total
+                    / 1e3} for e in cpu],
+           "device": [{"name": e.key[:80], "calls": e.count,
+                       "self_device_ms": getattr(e, "self_device_time_total", 0.0) / 1e3}
+                      for e in dev]}
+    for row in out["cpu"]:
+        print(f"      cpu {row['self_cpu_ms']:9.1f} ms x{row['calls']:<6} {row['name']}")
+    for row in out["device"]:
+        print(f"      dev {row['self_device_ms']:9.1f} ms x{row['calls']:<6} {row['name']}")
+    return out
 
 
 def run_setting(name: str, base: Any, overrides: dict[str, Any], args: argparse.Namespace,
@@ -93,6 +144,7 @@ def run_setting(name: str, base: Any, overrides: dict[str, Any], args: argparse.
         runner = engine.backend.runner
         steps: list[dict[str, Any]] = []
         runner.profile = steps
+        eager_profile = profile_eager_steps(runner) if args.cprofile_eager else None
         lat: list[float] = []
         futures = []
         t_start = time.perf_counter()
@@ -107,6 +159,10 @@ def run_setting(name: str, base: Any, overrides: dict[str, Any], args: argparse.
             fut.result()
         t_end = time.perf_counter()
         runner.profile = None
+        if eager_profile is not None:
+            del runner._eager  # the instance attribute; the class's method shows again
+            print_host_profile(eager_profile)
+        out_trace = trace_flood(args.trace) if args.trace else None
         stop.set()
         with lock:
             window = [(t, n) for t, n in done_low if t_start <= t <= t_end]
@@ -126,6 +182,8 @@ def run_setting(name: str, base: Any, overrides: dict[str, Any], args: argparse.
                "window_s": t_end - t_start, "steps_in_window": len(steps),
                "ms_per_step": 1e3 * (t_end - t_start) / max(1, len(steps)), "by_kind": by_kind}
         out["high_p99_vs_idle"] = out["high_p99_s"] / out["idle_p50_s"]
+        if out_trace is not None:
+            out["trace"] = out_trace
         # Drain what is left before the next setting.
         time.sleep(0.1)
         return out
@@ -145,6 +203,10 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=512)
     parser.add_argument("--high", type=int, default=30)
     parser.add_argument("--lead-s", type=float, default=3.0)
+    parser.add_argument("--trace", type=float, default=0.0,
+                        help="seconds of torch.profiler over the flood after the window")
+    parser.add_argument("--cprofile-eager", action="store_true",
+                        help="Python's profiler over the eager steps of the window")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
 
@@ -176,6 +238,7 @@ def main() -> None:
             print(f"   {kind}: {v['steps']} steps, seqs {v['mean_seqs']:.0f}, tokens "
                   f"{v['mean_tokens']:.0f}, host {v['host_ms']:.2f} ms, wait {v['wait_ms']:.2f}"
                   " ms", flush=True)
+        gc.collect()  # the engine of a thread core goes with its last reference
         torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"probe_priority_{args.model}.json").write_text(json.dumps(
