@@ -8,7 +8,8 @@
         p.wait(report.batch_id)
         rows = list(p.results(report.batch_id))
 
-Imports celery, kombu, redis, pydantic and tideq's tasks.keys/config/store; never torch.
+Imports redis, pydantic and tideq's tasks.keys/config/store/messages; never Celery or torch
+(the messages are built as bytes: tasks/messages.py).
 """
 
 from producer.client import (

@@ -33,21 +33,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from itertools import chain
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
-from rich.table import Column, Table
-from rich.text import Text
 
 from producer.client import (
     BatchStatus,
@@ -59,9 +49,16 @@ from producer.client import (
     UnknownBatchError,
     WaitTimeoutError,
 )
-from producer.tail import tail_command
 from tasks import keys, redis_client
 from tasks.config import ConfigError, config_source, load_config
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+    from rich.table import Table
+
+# rich's tables and progress bars, and `tail`'s streams, are imported by the commands that use
+# them: the first job of a `submit` waits for every module imported before it
+# (tests/producer/test_cli_imports.py keeps Celery and torch out of that path).
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1  # wait: some job failed or was cancelled; others: unknown batch
@@ -130,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wait": _wait,
         "results": _results,
         "cancel": _cancel,
-        "tail": tail_command,
+        "tail": _tail,
         "bench": _bench,
     }
     try:
@@ -248,6 +245,12 @@ def _print_report(err: Console, r: SubmitReport, producer: Producer | None = Non
                       f" (batch: {theirs})", highlight=False)
 
 
+def _tail(producer: Producer, args: argparse.Namespace, err: Console) -> int:
+    from producer.tail import tail_command
+
+    return tail_command(producer, args, err)
+
+
 def _status(producer: Producer, args: argparse.Namespace, err: Console) -> int:
     try:
         status = producer.status(args.batch)
@@ -276,6 +279,9 @@ def status_dict(status: BatchStatus) -> dict[str, object]:
 
 def status_table(status: BatchStatus) -> Table:
     """A rich table of the batch's jobs: a row per priority, a column per state."""
+    from rich.table import Table
+    from rich.text import Text
+
     title = f"batch {status.batch_id}" + (" (cancelled)" if status.cancelled else "")
     # no_wrap everywhere: the batch id stays on one line at 80 columns (it is copied from here).
     table = Table(title=Text(title, no_wrap=True, overflow="ignore"),
@@ -301,6 +307,15 @@ def _wait(producer: Producer, args: argparse.Namespace, err: Console) -> int:
 def wait_progress(console: Console, batch_id: str) -> tuple[Progress, TaskID]:
     """The progress display of `wait`: fits 80 columns without wrapping the batch id (the bar
     takes what is left)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.table import Column
+
     progress = Progress(
         TextColumn("{task.description}", table_column=Column(no_wrap=True)),
         BarColumn(bar_width=None),

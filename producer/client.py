@@ -9,6 +9,8 @@ submit() reads the file twice and never holds it in memory: pass 1 validates eve
 keeps a byte of state per line (plus each custom_id, to find duplicates); only if the whole file
 is good (or skip_invalid is set) does pass 2 parse it again, build each job's Celery message and
 hand chunks to JobStore.enqueue, one Redis round trip per chunk, while the next chunk is built.
+The first chunk is small, so that workers start on it while the rest is still being built; the
+chunks after it grow to ENQUEUE_CHUNK.
 
 Redis going away is ridden out: every command is retried through an outage of up to outage_s
 (tasks.redis_client.connect), and wait() keeps polling through longer ones. A submit that still
@@ -52,6 +54,13 @@ __all__ = [
 # Jobs per JobStore.enqueue call: one Lua call each. Large enough that the round trip is noise,
 # small enough that one call blocks Redis for only a few milliseconds.
 ENQUEUE_CHUNK: Final = 1000
+# Jobs of the first call. Building a job costs tens of microseconds, so a first chunk of
+# ENQUEUE_CHUNK would leave the workers idle for as long as it takes to build (~0.1 s for a
+# file of long prompts); a small one reaches Redis milliseconds after validation ends. Each
+# later chunk is ENQUEUE_CHUNK_GROWTH times the one before, up to ENQUEUE_CHUNK: it is built
+# while its predecessor is in Redis, and the calls of a large file stay few.
+FIRST_ENQUEUE_CHUNK: Final = 64
+ENQUEUE_CHUNK_GROWTH: Final = 4
 # Line errors kept for the report; beyond this only the count grows (a file of 10 million bad
 # lines must not need 10 million error objects).
 MAX_KEPT_ERRORS: Final = 10_000
@@ -382,10 +391,17 @@ class Producer:
 
     def _enqueue(self, path: str, scan: _Scan, batch_id: str, priority: str) -> int:
         """Pass 2: parse the valid lines again, build messages, enqueue chunk by chunk while
-        the next chunk is being built (one chunk in flight at a time keeps input order)."""
+        the next chunk is being built (one chunk in flight at a time keeps input order).
+
+        The first chunk is enqueued from this thread before the next is built: from the pool's
+        thread, each of its round trips would wait for the GIL behind the building, which
+        delays the first jobs by more than the whole call takes on its own."""
         flags = scan.flags
         parse = self.parser.parse
         per_message = self.jobs_per_message
+        sizes = enqueue_chunk_sizes()
+        limit = next(sizes)
+        first = True
         new = enqueued = 0
         pending: Future[int] | None = None
         chunk: list[QueuedJob] = []
@@ -409,16 +425,22 @@ class Producer:
                 # The last job of each message carries it; a message never spans two enqueue
                 # calls, so every call pushes what it records.
                 message = b""
-                if len(message_jobs) >= per_message or len(chunk) + 1 >= ENQUEUE_CHUNK:
+                if len(message_jobs) >= per_message or len(chunk) + 1 >= limit:
                     message = self.messages.jobs_message(message_jobs, batch_id, priority)
                     message_jobs = []
                 chunk.append(QueuedJob(job_id, number, parsed.custom_id, message, request,
                                        parsed.endpoint))
-                if len(chunk) >= ENQUEUE_CHUNK:
-                    if pending is not None:
-                        new += pending.result()
-                    pending = pool.submit(self._enqueue_chunk, scan, batch_id, priority, chunk)
+                if len(chunk) >= limit:
+                    if first:
+                        new += self._enqueue_chunk(scan, batch_id, priority, chunk)
+                        first = False
+                    else:
+                        if pending is not None:
+                            new += pending.result()
+                        pending = pool.submit(self._enqueue_chunk, scan, batch_id, priority,
+                                              chunk)
                     chunk = []
+                    limit = next(sizes)
             if message_jobs:
                 last = chunk[-1]
                 chunk[-1] = dataclasses.replace(
@@ -522,6 +544,15 @@ class Producer:
                 yield openai_output(record)
             else:
                 yield plain_output(record)
+
+
+def enqueue_chunk_sizes() -> Iterator[int]:
+    """Jobs per JobStore.enqueue call of a submit, call by call: FIRST_ENQUEUE_CHUNK, then
+    ENQUEUE_CHUNK_GROWTH times more each call, up to ENQUEUE_CHUNK (never above it)."""
+    size = min(FIRST_ENQUEUE_CHUNK, ENQUEUE_CHUNK)
+    while True:
+        yield size
+        size = min(size * ENQUEUE_CHUNK_GROWTH, ENQUEUE_CHUNK)
 
 
 def new_batch_id() -> str:

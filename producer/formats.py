@@ -143,7 +143,10 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 class _StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # defer_build: a model's validator is built when it first validates a line, not at import;
+    # a file uses one or two of the line models, and building all of them took most of this
+    # module's import (it delays every `producer submit`).
+    model_config = ConfigDict(extra="forbid", strict=True, defer_build=True)
 
 
 def _check_stop(value: Any) -> list[str]:

@@ -14,8 +14,10 @@ import redis
 
 from producer import FileChangedError, Producer, UnknownBatchError, WaitTimeoutError
 from producer.cli import main
+from producer.formats import ParsedLine
 from tasks import keys
 from tasks.messages import decode, job_ids_of
+from tasks.store import JobStore, QueuedJob
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -110,6 +112,55 @@ def test_messages_of_several_jobs_never_span_two_enqueue_calls(
               for m in reversed(rdb.lrange("low", 0, -1))]
     # Calls of lines 1-4, 5-8, 9-10; within each, groups of at most three in input order.
     assert groups == [["1", "2", "3"], ["4"], ["5", "6", "7"], ["8"], ["9", "10"]]
+
+
+def test_first_enqueue_call_is_small_and_made_before_the_rest_is_built(
+        producer: Producer, rdb: redis.Redis, write_jsonl: Callable[..., Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers get the first jobs while the rest of the file is still being built: the first
+    call carries FIRST_ENQUEUE_CHUNK jobs and is made before any later line is built; the calls
+    then grow to ENQUEUE_CHUNK, messages stay within their call, and every job arrives once,
+    in input order."""
+    monkeypatch.setattr("producer.client.FIRST_ENQUEUE_CHUNK", 2)
+    monkeypatch.setattr("producer.client.ENQUEUE_CHUNK_GROWTH", 3)
+    monkeypatch.setattr("producer.client.ENQUEUE_CHUNK", 10)
+    producer.jobs_per_message = 4
+    lines = 40
+    path = write_jsonl([{"prompt": f"p{i}"} for i in range(lines)])
+
+    parsed: list[int] = []  # every parse, validation pass included
+    real_parse = producer.parser.parse
+
+    def parse(raw: bytes | str, number: int) -> ParsedLine:
+        parsed.append(number)
+        return real_parse(raw, number)
+
+    calls: list[tuple[int, int]] = []  # (jobs in the call, lines built by then)
+    real_enqueue = JobStore.enqueue
+
+    def enqueue(self: JobStore, batch_id: str, priority: str,
+                jobs: list[QueuedJob]) -> int:
+        calls.append((len(jobs), len(parsed) - lines))
+        return real_enqueue(self, batch_id, priority, jobs)
+
+    monkeypatch.setattr(producer.parser, "parse", parse)
+    monkeypatch.setattr(JobStore, "enqueue", enqueue)
+    report = producer.submit(path)
+
+    sizes = [n for n, _ in calls]
+    assert sizes == [2, 6, 10, 10, 10, 2]
+    assert calls[0][1] == 2  # the first two lines were built, no more
+    assert report.new == lines
+    assert [r.line for r in producer.store.iter_jobs(report.batch_id)] == list(range(1, 41))
+    groups = [[int(job_id.rsplit(":L", 1)[1]) for job_id in job_ids_of(decode(m)[0])]
+              for m in reversed(rdb.lrange("low", 0, -1))]
+    expected: list[list[int]] = []
+    start = 1
+    for size in sizes:  # groups of at most jobs_per_message, cut at each call's end
+        call = list(range(start, start + size))
+        expected += [call[i:i + 4] for i in range(0, size, 4)]
+        start += size
+    assert groups == expected
 
 
 @pytest.mark.parametrize("batch_id", ["", "has space", "a:b", "-lead", "x" * 129])

@@ -19,7 +19,7 @@ from kombu import Queue
 from producer import Producer
 from producer.cli import main
 from tasks import keys
-from tasks.messages import MessageBuilder, decode, job_kwargs
+from tasks.messages import MessageBuilder, anon_nodename, decode, job_kwargs
 
 # Fields that differ between any two messages, or between two senders by design: the
 # delivery tag (a fresh uuid), reply_to (apply_async's per-thread oid; unused, results do not
@@ -100,6 +100,15 @@ def test_build_is_json_dumps_of_the_envelope() -> None:
     # Long kwargs are cut in the display header only.
     assert envelope["headers"]["kwargsrepr"].endswith("...")
     assert len(envelope["headers"]["kwargsrepr"]) == 1024 + 3
+
+
+def test_default_origin_is_celerys_name_for_this_process(celery_app: Celery) -> None:
+    from celery.utils.nodenames import anon_nodename as celerys
+
+    assert anon_nodename() == celerys()
+    message = celery_app.amqp.as_task_v2("b:L1", keys.TASK_GENERATE, args=[],
+                                         kwargs=job_kwargs("b:L1", "b"))
+    assert MessageBuilder().origin == message.headers["origin"]
 
 
 def test_delivery_tags_are_unique_uuid4() -> None:
