@@ -305,8 +305,13 @@ class LetWaitersInOnStop(bootsteps.StartStopStep):
 
     def stop(self, parent: Any) -> None:
         runtime = getattr(parent.app, "tideq_runtime", None)
-        if runtime is not None:
-            runtime.gate.close()
+        if runtime is None:
+            return
+        waiting = runtime.gate.waiting
+        if waiting:
+            log.info("worker %s: stopping; the %d messages waiting for room start now",
+                     runtime.worker_name, waiting)
+        runtime.gate.close()
 
     def terminate(self, parent: Any) -> None:
         self.stop(parent)

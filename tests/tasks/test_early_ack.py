@@ -29,7 +29,7 @@ from tasks.jobs import run_jobs
 from tasks.leases import LeaseKeeper
 from tasks.store import JobStore
 from tasks.sweeper import UNACKED_INDEX_KEY, UNACKED_KEY, Sweeper
-from tasks.worker import WorkerRuntime
+from tasks.worker import WorkerRuntime, drain
 
 PATIENCE_S = 20.0  # how long a step may take before the test gives up (not a measurement)
 
@@ -240,3 +240,38 @@ def test_a_low_message_waits_with_its_jobs_queued_and_a_high_one_does_not(
         engine.finish(waiting_id)
         eventually(lambda: runtime.gate.in_flight == 0, "every job to leave the gate")
         assert states(producer, waiting) == ["done"]
+
+
+def test_the_drain_finishes_the_jobs_in_flight_before_the_engine_stops(
+        tmp_path, redis_url, engine, make_runtime):
+    runtime = make_runtime()
+    with Producer(runtime.config) as producer:
+        batch = submit(producer, tmp_path, 2)
+        ids = job_ids(producer, batch)
+        assert run_jobs(runtime, ids, batch) == dict.fromkeys(ids, "running")
+        drained: list[bool] = []
+        drainer = threading.Thread(target=lambda: drained.append(drain(runtime, PATIENCE_S)))
+        drainer.start()
+        engine.finish(ids[0])
+        eventually(lambda: states(producer, batch) == ["done", "running"], "the first stored")
+        assert drained == []  # one job still in flight
+        engine.finish(ids[1])
+        drainer.join(PATIENCE_S)
+        assert drained == [True] and states(producer, batch) == ["done", "done"]
+        # The finishers are stopped: an outcome now is not stored, and the job lets go.
+        assert not runtime.finishers.submit(lambda: None)
+
+
+def test_a_job_not_finished_by_the_drain_s_deadline_is_left_to_its_lease(
+        tmp_path, redis_url, engine, make_runtime):
+    runtime = make_runtime()
+    with Producer(runtime.config) as producer:
+        batch = submit(producer, tmp_path, 1)
+        (job_id,) = job_ids(producer, batch)
+        run_jobs(runtime, [job_id], batch)
+        assert drain(runtime, timeout_s=0) is False
+        # The engine shuts down next: its futures fail, and nothing is stored.
+        engine.fail(job_id, EngineShutDownError("engine is shut down"))
+        assert runtime.gate.in_flight == 0 and runtime.leases.held() == {}
+        assert states(producer, batch) == ["running"]
+        assert runtime.store.client.zscore(keys.LEASES_KEY, job_id) is not None
