@@ -158,15 +158,27 @@ class DeploymentConfig(_Strict):
     gpu_allocation_strategy: Literal["even", "priority"] = "even"
     # With "priority": how many worker groups consume only the high queue.
     high_only_workers: int = Field(default=0, ge=0)
-    # Task threads per worker process: how many messages one worker holds at once. Each
-    # holds up to jobs_per_message jobs, so a worker holds num_workers x jobs_per_message
-    # jobs: keep that above the engine's batch size, or the engine cannot keep its batch full
-    # (the jobs beyond the batch wait inside the engine, high ones first).
+    # Task threads per worker process: the intake. A thread takes a message, starts its jobs,
+    # hands them to the engine and takes the next message (finisher threads store the
+    # outcomes); a low message waits in its thread while the worker is at max_jobs_in_flight.
+    # So these bound only the messages a worker has taken and not started yet, never the
+    # jobs it runs, and a few dozen are plenty whatever the batch.
     num_workers: int = Field(default=32, ge=1)
     # Jobs the producer puts in one Celery message. Each job is still started, leased,
     # cancelled, retried and stored on its own; a message of several costs the consumer,
     # Celery and Redis one round of work instead of several. 1: a message per job.
     jobs_per_message: int = Field(default=1, ge=1, le=256)
+    # Jobs one worker holds at once (started and not yet stored). A low message waits before
+    # starting its jobs while the worker holds this many (they stay queued in Redis, where
+    # their state says so); a high message never waits. null: twice the engine's batch
+    # (batch_size_per_gpu x gpus_per_worker), so the next jobs already wait inside the engine
+    # and a finished sequence's slot is refilled in the step it frees.
+    max_jobs_in_flight: int | None = Field(default=None, ge=1)
+    # Warm shutdown (SIGTERM): seconds a worker waits for the jobs it holds to finish and be
+    # stored before it stops its engine. Jobs still running then are left to their leases,
+    # which lapse, and the sweeper sends them again. Under compose's stop_grace_period (5m),
+    # so the worker stops its engine processes itself before it is killed.
+    drain_timeout_s: float = Field(default=240.0, gt=0)
 
     # Serve Prometheus metrics from each worker on this port (+ its group index); None: off.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
@@ -205,6 +217,12 @@ class DeploymentConfig(_Strict):
     @property
     def max_num_seqs(self) -> int:
         return self.batch_size_per_gpu * (self.gpus_per_worker if self.num_gpus else 1)
+
+    @property
+    def jobs_in_flight_limit(self) -> int:
+        """max_jobs_in_flight, or twice the engine's batch when unset (README: "Why the GPU
+        configs hold twice their batch")."""
+        return self.max_jobs_in_flight or 2 * self.max_num_seqs
 
     def check_hardware(self, gpus_present: int, source: str = "<config>") -> None:
         """Raise ConfigError if this deployment asks for more GPUs than the machine has."""

@@ -1,5 +1,6 @@
 """A worker's lease keeper: one thread that renews the leases of the jobs this worker runs,
-stops the ones that were cancelled or taken elsewhere, and sweeps when its turn comes.
+stops the ones that were cancelled or taken elsewhere, marks the messages it holds unstarted
+(waiting at the admission gate) as still taken, and sweeps when its turn comes.
 
 One Redis round trip per beat covers every job the worker holds, however many task threads it
 has: the task threads themselves only start and finish their jobs (they used to poll their
@@ -15,7 +16,7 @@ from collections.abc import Callable
 
 from tasks.redis_client import OUTAGE_ERRORS
 from tasks.store import JobStore
-from tasks.sweeper import Sweeper
+from tasks.sweeper import Sweeper, mark_taken_now
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class LeaseKeeper:
         self.sweep_s = sweep_s
         self._held: dict[str, str] = {}
         self._lost: set[str] = set()
+        # Delivery tags of messages this worker holds without having started their jobs.
+        self._messages: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tideq-leases", daemon=True)
@@ -74,8 +77,21 @@ class LeaseKeeper:
         with self._lock:
             return dict(self._held)
 
+    def hold_message(self, delivery_tag: str) -> None:
+        """A message this worker holds unacknowledged and has not started yet (it waits at the
+        admission gate): its jobs are still queued, and the sweeper takes a message held
+        longer than a lease without starting for one whose worker is gone. Each beat marks it
+        taken again, as a lease is renewed; once the worker is gone, nobody does."""
+        with self._lock:
+            self._messages.add(delivery_tag)
+
+    def release_message(self, delivery_tag: str) -> None:
+        with self._lock:
+            self._messages.discard(delivery_tag)
+
     def beat(self) -> None:
-        """One renewal: extend every lease, stop cancelled and lost jobs."""
+        """One renewal: extend every lease, stop cancelled and lost jobs, mark the messages
+        held unstarted as taken now."""
         held = self.held()
         cancelled, lost = self.store.renew(held, self.lease_s)
         with self._lock:
@@ -89,6 +105,10 @@ class LeaseKeeper:
                         " elsewhere), stopping them here: %s", ", ".join(lost[:10]))
         for job_id in (*cancelled, *lost):
             self.stop_job(job_id)
+        with self._lock:
+            messages = list(self._messages)
+        if messages:
+            mark_taken_now(self.store.client, messages)
 
     def _run(self) -> None:
         next_sweep = time.monotonic()

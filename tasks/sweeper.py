@@ -10,8 +10,10 @@ The second is found without scanning the queues. Each queued job has an enqueue 
 number in `tideq:pending:<queue>`; messages leave a queue list oldest first, so every pending
 job older than the message now at the list's consuming end has left the list. Such a job that
 is still queued should be in kombu's unacknowledged hash, taken by a live worker that is about
-to start it; if it is not (or has been there longer than a lease without starting), it is a
-suspect, and a suspect seen again a sweep later is re-enqueued with a fresh message.
+to start it (or that waits at its admission gate for room, and marks the message taken again
+at every lease renewal); if it is not (or has been there longer than a lease without
+starting), it is a suspect, and a suspect seen again a sweep later is re-enqueued with a fresh
+message.
 
 Re-enqueueing is safe even when wrong: a second message for a job that runs under a live lease
 or has finished is skipped by JobStore.start.
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,6 +181,14 @@ class Sweeper:
                      "its worker was lost" if why == "lease" else "its message was lost")
             return 1
         return 0
+
+
+def mark_taken_now(client: Any, delivery_tags: Collection[str]) -> None:
+    """Mark messages a live worker holds unacknowledged as taken now: in kombu's index, where
+    kombu recorded when each was delivered (in the worker's clock, as kombu does). Tags no
+    longer there (acknowledged meanwhile) are not added back."""
+    now = time.time()
+    client.zadd(UNACKED_INDEX_KEY, {tag: now for tag in delivery_tags}, xx=True)
 
 
 def _job_id_of(message: bytes | str) -> str | None:

@@ -1,5 +1,7 @@
 """kombu's Redis transport, with two changes that keep a worker alive: a message that is not a
-task envelope is logged and dropped, and a lost connection no longer ends the worker.
+task envelope is logged and dropped, and a lost connection no longer ends the worker; and one
+that keeps a queue in order: a message popped after the worker stopped consuming goes back
+where it was taken from.
 
 kombu decodes what BRPOP returns inside the consumer loop, and a decoding error there escapes
 to Celery as "Unrecoverable error" and stops the worker: one stray LPUSH of a non-JSON string
@@ -17,6 +19,7 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Empty
 from kombu.transport.virtual import Message as VirtualMessage
+from kombu.transport.virtual import QoS as VirtualQoS
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 log = logging.getLogger(__name__)
@@ -76,3 +79,19 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def _reject_inbound_message(self, raw_message: Any) -> None:
+        # A BRPOP still in flight when a stopping worker cancels its consumer returns a message
+        # nobody here will take. kombu gives it back with LPUSH: at the far end of the queue,
+        # behind messages enqueued after it, where the sweeper (which relies on messages leaving
+        # a queue oldest first) takes its jobs for lost and sends them a second time. RPUSH
+        # puts it back at the consuming end, where it was.
+        channels: list[Any] = list(self.channels or [])
+        for channel in channels:
+            if channel:
+                message = channel.Message(raw_message, channel=channel)
+                channel.qos.append(message, message.delivery_tag)
+                channel.qos.restore_by_tag(message.delivery_tag, leftmost=False)
+                # kombu's own bookkeeping of a rejected message (the Redis side is done).
+                VirtualQoS.ack(channel.qos, message.delivery_tag)
+                return

@@ -2,7 +2,9 @@
 ONE engine, and hang it (with the job store) on the app for the task threads.
 
 Hooks are `worker_init` / `worker_shutdown`: `worker_process_init` does not fire in the threads
-pool, and the engine must exist before the consumer takes its first message.
+pool, and the engine must exist before the consumer takes its first message. A warm shutdown
+finishes every job the worker holds before the engine stops (drain), although the messages of
+those jobs were acknowledged when the jobs started.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 
+from tasks.admission import AdmissionGate
 from tasks.config import ConfigError, DeploymentConfig, config_source
+from tasks.finishers import FINISHER_THREADS, Finishers
 from tasks.leases import LeaseKeeper
 from tasks.store import JobStore
 from tasks.sweeper import Sweeper
@@ -35,13 +39,17 @@ _POOLS_OK = ("thread", "solo")
 # Keys of the deployment's `engine:` section that the engine does not take as they are.
 DEPLOYMENT_ONLY_ENGINE_KEYS = {"reserved_high_fraction", "low_fraction_while_high",
                                "low_tokens_while_high"}
-# Redis connections beyond one per task thread (the lease keeper, Celery's own use).
+# Redis connections beyond one per task thread and finisher (the lease keeper, Celery's own).
 _SPARE_CONNECTIONS = 4
+# Seconds the finisher threads get to end at shutdown, once the drain is over (or timed out):
+# work still in progress then is a store retrying through an outage, left to the lease.
+_FINISHERS_STOP_S = 5.0
 
 
 @dataclass
 class WorkerRuntime:
-    """What the task threads share: the config, the engine, the job store, who we are."""
+    """What the task threads share: the config, the engine, the job store, who we are, the
+    admission gate (the jobs held) and the finisher threads (which store their outcomes)."""
 
     config: DeploymentConfig
     engine: Any
@@ -50,6 +58,8 @@ class WorkerRuntime:
     gpu_label: str
     model_name: str
     leases: LeaseKeeper
+    gate: AdmissionGate
+    finishers: Finishers
     metrics: Any = None
 
 
@@ -132,12 +142,12 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
     from engine.engine import Engine
 
     engine = Engine(engine_config_for(config))
-    # One pooled connection per task thread, plus the lease keeper's and a few spare: a thread
-    # that finds them all busy waits for one rather than failing its job.
+    # One pooled connection per task thread and finisher, plus the lease keeper's and a few
+    # spare: a thread that finds them all busy waits for one rather than failing its job.
     threads = max(threads or 0, config.num_workers)
     store = JobStore.from_url(config.redis.url, config.redis.result_ttl_s,
                               outage_s=config.redis.outage_s,
-                              max_connections=threads + _SPARE_CONNECTIONS)
+                              max_connections=threads + FINISHER_THREADS + _SPARE_CONNECTIONS)
     leases = start_lease_keeper(config, store, engine.cancel, worker_name)
     from tasks.metrics import WorkerMetrics
 
@@ -148,7 +158,7 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
     # The "ready" line is logged at worker_ready (connect_signals): logging is not set up yet.
     return WorkerRuntime(config, engine, store, worker_name, gpu_label,
                          os.path.basename(os.path.normpath(config.model.path)), leases,
-                         metrics)
+                         AdmissionGate(config.jobs_in_flight_limit), Finishers(), metrics)
 
 
 def watch_engine(engine: Any, worker_name: str, interval_s: float = 1.0) -> threading.Thread:
@@ -269,7 +279,60 @@ def connect_signals(app: Celery) -> None:
     def _stop(sender: Any = None, **_: Any) -> None:
         runtime = getattr(app, "tideq_runtime", None)
         if runtime is not None and getattr(sender, "app", None) is app:
-            # The task threads have drained by now (warm shutdown); the leases were renewed
-            # until the last of them finished.
+            # The task threads have ended by now (warm shutdown); the jobs they started may
+            # still run: finish them, then stop the engine, then the leases (renewed until
+            # the last job was stored or given up).
+            drain(runtime, runtime.config.drain_timeout_s)
             runtime.engine.shutdown()
             runtime.leases.stop()
+
+    app.steps["worker"].add(LetWaitersInOnStop)
+
+
+class LetWaitersInOnStop(bootsteps.StartStopStep):
+    """Stops with the worker after the consumer (no message comes in any more) and before the
+    pool, whose stop waits for every task thread: the threads that wait at the admission gate
+    are let through at once instead of waiting for room.
+
+    They run their jobs rather than give their messages back. The engine still runs: it stops
+    only after the drain, which finishes these jobs with the others. A message given back
+    (Celery's Reject with requeue) goes to the far end of its queue, behind messages enqueued
+    after it, where the sweeper's check for vanished messages takes its jobs for lost and
+    sends them a second time. Either way nothing is lost; running them keeps each job on one
+    path, and what the drain cannot finish in time comes back through its lapsed lease."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def stop(self, parent: Any) -> None:
+        runtime = getattr(parent.app, "tideq_runtime", None)
+        if runtime is None:
+            return
+        waiting = runtime.gate.waiting
+        if waiting:
+            log.info("worker %s: stopping; the %d messages waiting for room start now",
+                     runtime.worker_name, waiting)
+        runtime.gate.close()
+
+    def terminate(self, parent: Any) -> None:
+        self.stop(parent)
+
+
+def drain(runtime: WorkerRuntime, timeout_s: float) -> bool:
+    """Warm shutdown: wait until no job is in flight and the finishers are idle (at most
+    timeout_s seconds), then stop the finishers. Jobs still running then store nothing: their
+    leases are no longer renewed once the lease keeper stops, and the sweeper sends them again.
+    Returns whether everything was finished."""
+    runtime.gate.close()
+    deadline = time.monotonic() + timeout_s
+    held = runtime.gate.in_flight
+    if held:
+        log.info("worker %s: finishing the %d jobs it holds before stopping (at most %.0f s)",
+                 runtime.worker_name, held, timeout_s)
+    finished = (runtime.gate.wait_empty(timeout_s)
+                and runtime.finishers.wait_idle(max(0.0, deadline - time.monotonic())))
+    if not finished:
+        log.warning("worker %s: %d jobs not finished after %.0f s; left to their leases, the"
+                    " sweeper sends them again", runtime.worker_name, runtime.gate.in_flight,
+                    timeout_s)
+    runtime.finishers.stop(_FINISHERS_STOP_S)
+    return finished

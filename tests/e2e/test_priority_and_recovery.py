@@ -11,6 +11,7 @@ import pytest
 
 from producer import Producer
 from tasks.config import load_config
+from tasks.sweeper import UNACKED_KEY
 from tests.conftest import write_config
 
 
@@ -30,8 +31,9 @@ def _finished_at(producer: Producer, batch_id: str) -> list[float]:
                          ids=["a-job-a-message", "four-jobs-a-message"])
 def test_high_jobs_overtake_a_low_backlog(tmp_path, redis_url, tiny_llama, start_worker,
                                           jobs_per_message):
-    # Two task threads: the worker holds at most two messages; everything else waits in
-    # Redis. With four jobs a message it holds eight jobs for a batch of two: the six low jobs
+    # Two task threads and a batch of two: the worker holds max_jobs_in_flight jobs (four,
+    # twice its batch), plus at most one message's worth let in below that; each thread waits
+    # at the gate with one more low message, everything else waits in Redis. The low jobs
     # waiting inside its engine must not hold up the high ones either.
     config_path = write_config(tmp_path / "d.yaml", redis_url, tiny_llama,
                                num_workers=2, batch_size_per_gpu=2,
@@ -52,8 +54,9 @@ def test_high_jobs_overtake_a_low_backlog(tmp_path, redis_url, tiny_llama, start
         last_high = max(_finished_at(producer, high.batch_id))
         low_after = sum(t > last_high for t in _finished_at(producer, low.batch_id))
         # Only the low jobs running when the high ones arrived (the batch of two, plus the one
-        # finishing at that moment), and those of the message whose end frees a thread for
-        # the first high message, may finish in between.
+        # finishing at that moment), and those whose stored outcomes let a waiting low message
+        # through the gate, freeing a thread for the first high message, may finish in
+        # between.
         low_before = 40 - low_after
         allowed = 4 + jobs_per_message
         assert low_before <= low_done_at_high_submit + allowed, (low_before,
@@ -86,3 +89,60 @@ def test_a_killed_worker_s_jobs_are_finished_exactly_once(tmp_path, redis_url, t
         records = list(producer.store.iter_jobs(batch.batch_id))
         assert all(r.state == "done" for r in records)
         assert sum(int(r.fields.get("deliveries", 0)) for r in records) >= 1
+
+
+def _held_at_most(records: list) -> int:
+    """The most jobs of `records` started and not yet stored at any one moment (from their
+    started_at and finished_at, both written by the one worker's clock)."""
+    events = sorted([(float(r.fields["started_at"]), 1) for r in records]
+                    + [(float(r.fields["finished_at"]), -1) for r in records])
+    held = most = 0
+    for _, change in events:  # at equal times a job's end sorts before another's start
+        held += change
+        most = max(most, held)
+    return most
+
+
+def test_a_high_job_is_taken_while_the_worker_holds_a_low_flood(tmp_path, redis_url,
+                                                                tiny_llama, start_worker):
+    """Messages are acknowledged once their jobs start, and a low message waits at the
+    admission gate while the worker holds max_jobs_in_flight jobs (twice its batch of two
+    here). So the worker holds no more of a flood than that, and a high message, which never
+    waits at the gate, starts long before the flood is through."""
+    per_message, threads = 2, 3
+    config_path = write_config(tmp_path / "d.yaml", redis_url, tiny_llama, num_workers=threads,
+                               batch_size_per_gpu=2, jobs_per_message=per_message)
+    limit = load_config(config_path).jobs_in_flight_limit
+    assert limit == 4
+    with Producer(load_config(config_path)) as producer:
+        low = producer.submit(_jobs(tmp_path / "low.jsonl", 40, 32, "low"), priority="low")
+        start_worker(config_path, concurrency=threads)
+        # The flood is held: the worker is at its limit, every task thread holds a low message
+        # waiting at the gate (the only messages kombu still counts as unacknowledged: the
+        # others were acknowledged when their jobs started), the rest is queued in Redis.
+        deadline = time.monotonic() + 60
+        while (producer.status(low.batch_id).count("running") < limit
+               or producer.store.client.hlen(UNACKED_KEY) < threads):
+            assert time.monotonic() < deadline, "the worker never filled up with low jobs"
+            time.sleep(0.02)
+        high = producer.submit(_jobs(tmp_path / "high.jsonl", 1, 8, "high"), priority="high")
+        assert producer.wait(high.batch_id, timeout=120).succeeded
+        assert producer.wait(low.batch_id, timeout=300).succeeded
+
+        (high_job,) = producer.store.iter_jobs(high.batch_id)
+        lows = list(producer.store.iter_jobs(low.batch_id))
+        high_submitted = float(high_job.fields["submitted_at"])
+        high_started = float(high_job.fields["started_at"])
+        low_starts = sorted(float(r.fields["started_at"]) for r in lows)
+        assert high_started < low_starts[-1]
+        # Between the high job's arrival and its start, at most the low message that freed a
+        # task thread (its waiter let in by a stored outcome) and one let in at that moment
+        # started: the high one did not wait for the flood, nor for a whole message to end.
+        started_meanwhile = sum(high_submitted < t < high_started for t in low_starts)
+        assert started_meanwhile <= 2 * per_message, started_meanwhile
+        # Held by the worker at the high job's start: no more than the gate lets in.
+        held_then = sum(float(r.fields["started_at"]) < high_started
+                        < float(r.fields["finished_at"]) for r in lows)
+        assert held_then <= limit + per_message - 1, held_then
+        # And at any time: the count overshoots the limit by one message's jobs at most.
+        assert _held_at_most(lows) <= limit + per_message - 1

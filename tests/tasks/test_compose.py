@@ -295,6 +295,26 @@ def test_one_pinned_worker_per_gpu_group(services: dict[str, Any]) -> None:
     assert len(nodes) == len(workers)
 
 
+def _duration_s(value: Any) -> float:
+    """A compose duration ("5m", "1m30s", "90s") in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", str(value))
+    assert parts and "".join(n + u for n, u in parts) == str(value), value
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_a_worker_drains_before_compose_kills_it(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SIGTERM a worker waits at most drain_timeout_s for the jobs it holds, then stops its
+    engine processes itself: that must end before Docker's stop_grace_period kills it."""
+    monkeypatch.delenv("TIDEQ_REDIS_URL", raising=False)
+    for name, svc in _workers(services).items():
+        path = PurePosixPath(_environment(svc)["TIDEQ_CONFIG"])
+        config = load_config(ROOT / path.relative_to(APP_DIR))
+        assert config.drain_timeout_s < _duration_s(svc["stop_grace_period"]), name
+
+
 def _prometheus_config(services: dict[str, Any]) -> dict[str, Any]:
     prom = services["prometheus"]
     config_arg = next(a for a in _argv(prom["command"]) if a.startswith("--config.file="))

@@ -35,6 +35,16 @@ def test_defaults_equal_the_default_yaml():
     assert load_config(REPO / "configs" / "default.yaml") == expected
 
 
+def test_max_jobs_in_flight_defaults_to_twice_the_engine_s_batch():
+    assert parse_config({"batch_size_per_gpu": 8}).jobs_in_flight_limit == 16
+    sharded = parse_config({"num_gpus": 4, "gpus_per_worker": 2, "batch_size_per_gpu": 64,
+                            "model_shard_strategy": "tensor"})
+    assert sharded.max_num_seqs == 128 and sharded.jobs_in_flight_limit == 256
+    assert parse_config({"max_jobs_in_flight": 5}).jobs_in_flight_limit == 5
+    with pytest.raises(ConfigError, match="max_jobs_in_flight: Input should be greater"):
+        parse_config({"max_jobs_in_flight": 0})
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

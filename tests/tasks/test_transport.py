@@ -64,3 +64,24 @@ def test_a_channel_whose_connection_is_gone_raises_connection_errors_only(redis_
     client = redis.Redis.from_url(redis_url)
     (stored,) = client.hvals("unacked")
     assert json.loads(stored)[0]["headers"]["id"] == "b:L2"
+
+
+def test_a_message_popped_after_the_consumer_stopped_goes_back_where_it_was(redis_url):
+    """A stopping worker cancels its consumer while a BRPOP may still be in flight; the message
+    it returns is given back at the consuming end, so the queue's order (which the sweeper
+    relies on) is kept and nothing is left recorded as unacknowledged."""
+    client = redis.Redis.from_url(redis_url)
+    builder = MessageBuilder()
+    for job in ("b:L1", "b:L2", "b:L3"):
+        client.lpush("low", builder.job_message(job, "b", "low"))
+    conn = Connection(redis_url, transport="tasks.transport:Transport")
+    listener = Consumer(conn.default_channel, [Queue("low", routing_key="low")],
+                        callbacks=[lambda body, message: None])
+    listener.consume()
+    listener.cancel()
+    popped = client.rpop("low")  # what the in-flight BRPOP took: the oldest message
+    conn.transport._deliver(json.loads(popped), "low")
+    order = [json.loads(m)["headers"]["id"] for m in reversed(client.lrange("low", 0, -1))]
+    assert order == ["b:L1", "b:L2", "b:L3"]  # the next one consumed is still the oldest
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+    conn.release()
