@@ -68,6 +68,27 @@ class EngineCollector(Collector):
                                       value=float(stats["num_preemptions"]))
 
 
+class AdmissionCollector(Collector):
+    """The worker's admission gate (tasks/admission.py): jobs in flight against its limit,
+    and `low` messages waiting for room. A worker at its limit with messages waiting is full:
+    its engine is fed, and the queues' backlog is for other workers."""
+
+    def __init__(self, gate: Any) -> None:
+        self._gate = gate
+
+    def collect(self) -> Iterator[Metric]:
+        gate = self._gate
+        yield GaugeMetricFamily("tideq_jobs_in_flight",
+                                "Jobs this worker has started and not yet stored",
+                                value=float(gate.in_flight))
+        yield GaugeMetricFamily("tideq_jobs_in_flight_limit",
+                                "max_jobs_in_flight: where low messages start to wait",
+                                value=float(gate.limit))
+        yield GaugeMetricFamily("tideq_messages_waiting",
+                                "Low messages held by a task thread, waiting for room",
+                                value=float(gate.waiting))
+
+
 class QueueDepthCollector(Collector):
     """LLEN of each queue, read through the worker's Redis client.
 
@@ -156,9 +177,11 @@ class WorkerMetrics:
         engine: anything with stats() -> dict (engine.engine.Engine).
         redis_client: the worker's Redis client, for the queue depths (none: no such gauge).
         gpu: whether this worker runs on GPUs (the device memory gauges).
+        gate: the worker's admission gate (its gauges; none: no such gauges).
     """
 
-    def __init__(self, engine: Any, redis_client: Any = None, gpu: bool = False) -> None:
+    def __init__(self, engine: Any, redis_client: Any = None, gpu: bool = False,
+                 gate: Any = None) -> None:
         self.registry = CollectorRegistry()
         # The port serve() listens on (None: not served).
         self.port: int | None = None
@@ -177,6 +200,8 @@ class WorkerMetrics:
         if redis_client is not None:
             self.registry.register(QueueDepthCollector(redis_client))
         self.registry.register(DeviceMemoryCollector(gpu))
+        if gate is not None:
+            self.registry.register(AdmissionCollector(gate))
 
     def job_finished(self, state: str, priority: str, tokens: int = 0,
                      seconds: float | None = None, *, prompt_tokens: int = 0,

@@ -151,14 +151,15 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
     leases = start_lease_keeper(config, store, engine.cancel, worker_name)
     from tasks.metrics import WorkerMetrics
 
-    metrics = WorkerMetrics(engine, store.client, gpu=bool(config.num_gpus))
+    gate = AdmissionGate(config.jobs_in_flight_limit)
+    metrics = WorkerMetrics(engine, store.client, gpu=bool(config.num_gpus), gate=gate)
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
     watch_engine(engine, worker_name)
     # The "ready" line is logged at worker_ready (connect_signals): logging is not set up yet.
     return WorkerRuntime(config, engine, store, worker_name, gpu_label,
                          os.path.basename(os.path.normpath(config.model.path)), leases,
-                         AdmissionGate(config.jobs_in_flight_limit), Finishers(), metrics)
+                         gate, Finishers(), metrics)
 
 
 def watch_engine(engine: Any, worker_name: str, interval_s: float = 1.0) -> threading.Thread:

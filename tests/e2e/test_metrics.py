@@ -54,7 +54,9 @@ def test_metrics_move_with_the_jobs(tmp_path, redis_url, tiny_llama, start_worke
                  "tideq_job_seconds", "tideq_time_to_first_token_seconds",
                  "tideq_engine_running", "tideq_engine_waiting", "tideq_engine_kv_blocks_used",
                  "tideq_engine_kv_blocks_total", "tideq_engine_preemptions",
-                 "tideq_queue_depth", "tideq_device_memory_used_bytes"):
+                 "tideq_queue_depth", "tideq_device_memory_used_bytes",
+                 "tideq_jobs_in_flight", "tideq_jobs_in_flight_limit",
+                 "tideq_messages_waiting"):
         assert f"# HELP {name}" in text, name
     assert value(before, "tideq_queue_depth", queue="low") == 0
     # CPU: the device memory gauge has no samples.
@@ -79,6 +81,11 @@ def test_metrics_move_with_the_jobs(tmp_path, redis_url, tiny_llama, start_worke
     assert value(after, "tideq_queue_depth", queue="low") == 5
     assert value(after, "tideq_queue_depth", queue="high") == 0
     assert value(after, "tideq_engine_running") == 0
+    # Every high job is stored: none in flight, no message waiting; the limit is the config's.
+    assert value(after, "tideq_jobs_in_flight") == 0
+    assert value(after, "tideq_messages_waiting") == 0
+    assert value(after, "tideq_jobs_in_flight_limit") == load_config(
+        config_path).jobs_in_flight_limit
     total = value(after, "tideq_engine_kv_blocks_total")
     assert total > 0
     assert value(after, "tideq_engine_kv_blocks_used") == total - value(

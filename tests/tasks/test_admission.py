@@ -162,6 +162,32 @@ def test_wait_empty_returns_when_the_last_job_leaves():
     assert done.is_set() and gate.in_flight == 0
 
 
+def test_the_worker_metrics_show_the_gate():
+    """/metrics reads the gate at scrape time: jobs in flight, the limit, messages waiting."""
+    from tasks.metrics import WorkerMetrics
+
+    class IdleEngine:
+        def stats(self) -> dict[str, int]:
+            return {}
+
+    gate = AdmissionGate(limit=2)
+    metrics = WorkerMetrics(IdleEngine(), gate=gate)
+
+    def sample(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name)
+
+    assert (sample("tideq_jobs_in_flight"), sample("tideq_jobs_in_flight_limit"),
+            sample("tideq_messages_waiting")) == (0, 2, 0)
+    messages = Messages(gate)
+    messages.arrive("a", jobs=2)
+    messages.arrive("b")
+    assert (sample("tideq_jobs_in_flight"), sample("tideq_messages_waiting")) == (2, 1)
+    gate.release(2)
+    messages.wait_passed(2)
+    assert (sample("tideq_jobs_in_flight"), sample("tideq_messages_waiting")) == (1, 0)
+    messages.join()
+
+
 def test_a_limit_below_one_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
         AdmissionGate(limit=0)
