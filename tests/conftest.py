@@ -62,6 +62,15 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("tiny-llama"), arch="llama", shape="tiny")
 
 
+def eventually(predicate: Callable[[], bool], what: str, patience_s: float = 20.0) -> None:
+    """Wait until predicate() holds; fail naming `what` after patience_s seconds (how long a
+    step may take before the test gives up, not a measurement)."""
+    deadline = time.monotonic() + patience_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.005)
+
+
 def write_config(path: Path, redis_url: str, model_path: Path, **overrides: Any) -> Path:
     """A deployment YAML for tests: CPU, the given model, small limits."""
     data: dict[str, Any] = {

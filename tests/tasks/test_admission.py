@@ -5,22 +5,15 @@ everyone through. No timing is asserted: each step waits for the state it needs.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
 
 from tasks.admission import AdmissionGate
 from tasks.finishers import Finishers
+from tests.conftest import eventually
 
 PATIENCE_S = 10.0  # how long a step may take before the test gives up (not a measurement)
-
-
-def eventually(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + PATIENCE_S
-    while not predicate():
-        assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.005)
 
 
 class Messages:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -30,15 +29,9 @@ from tasks.leases import LeaseKeeper
 from tasks.store import JobStore
 from tasks.sweeper import UNACKED_INDEX_KEY, UNACKED_KEY, Sweeper
 from tasks.worker import WorkerRuntime, drain
+from tests.conftest import eventually
 
 PATIENCE_S = 20.0  # how long a step may take before the test gives up (not a measurement)
-
-
-def eventually(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + PATIENCE_S
-    while not predicate():
-        assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.01)
 
 
 class HeldEngine:
