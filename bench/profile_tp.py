@@ -87,25 +87,16 @@ def _rank(rank: int, world: int, rendezvous: str, path: str, custom: bool, out: 
                          "gpu_ms": 1e3 * sum(gpu) / len(gpu) if gpu else None}
     record["by_kind"] = by_kind
     if rank == 0:
-        from torch.profiler import ProfilerActivity, profile
+        # The engine benchmark's kernel profile: device time per kernel, graph replays included.
+        from bench.bench_engine import kernel_profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            t0 = time.perf_counter()
-            one_request()
-            wall_ms = (time.perf_counter() - t0) * 1e3
-    else:
-        one_request()
-    if rank == 0:
-        kernels = []
-        for e in prof.key_averages():
-            us = getattr(e, "self_device_time_total", 0.0)
-            if us and str(getattr(e, "device_type", "")).endswith("CUDA"):
-                kernels.append({"name": e.key[:90], "calls": e.count, "ms": us / 1e3})
-        kernels.sort(key=lambda k: -k["ms"])
-        record["kernel_ms"] = sum(k["ms"] for k in kernels)
-        record["profiled_wall_ms"] = wall_ms
-        record["top_kernels"] = kernels[:TOP_KERNELS]
+        kernels = kernel_profile(lambda: (one_request()[0], {}))
+        record["kernel_ms"] = kernels["kernel_ms"]
+        record["profiled_wall_ms"] = kernels["wall_ms"]
+        record["top_kernels"] = kernels["top"][:TOP_KERNELS]
         Path(out).write_text(json.dumps(record))
+    else:
+        one_request()  # the same calls as rank 0: its collectives wait for these
     close = getattr(backend, "close", None)
     if close is not None:
         close()
@@ -142,7 +133,7 @@ def main() -> None:
             print(f"  {kind}: {v['steps']} steps, host {v['host_ms']:.3f} ms, wait "
                   f"{v['wait_ms']:.3f} ms, gpu {v['gpu_ms'] or 0:.3f} ms", flush=True)
         for k in rec["top_kernels"]:
-            print(f"    {k['ms']:8.1f} ms x{k['calls']:<6} {k['name']}", flush=True)
+            print(f"    {k['device_ms']:8.1f} ms x{k['calls']:<6} {k['name']}", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"profile_tp_{args.model}.json").write_text(json.dumps(records, indent=1))
 
