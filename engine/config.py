@@ -42,6 +42,10 @@ class EngineConfig:
         that step, discarded (its cache writes are harmless) when it asks for another.
     enable_prefix_caching: keep computed full KV blocks so that prompts sharing a prefix
         (one system prompt, many questions) compute it once (native backend).
+    mixed_step_graphs: on a GPU, steps that prefill (alone or with decode rows) replay CUDA
+        graphs captured at padded token counts up to max_num_batched_tokens, instead of
+        launching ~10 kernels per layer from Python (engine/executor/mixed_graphs.py); off
+        runs them eagerly (comparisons, debugging).
     custom_all_reduce: with tensor sharding on GPUs, small sums (decode steps) go through a
         one-shot all-reduce over PyTorch's symmetric memory instead of NCCL
         (engine/distributed.py); off keeps every sum on NCCL (comparisons, debugging).
@@ -68,6 +72,9 @@ class EngineConfig:
     decode_lookahead: bool = True
     # On by default: greedy outputs are unchanged, and unshared prompts lose nothing.
     enable_prefix_caching: bool = True
+    # On by default: a small mixed step costs 13-16 ms of host time eagerly against ~2 ms of
+    # device work (bench/profile_mixed.py).
+    mixed_step_graphs: bool = True
     # On by default: ~2.5x faster than NCCL for a decode step's sums (engine/distributed.py).
     custom_all_reduce: bool = True
     # Sharding over a group of devices, one process per device (engine/core_process.py).

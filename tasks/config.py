@@ -108,6 +108,9 @@ class EngineSettings(_Strict):
     # Keep computed KV blocks so that prompts sharing a prefix compute it once (greedy
     # outputs are unchanged; off only to compare).
     enable_prefix_caching: bool = True
+    # GPU: steps that prefill replay CUDA graphs captured at padded token counts (the
+    # engine's mixed_step_graphs); off only to compare or debug.
+    mixed_step_graphs: bool = True
     # With model_shard_strategy tensor on GPUs: a decode step's small all-reduces go through a
     # one-shot sum over symmetric memory (NVLink peer reads) instead of NCCL; off only to
     # compare or debug.

@@ -6,7 +6,8 @@ that holds it, writes its inputs into one pinned host buffer, copies that buffer
 in one transfer and replays the graph. Rows past the real batch are padding: they write their
 key/value into a scratch cache block that no sequence owns and attend to it alone. Each graph
 ends with the argmax of every row (engine.kernels.argmax), which greedy steps use as their
-tokens. Steps with longer chunks (prefill) run eagerly.
+tokens. Steps with longer chunks (prefill) have graphs of their own
+(engine.executor.mixed_graphs).
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
-class DecodeStep:
-    """A decode step queued on the device. `logits` [n, V] and `tokens` [n] (each row's
-    argmax) are views of the graph's output buffers, valid until the next launch of the same
-    batch size; the tokens also travel to pinned host memory, read by `greedy_tokens`."""
+class GraphStep:
+    """A captured step (decode or mixed) queued on the device. `logits` [n, V] and `tokens`
+    [n] (each row's argmax) are views of the graph's output buffers, valid until the next
+    launch of the same graphs; the tokens also travel to pinned host memory, read by
+    `greedy_tokens`."""
 
     n: int
     logits: torch.Tensor
@@ -147,13 +149,13 @@ class DecodeGraphs:
         return b[self.o_ids : self.o_ids + bs], b[self.o_pos : self.o_pos + bs], meta
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every batch size, largest first, in one memory pool."""
+    def capture(self, pool: tuple[int, int] | None = None) -> None:
+        """Capture every batch size, largest first, in one memory pool (`pool`: one the mixed
+        steps' graphs already use, so that both share their working memory)."""
         t0 = time.perf_counter()
         free_before, _ = torch.cuda.mem_get_info(self.device)
         self._fill(0, [], [], [], [], self.max_bs)  # every row padding: writes go to scratch
         self.buffer.copy_(self.hosts[0])
-        pool = None
         for bs in reversed(self.sizes):
             ids, pos, meta = self._views(bs)
             # Warm-up outside the graph (compiles the kernels, settles the allocator).
@@ -231,7 +233,7 @@ class DecodeGraphs:
         slots: list[int],
         tables: list[list[int]],
         ids_from: torch.Tensor | None = None,
-    ) -> DecodeStep:
+    ) -> GraphStep:
         """Queue one decode step of len(positions) sequences on the device and return at once.
 
         tables[i] holds (at least) the blocks up to positions[i]. ids_from: [n] device tensor
@@ -259,11 +261,11 @@ class DecodeGraphs:
             logits = self.model.compute_logits(self.model(ids_t, pos_t, self.kv_caches, meta))
             tokens = logits[:n].argmax(dim=-1)
             host_tokens.copy_(tokens)
-            return DecodeStep(n, logits[:n], tokens, host_tokens, None)
+            return GraphStep(n, logits[:n], tokens, host_tokens, None)
         self.graphs[bs].replay()
         tokens = self.tokens[bs][:n]
         host_tokens.copy_(tokens, non_blocking=True)
         ready = self.tokens_ready[turn]
         assert ready is not None
         ready.record()
-        return DecodeStep(n, self.logits[bs][:n], tokens, host_tokens, ready)
+        return GraphStep(n, self.logits[bs][:n], tokens, host_tokens, ready)

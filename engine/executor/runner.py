@@ -24,10 +24,16 @@ import torch
 
 from engine.config import EngineConfig
 from engine.distributed import ParallelGroup
-from engine.executor.cuda_graphs import DecodeGraphs, DecodeStep
+from engine.executor.cuda_graphs import DecodeGraphs, GraphStep
 from engine.executor.loader import load_model
+from engine.executor.mixed_graphs import MixedChunk, MixedGraphs
 from engine.executor.sampler import sample
-from engine.layers.attention import ChunkSpec, PagedAttention, paged_attention
+from engine.layers.attention import (
+    ChunkSpec,
+    PagedAttention,
+    TritonPagedAttention,
+    paged_attention,
+)
 from engine.models import CausalLM
 from engine.request import EngineError, SamplingParams
 
@@ -126,7 +132,7 @@ class Lookahead:
     seq_ids: list[str]
     positions: list[int]
     slots: list[int]
-    step: DecodeStep
+    step: GraphStep
 
     def serves(self, inputs: GraphInputs) -> bool:
         """Whether this is the step `inputs` asks for (same sequences, positions, slots)."""
@@ -157,8 +163,10 @@ class ModelRunner:
 
     On a GPU without enforce_eager, pure decode steps replay CUDA graphs
     (engine.executor.cuda_graphs) captured once the cache exists (on every rank of a tensor-parallel
-    group, each capturing the same batch sizes in the same order, collectives included); other
-    steps, and every step of a layer split, run eagerly.
+    group, each capturing the same batch sizes in the same order, collectives included), and
+    steps with prefill chunks replay graphs of padded token counts
+    (engine.executor.mixed_graphs; config.mixed_step_graphs); steps larger than any captured
+    size, and every step of a layer split, run eagerly.
 
     In a group (group.world_size > 1) config.shard_strategy picks tensor parallelism or the
     layer split; every rank must be fed the same steps in the same order.
@@ -244,9 +252,26 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.lookahead: Lookahead | None = None
         self.graphs: DecodeGraphs | None = None
+        self.mixed: MixedGraphs | None = None
         # The layer split runs eagerly: it exists for capacity (a model too large for one
         # device), not speed, and its ranks take turns within a step anyway.
         if fast and not self.split_layers:
+            collectives = group.world_size > 1
+            pool = None
+            if config.mixed_step_graphs and isinstance(self.attention, TritonPagedAttention):
+                self.mixed = MixedGraphs(
+                    self.model,
+                    self.kv_caches,
+                    config.max_num_batched_tokens,
+                    config.max_num_seqs,
+                    self.max_blocks,
+                    self.block_size,
+                    self.scratch_block,
+                    self.attention.prefill_tile,
+                    device,
+                    collectives=collectives,
+                )
+                pool = self.mixed.capture()
             self.graphs = DecodeGraphs(
                 self.model,
                 self.kv_caches,
@@ -255,9 +280,9 @@ class ModelRunner:
                 self.block_size,
                 self.scratch_block,
                 device,
-                collectives=group.world_size > 1,
+                collectives=collectives,
             )
-            self.graphs.capture()
+            self.graphs.capture(pool)
         # Per-step timings when a list (set by the benchmark's --profile): see _record.
         self.profile: list[dict[str, Any]] | None = None
 
@@ -307,10 +332,13 @@ class ModelRunner:
         """Release the captured decode graphs; call before destroying the group's process
         group (see DecodeGraphs.release). The runner runs eagerly afterwards."""
         self.lookahead = None
-        if self.graphs is not None:
-            with self._on_device():
+        with self._on_device():
+            if self.graphs is not None:
                 self.graphs.release()
-            self.graphs = None
+            if self.mixed is not None:
+                self.mixed.release()
+        self.graphs = None
+        self.mixed = None
 
     @contextlib.contextmanager
     def _on_device(self) -> Iterator[None]:
@@ -343,6 +371,12 @@ class ModelRunner:
             result, kind, t_enqueued, end = self._decode_graph(out, graphs, pending)
             if self.profile is not None:  # a lookahead step's device time overlapped the host
                 self._record(kind, out, t0, t_enqueued, start if kind == "graph" else None, end)
+            return result
+        mixed = self.mixed
+        if mixed is not None and mixed.fits(sum(c.num_tokens for c in chunks), len(chunks)):
+            result, t_enqueued, end = self._mixed_graph(out, mixed)
+            if self.profile is not None:
+                self._record("mixed", out, t0, t_enqueued, start, end)
             return result
         logits = self._eager(out)
         if not out.sampling_chunks:
@@ -387,6 +421,36 @@ class ModelRunner:
         result: list[int] = sampled.tolist()
         return result, kind, t_enqueued, end
 
+    def _mixed_graph(
+        self, out: ScheduledStep, mixed: MixedGraphs
+    ) -> tuple[list[int], float, torch.cuda.Event | None]:
+        """A step with prefill chunks through the captured mixed-step graphs. Returns the
+        sampled tokens, when its last work was queued and (profiling) an event after it."""
+        step = mixed.launch(
+            [
+                MixedChunk(
+                    c.seq.token_ids[c.start : c.start + c.num_tokens],
+                    c.start,
+                    c.seq.block_table,
+                    c.samples,
+                )
+                for c in out.chunks
+            ]
+        )
+        sampling = out.sampling_chunks
+        if not sampling:  # prefill chunks only: nothing to wait for
+            end = self._event() if self.profile is not None else None
+            return [], time.perf_counter(), end
+        if all(c.seq.sampling.greedy for c in sampling):
+            end = self._event() if self.profile is not None else None
+            t_enqueued = time.perf_counter()
+            return step.greedy_tokens(), t_enqueued, end
+        sampled = self._sample(step.logits, out)
+        end = self._event() if self.profile is not None else None
+        t_enqueued = time.perf_counter()
+        result: list[int] = sampled.tolist()
+        return result, t_enqueued, end
+
     def _graph_inputs(self, out: ScheduledStep) -> GraphInputs:
         bs = self.block_size
         inputs = GraphInputs([], [], [], [], [])
@@ -401,7 +465,7 @@ class ModelRunner:
         return inputs
 
     def _launch_lookahead(
-        self, out: ScheduledStep, inputs: GraphInputs, step: DecodeStep, graphs: DecodeGraphs
+        self, out: ScheduledStep, inputs: GraphInputs, step: GraphStep, graphs: DecodeGraphs
     ) -> Lookahead | None:
         """Launch the step after `step` (every sequence one token on, input tokens from
         step's argmax on the device) where the scheduler will likely ask for it next: no

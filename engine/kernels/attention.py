@@ -171,10 +171,13 @@ def _decode_kernel(
     # without splits, so the partial/combine branch below is not even compiled then.)
     active = 1
     if SPLITS > 1:
-        wanted = tl.minimum(SPLITS, tl.cdiv(part_len, MIN_SPLIT))
-        part_len = tl.cdiv(tl.cdiv(part_len, wanted), BLOCK_N) * BLOCK_N  # whole tiles
+        # (A padding entry's context of 0 still divides by at least one tile.)
+        wanted = tl.minimum(SPLITS, tl.cdiv(tl.maximum(part_len, 1), MIN_SPLIT))
+        part_len = tl.cdiv(tl.cdiv(tl.maximum(part_len, 1), wanted), BLOCK_N) * BLOCK_N
         active = tl.cdiv(ctx - lo, part_len)  # rounding up to tiles may leave the last idle
-    if split < active:
+    # A context of 0 is a padding entry of a captured mixed step (engine.executor.
+    # mixed_graphs): its row belongs to another chunk, so it stores nothing.
+    if (split < active) & (ctx > 0):
         lo = lo + split * part_len
         hi = tl.minimum(ctx, lo + part_len)
         g = tl.arange(0, BLOCK_G)

@@ -318,6 +318,12 @@ class TritonPagedAttention:
         # layer's launch, which the stream runs one after another.
         self.split_counters: dict[torch.device, torch.Tensor] = {}
 
+    @property
+    def prefill_tile(self) -> int:
+        """Query tokens per prefill tile (PrefillTiles)."""
+        tile: int = self.kernels.PREFILL_BLOCK_M
+        return tile
+
     def build_metadata(
         self, chunks: list[ChunkSpec], block_size: int, device: torch.device
     ) -> AttentionMetadata:

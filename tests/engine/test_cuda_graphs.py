@@ -81,7 +81,9 @@ def check_static_buffers_on_cpu(path: str) -> None:
     decode steps) and the graphs' buffers, run eagerly on the CPU."""
     import engine.executor.runner as runner_module
     from engine.executor.cuda_graphs import DecodeGraphs
+    from engine.executor.mixed_graphs import MixedGraphs
     from engine.kernels import gemv as triton_gemv
+    from engine.kernels.attention import PREFILL_BLOCK_M
 
     gemv_calls: list[bool] = []
     plain_gemv = triton_gemv.gemv
@@ -109,14 +111,31 @@ def check_static_buffers_on_cpu(path: str) -> None:
             runner.device,
             replay=False,
         )
+        # Steps of up to 64 tokens through the mixed steps' buffers; the step that prefills
+        # the 70-token prompt is larger and runs eagerly.
+        runner.mixed = MixedGraphs(
+            runner.model,
+            runner.kv_caches,
+            64,
+            8,
+            runner.max_blocks,
+            runner.block_size,
+            runner.scratch_block,
+            PREFILL_BLOCK_M,
+            runner.device,
+            replay=False,
+        )
         runner.profile = []
         return backend
 
     backend = fast_backend()
     got = generate(backend)
     kinds = {step["kind"] for step in backend.runner.profile}
-    # "lookahead": decode steps launched before the scheduler asked for them
-    assert kinds == {"graph", "lookahead", "eager"}, kinds
+    # "lookahead": decode steps launched before the scheduler asked for them; "mixed": steps
+    # with prefill chunks, decode rows among them or not
+    assert kinds == {"graph", "lookahead", "mixed", "eager"}, kinds
+    mixed = [s for s in backend.runner.profile if s["kind"] == "mixed"]
+    assert any(s["seqs"] > 1 for s in mixed) and any(s["seqs"] == 1 for s in mixed)
     assert got == want, (got, want)
     assert any(gemv_calls) and not all(gemv_calls), "the GEMV path, fused and plain, must run"
 
@@ -153,7 +172,7 @@ def test_graphs_match_eager_on_gpu(variant: str, checkpoint) -> None:  # type: i
     assert backend.runner.graphs is not None
     backend.runner.profile = []
     got = generate(backend)
-    assert {s["kind"] for s in backend.runner.profile} == {"graph", "lookahead", "eager"}
+    assert {s["kind"] for s in backend.runner.profile} == {"graph", "lookahead", "mixed"}
     assert got == want
     want = generate_with_abort(NativeBackend(config(path, "cuda", enforce_eager=True)))
     assert generate_with_abort(NativeBackend(config(path, "cuda"))) == want

@@ -1,0 +1,173 @@
+"""Where a mixed step's time goes: one rank's ModelRunner fed hand-built steps of decode rows
+plus prefill chunks (the steps a flood of `low` requests makes), each timed on its own.
+
+Per shape: wall time per step (sampled tokens back on the host), the host's share (until the
+last kernel is queued) and the device's (first to last kernel), then Python's profiler and
+torch.profiler over a few steps. Pure decode steps (captured graphs) are the reference.
+
+    source .devbundle/enter.sh && python3 bench/profile_mixed.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# name -> (decode rows, prefill chunk lengths); decode rows sit at a 300-token context.
+SHAPES: dict[str, tuple[int, list[int]]] = {
+    "decode-256": (256, []),
+    "mixed-64+448": (64, [448]),
+    "mixed-192+16x270": (192, [270] * 16),
+    "mixed-255+1x128": (255, [128]),
+    "prefill-8x512": (0, [512] * 8),
+}
+CONTEXT = 300
+
+
+def build_step(decode: int, prefills: list[int], block_size: int, vocab: int) -> Any:
+    """A SchedulerOutput of `decode` one-token chunks and one chunk per prefill length, every
+    sequence with blocks of its own."""
+    from engine.core.scheduler import ScheduledChunk, SchedulerOutput
+    from engine.core.sequence import Sequence
+    from engine.request import SamplingParams
+
+    sampling = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    out = SchedulerOutput()
+    next_block = 0
+
+    def seq(name: str, tokens: int) -> Sequence:
+        nonlocal next_block
+        s = Sequence(name, [(7 * i) % (vocab - 1) + 1 for i in range(tokens)], sampling, 1, 0)
+        blocks = -(-tokens // block_size)
+        s.block_table = list(range(next_block, next_block + blocks))
+        next_block += blocks
+        return s
+
+    for i in range(decode):
+        s = seq(f"d{i}", CONTEXT)
+        out.chunks.append(ScheduledChunk(s, CONTEXT - 1, 1, True, False))
+    for i, n in enumerate(prefills):
+        s = seq(f"p{i}", n)
+        out.chunks.append(ScheduledChunk(s, 0, n, True, True))
+    return out
+
+
+def time_shape(runner: Any, step: Any, iters: int) -> dict[str, Any]:
+    for _ in range(3):
+        runner.execute(step)
+    runner.profile = records = []
+    walls = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        runner.execute(step)
+        walls.append(time.perf_counter() - t0)
+    runner.profile = None
+    gpu = [r["gpu_s"] for r in records if r["gpu_s"] is not None]
+    return {
+        "kind": records[-1]["kind"],
+        "tokens": records[-1]["tokens"],
+        "wall_ms": 1e3 * statistics.median(walls),
+        "host_ms": 1e3 * statistics.median(r["host_s"] for r in records),
+        "gpu_ms": 1e3 * statistics.median(gpu) if gpu else None,
+    }
+
+
+def python_profile(runner: Any, step: Any, iters: int, top: int) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+        runner.execute(step)
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    body = text.getvalue()
+    return body[body.find("ncalls"):]
+
+
+def torch_profile(runner: Any, step: Any, iters: int, top: int) -> list[dict[str, Any]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            runner.execute(step)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [
+        {"name": e.key[:90], "calls": e.count // iters,
+         "self_cpu_us_per_step": e.self_cpu_time_total / iters}
+        for e in rows
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/gpu-1x.yaml")
+    parser.add_argument("--model", default="1b")
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/tideq-bench-models"))
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--python-profile", action="store_true")
+    parser.add_argument("--torch-profile", action="store_true")
+    parser.add_argument("--set", action="append", default=[],
+                        help="engine key=value override, e.g. mixed_graphs=false")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoConfig
+
+    from engine.distributed import ParallelGroup
+    from engine.executor.runner import ModelRunner
+    from engine.random_checkpoint import ensure_checkpoint
+    from tasks.config import load_config
+    from tasks.worker import engine_config_for
+
+    path = ensure_checkpoint(args.model_dir / f"llama-{args.model}", arch="llama",
+                             shape=args.model, dtype="bfloat16", seed=0, device="cuda")
+    torch.cuda.empty_cache()
+    config = replace(engine_config_for(load_config(args.config)), model_path=str(path))
+    for item in args.set:
+        key, value = item.split("=", 1)
+        old = getattr(config, key)
+        config = replace(config, **{key: type(old)(value) if not isinstance(old, bool)
+                                    else value.lower() in ("1", "true", "yes")})
+    hf_config = AutoConfig.from_pretrained(path)
+    device = torch.device("cuda")
+    runner = ModelRunner(config, hf_config, device, torch.bfloat16, config.max_model_len,
+                         ParallelGroup())
+    results = []
+    for name in args.shapes.split(","):
+        decode, prefills = SHAPES[name]
+        step = build_step(decode, prefills, config.block_size, hf_config.vocab_size)
+        r = {"shape": name, "decode_rows": decode, "prefill_chunks": prefills,
+             **time_shape(runner, step, args.iters)}
+        gpu = f"{r['gpu_ms']:.2f}" if r["gpu_ms"] is not None else "-"
+        print(f"{name}: {r['kind']}, {r['tokens']} tokens: wall {r['wall_ms']:.2f} ms, host "
+              f"{r['host_ms']:.2f} ms, device {gpu} ms", flush=True)
+        if args.python_profile and r["kind"] == "eager":
+            print(python_profile(runner, step, 5, 30), flush=True)
+        if args.torch_profile:
+            r["torch_profile"] = rows = torch_profile(runner, step, 3, 20)
+            for row in rows:
+                print(f"   {row['self_cpu_us_per_step']:9.0f} us x{row['calls']:<5} "
+                      f"{row['name']}", flush=True)
+        results.append(r)
+    runner.close()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, f"profile_mixed_{args.model}.json").write_text(json.dumps(
+        {"config": args.config, "overrides": args.set, "context": CONTEXT,
+         "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

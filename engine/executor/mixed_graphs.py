@@ -1,0 +1,367 @@
+"""CUDA graphs of mixed steps: decode rows and prefill chunks in one batch, captured once per
+padded token count.
+
+Run eagerly, a mixed step of the 1b model costs 13-16 ms of host time (Triton launches and
+cuBLAS calls, ~160 a step) for 2-3 ms of device work, so every step that admits new
+sequences left the device idle most of the time, and every request in the batch waited for it
+(bench/profile_mixed.py). Captured, the whole step is one graph launch.
+
+A step of T tokens takes the smallest captured size S >= T. Everything whose shape depends on
+the step's composition has a fixed size per captured size and is padded:
+
+- the flat batch: rows T..S are padding tokens that write their keys and values into the
+  scratch block no sequence owns;
+- the decode rows (one-token chunks): a fixed number of entries, the padding ones with a
+  context length of 0, which the decode kernel skips;
+- the prefill chunks and their tiles (engine.kernels.attention): a fixed number of each; the
+  tiles past the real ones point at an extra chunk of 0 tokens, which the prefill kernel
+  skips;
+- the sampling rows: a fixed number of rows gathered for the vocabulary head, the padding
+  ones reading row 0.
+
+All of a step's integers travel in one copy from a pinned host buffer, as in
+engine.executor.cuda_graphs. The logits and tokens of every captured size are written into
+one shared output buffer (each size keeping its own would hold gigabytes of logits).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.executor.cuda_graphs import GraphStep, argmax
+from engine.layers.attention import AttentionMetadata, PrefillTiles
+from engine.models import CausalLM
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+KVCache = tuple[torch.Tensor, torch.Tensor]
+# Token counts captured: powers of two from 64, then steps of 256 up to 4096 and 512 beyond.
+# Padding costs device time in proportion (a large mixed step is compute-bound), so the steps
+# stay a small share of the count they pad.
+FIRST_SIZE = 64
+FINE_STEP, FINE_UNTIL, COARSE_STEP = 256, 4096, 512
+
+
+def mixed_token_sizes(max_tokens: int) -> list[int]:
+    """The token counts captured for steps of at most max_tokens tokens."""
+    sizes: list[int] = []
+    size = FIRST_SIZE
+    while size < min(max_tokens, FINE_STEP):
+        sizes.append(size)
+        size *= 2
+    size = FINE_STEP
+    while size < max_tokens:
+        sizes.append(size)
+        size += FINE_STEP if size < FINE_UNTIL else COARSE_STEP
+    return [*sizes, max_tokens]
+
+
+@dataclass
+class MixedChunk:
+    """One chunk of a mixed step: tokens [start, start + len(ids)) of a sequence whose
+    block table covers them; `samples`: a token is sampled after its last one."""
+
+    ids: Sequence[int]
+    start: int
+    block_table: Sequence[int]
+    samples: bool
+
+
+@dataclass(frozen=True)
+class MixedLayout:
+    """The fixed sizes of one captured token count, and where each field sits in the flat
+    int64 buffer (the same layout on host and device):
+
+    ids [T] | positions [T] | slots [T] | decode rows [D] | decode context lens [D] |
+    decode tables [D, B] | tile chunk [W] | tile start [W] | chunk row [P] | chunk len [P] |
+    chunk ctx [P] | chunk tables [P, B] | sampling rows [R]
+
+    P counts one chunk more than a step may have: the padding tiles' empty chunk."""
+
+    tokens: int  # T
+    decode: int  # D
+    chunks: int  # P
+    tiles: int  # W
+    rows: int  # R
+    blocks: int  # B, the block-table width
+
+    @classmethod
+    def for_tokens(cls, tokens: int, max_num_seqs: int, blocks: int, tile: int) -> MixedLayout:
+        seqs = min(tokens, max_num_seqs)
+        # Every prefill chunk holds two tokens or more, and n tokens take ceil(n / tile) tiles,
+        # so the chunks of a step take at most tokens / tile + chunks tiles.
+        chunks = min(tokens // 2, max_num_seqs)
+        tiles = -(-tokens // tile) + chunks
+        return cls(tokens, seqs, chunks + 1, tiles, seqs, blocks)
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        t, d, p, w, b = self.tokens, self.decode, self.chunks, self.tiles, self.blocks
+        sizes = [
+            ("ids", t), ("pos", t), ("slots", t), ("d_rows", d), ("d_lens", d),
+            ("d_tab", d * b), ("t_chunk", w), ("t_start", w), ("c_row", p), ("c_len", p),
+            ("c_ctx", p), ("c_tab", p * b), ("s_rows", self.rows), ("end", 0),
+        ]  # fmt: skip
+        offsets, at = {}, 0
+        for name, size in sizes:
+            offsets[name] = at
+            at += size
+        return offsets
+
+    @property
+    def total(self) -> int:
+        return self.offsets["end"]
+
+
+class MixedGraphs:
+    """Captured mixed steps of one model and cache.
+
+    Args:
+        model: the loaded model, whose attention layers run the Triton kernels.
+        kv_caches: each layer's (keys, values) cache views.
+        max_tokens: the most tokens of one step (max_num_batched_tokens).
+        max_num_seqs: the most sequences of one step.
+        max_blocks: block-table width: blocks of the longest sequence.
+        block_size: tokens per cache block.
+        scratch_block: a cache block no sequence is given (padding tokens write there).
+        tile: query tokens per prefill tile (engine.kernels.attention.PREFILL_BLOCK_M).
+        replay: capture and replay graphs (CUDA); False runs the same static buffers eagerly,
+            which is how the CPU tests check the buffers' layout and padding.
+        collectives: the forward pass holds collectives (a tensor-parallel rank): every rank
+            captures and replays the same sizes in the same order (see DecodeGraphs).
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_caches: list[KVCache],
+        max_tokens: int,
+        max_num_seqs: int,
+        max_blocks: int,
+        block_size: int,
+        scratch_block: int,
+        tile: int,
+        device: torch.device,
+        replay: bool = True,
+        collectives: bool = False,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.replay = replay
+        self.capture_error_mode = "thread_local" if collectives else "global"
+        self.block_size = block_size
+        self.scratch_slot = scratch_block * block_size
+        self.tile = tile
+        self.device = device
+        self.layouts = [
+            MixedLayout.for_tokens(t, max_num_seqs, max_blocks, tile)
+            for t in mixed_token_sizes(max_tokens)
+        ]
+        total = max(layout.total for layout in self.layouts)
+        cuda = device.type == "cuda"
+        # Two host buffers used in turn, as in DecodeGraphs: the copy of one step may still be
+        # in flight when the next is filled.
+        self.hosts = [torch.zeros(total, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self.hosts_np: list[np.ndarray] = [h.numpy() for h in self.hosts]
+        self.copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        max_rows = max(layout.rows for layout in self.layouts)
+        self.host_tokens = [
+            torch.zeros(max_rows, dtype=torch.long, pin_memory=cuda) for _ in range(2)
+        ]
+        self.tokens_ready = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self._turn = 0
+        self.buffer = torch.zeros(total, dtype=torch.long, device=device)
+        # Shared by every captured size (allocated by the first warm-up, which knows the
+        # logits' dtype and vocabulary width).
+        self.logits: torch.Tensor | None = None
+        self.tokens = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    @property
+    def max_tokens(self) -> int:
+        return self.layouts[-1].tokens
+
+    def layout_for(self, num_tokens: int) -> MixedLayout | None:
+        """The smallest captured layout of at least num_tokens tokens (None: too many)."""
+        for layout in self.layouts:
+            if layout.tokens >= num_tokens:
+                return layout
+        return None
+
+    def _views(
+        self, layout: MixedLayout
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """ids [T], positions [T], the attention metadata and the sampling rows [R], as views
+        of the device buffer in `layout`."""
+        o = layout.offsets
+        b = self.buffer
+
+        def part(name: str, size: int) -> torch.Tensor:
+            return b[o[name] : o[name] + size]
+
+        t, d, p, w, nb = layout.tokens, layout.decode, layout.chunks, layout.tiles, layout.blocks
+        tiles = PrefillTiles(
+            tile_chunk=part("t_chunk", w),
+            tile_start=part("t_start", w),
+            chunk_row=part("c_row", p),
+            chunk_len=part("c_len", p),
+            chunk_ctx=part("c_ctx", p),
+            block_tables=part("c_tab", p * nb).view(p, nb),
+        )
+        meta = AttentionMetadata(
+            slot_mapping=part("slots", t),
+            decode_rows=part("d_rows", d),
+            decode_block_tables=part("d_tab", d * nb).view(d, nb),
+            decode_context_lens=part("d_lens", d),
+            prefills=[],
+            prefill_tiles=tiles,
+        )
+        return part("ids", t), part("pos", t), meta, part("s_rows", layout.rows)
+
+    def _forward(self, layout: MixedLayout) -> None:
+        """The step of `layout` over the device buffer: logits and argmax of its sampling
+        rows into the shared outputs."""
+        ids, pos, meta, rows = self._views(layout)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        logits = self.model.compute_logits(hidden[rows])  # [R, V]
+        if self.logits is None:
+            max_rows = self.tokens.shape[0]
+            self.logits = torch.empty(
+                (max_rows, logits.shape[1]), dtype=logits.dtype, device=self.device
+            )
+        n = layout.rows
+        self.logits[:n].copy_(logits)
+        self.tokens[:n].copy_(argmax(self.logits[:n]))
+
+    @torch.inference_mode()
+    def capture(self, pool: tuple[int, int] | None = None) -> tuple[int, int] | None:
+        """Capture every size, largest first, in one memory pool (`pool`, or a new one);
+        return the pool, for the decode graphs to share."""
+        t0 = time.perf_counter()
+        free_before, _ = torch.cuda.mem_get_info(self.device)
+        for layout in reversed(self.layouts):
+            self._fill(0, layout, [])  # every token padding: writes go to scratch
+            self.buffer[: layout.total].copy_(self.hosts[0][: layout.total])
+            self._forward(layout)  # warm-up: compiles the kernels, settles the allocator
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=self.capture_error_mode):
+                self._forward(layout)
+            pool = graph.pool()
+            self.graphs[layout.tokens] = graph
+        torch.cuda.synchronize(self.device)
+        free_after, _ = torch.cuda.mem_get_info(self.device)
+        log.info(
+            "captured %d mixed-step graphs (up to %d tokens) in %.2fs, %.0f MiB",
+            len(self.layouts),
+            self.max_tokens,
+            time.perf_counter() - t0,
+            (free_before - free_after) / MIB,
+        )
+        return pool
+
+    def release(self) -> None:
+        """Destroy the captured graphs (see DecodeGraphs.release: before the process group)."""
+        if self.graphs:
+            torch.cuda.synchronize(self.device)
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+
+    def _fill(self, turn: int, layout: MixedLayout, chunks: Sequence[MixedChunk]) -> int:
+        """Write a step's inputs into host buffer `turn` in `layout`; return its sampling
+        rows."""
+        h = self.hosts_np[turn]
+        o = layout.offsets
+        bs, nb = self.block_size, layout.blocks
+        ids = h[o["ids"] : o["ids"] + layout.tokens]
+        pos = h[o["pos"] : o["pos"] + layout.tokens]
+        slots = h[o["slots"] : o["slots"] + layout.tokens]
+        d_rows = h[o["d_rows"] : o["d_rows"] + layout.decode]
+        d_lens = h[o["d_lens"] : o["d_lens"] + layout.decode]
+        d_tab = h[o["d_tab"] : o["d_tab"] + layout.decode * nb].reshape(layout.decode, nb)
+        c_row = h[o["c_row"] : o["c_row"] + layout.chunks]
+        c_len = h[o["c_len"] : o["c_len"] + layout.chunks]
+        c_ctx = h[o["c_ctx"] : o["c_ctx"] + layout.chunks]
+        c_tab = h[o["c_tab"] : o["c_tab"] + layout.chunks * nb].reshape(layout.chunks, nb)
+        s_rows = h[o["s_rows"] : o["s_rows"] + layout.rows]
+        t_chunk: list[int] = []
+        t_start: list[int] = []
+        row = nd = npf = ns = 0
+        for chunk in chunks:
+            n = len(chunk.ids)
+            end = chunk.start + n
+            table = np.asarray(chunk.block_table[: -(-end // bs)], dtype=np.int64)
+            p = np.arange(chunk.start, end)
+            ids[row : row + n] = chunk.ids
+            pos[row : row + n] = p
+            slots[row : row + n] = table[p // bs] * bs + p % bs
+            if n == 1:
+                d_rows[nd], d_lens[nd] = row, end
+                d_tab[nd, : len(table)] = table
+                nd += 1
+            else:
+                c_row[npf], c_len[npf], c_ctx[npf] = row, n, end
+                c_tab[npf, : len(table)] = table
+                for first in range(0, n, self.tile):
+                    t_chunk.append(npf)
+                    t_start.append(first)
+                npf += 1
+            row += n
+            if chunk.samples:
+                s_rows[ns] = row - 1
+                ns += 1
+        ids[row:] = 0
+        pos[row:] = 0
+        slots[row:] = self.scratch_slot
+        d_rows[nd:] = 0
+        d_lens[nd:] = 0  # a context of 0: the decode kernel skips the entry
+        c_row[npf:] = c_len[npf:] = c_ctx[npf:] = 0  # chunks of 0 tokens: skipped
+        nw = len(t_chunk)
+        tw = h[o["t_chunk"] : o["t_chunk"] + layout.tiles]
+        tw[:nw] = t_chunk
+        tw[nw:] = layout.chunks - 1  # the empty chunk past every real one
+        ts = h[o["t_start"] : o["t_start"] + layout.tiles]
+        ts[:nw] = t_start
+        ts[nw:] = 0
+        s_rows[ns:] = 0
+        return ns
+
+    def launch(self, chunks: Sequence[MixedChunk]) -> GraphStep:
+        """Queue one mixed step on the device and return at once; the result's logits and
+        tokens are those of the sampling chunks, in order (valid until the next launch)."""
+        layout = self.layout_for(sum(len(c.ids) for c in chunks))
+        assert layout is not None, "the step has more tokens than any captured size"
+        turn = self._turn
+        self._turn ^= 1
+        copied = self.copied[turn]
+        if copied is not None:
+            copied.synchronize()  # this buffer's last copy (two launches ago) has left it
+        n = self._fill(turn, layout, chunks)
+        self.buffer[: layout.total].copy_(self.hosts[turn][: layout.total], non_blocking=True)
+        if copied is not None:
+            copied.record()
+        host_tokens = self.host_tokens[turn][:n]
+        if not self.replay:
+            self._forward(layout)
+        else:
+            self.graphs[layout.tokens].replay()
+        assert self.logits is not None
+        tokens = self.tokens[:n]
+        host_tokens.copy_(tokens, non_blocking=self.replay)
+        ready = self.tokens_ready[turn] if self.replay else None
+        if ready is not None:
+            ready.record()
+        return GraphStep(n, self.logits[:n], tokens, host_tokens, ready)
+
+    def fits(self, num_tokens: int, num_chunks: int) -> bool:
+        """Whether a step of num_tokens tokens in num_chunks chunks has a captured size."""
+        layout = self.layout_for(num_tokens)
+        return layout is not None and num_chunks <= layout.decode
