@@ -237,13 +237,28 @@ class Scheduler:
         # Admitting while preempting would only thrash: the preempted would evict the admitted.
         if not out.preempted:
             self._admit(budget, out, lane)
-        out.admission_possible = bool(self.waiting) and len(self.running) < self.max_num_seqs
+        out.admission_possible = self._head_has_a_slot()
         return out
+
+    def _head_has_a_slot(self) -> bool:
+        """Whether the first waiting sequence has a running slot it may take. The slots
+        reserved for high work do not count for a low head: a flood of low work waiting while
+        those slots stand empty does not make the next step's batch any different."""
+        if not self.waiting:
+            return False
+        head = self.waiting[0]
+        slots = (
+            self.max_num_seqs
+            if head.priority == 0
+            else self.max_num_seqs - self.reserved_high_slots
+        )
+        return len(self.running) < slots
 
     def _low_lane(self) -> _LowLane:
         """This step's limits on low work: the fast lane's while high work is present."""
         high = any(s.priority == 0 for s in self.running) or bool(
-            self.waiting and self.waiting[0].priority == 0)
+            self.waiting and self.waiting[0].priority == 0
+        )
         if not high:
             return _LowLane(None, None)
         return _LowLane(self.low_seqs_while_high, self.low_tokens_while_high)

@@ -132,6 +132,20 @@ def test_reserved_high_slots() -> None:
     assert [s.seq_id for s in sched.waiting] == ["low2", "low3"]
 
 
+def test_admission_is_possible_only_where_the_head_has_a_slot() -> None:
+    # The runner launches a decode step ahead only when the next batch cannot change.
+    sched = make_scheduler(max_num_seqs=3, reserved_high_slots=1, max_num_batched_tokens=3)
+    for i in range(3):
+        add(sched, f"low{i}", 3)
+    out = step(sched)
+    assert scheduled(out) == {"low0": 3}
+    assert out.admission_possible  # the budget is spent, and low1 has a low slot
+    out = step(sched)
+    assert scheduled(out) == {"low0": 1, "low1": 2}
+    assert not out.admission_possible  # only the slot held for high work is free
+    add(sched, "high", 3, priority=0)
+    assert sched.schedule().admission_possible is False  # high took the last slot
+
 def test_eos_and_max_tokens_and_max_model_len() -> None:
     sched = make_scheduler(max_model_len=6)
     eos = add(sched, "eos", 3)
