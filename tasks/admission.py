@@ -10,12 +10,19 @@ engine, which runs high jobs first, however many low jobs the worker holds.
 Waiters pass in arrival order. Only the first in line is woken when a job's outcome is stored,
 and it wakes the next once it has passed, so the count overshoots the limit by at most one
 message's jobs (the last one let in below the limit), not by every waiter at once.
+
+Watchers (tasks/intake.py) are told of every change of the count or of the line, so that a
+full worker can stop taking `low` messages instead of holding them here.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
+
+# Called with (jobs in flight, messages waiting) after every change.
+GateWatcher = Callable[[int, int], None]
 
 
 class AdmissionGate:
@@ -33,6 +40,7 @@ class AdmissionGate:
         self._emptied = threading.Condition(self._lock)
         self._in_flight = 0
         self._closed = False
+        self._watchers: list[GateWatcher] = []
 
     @property
     def in_flight(self) -> int:
@@ -45,6 +53,13 @@ class AdmissionGate:
         with self._lock:
             return len(self._waiters)
 
+    def watch(self, watcher: GateWatcher) -> None:
+        """Call watcher(in_flight, waiting) after every change from now on. It runs under the
+        gate's lock, in whichever thread changed the gate, so that the changes reach it in the
+        order they happened: it must be quick, must not raise, and must not use the gate."""
+        with self._lock:
+            self._watchers.append(watcher)
+
     def admit(self, jobs: int, wait: bool = True) -> None:
         """Count a message's `jobs` in flight. wait=True (a `low` message): first wait, behind
         the messages already waiting, until fewer than `limit` jobs are in flight or the gate
@@ -53,6 +68,7 @@ class AdmissionGate:
             if wait and not self._closed and (self._waiters or self._in_flight >= self.limit):
                 self._wait_turn()
             self._in_flight += jobs
+            self._changed()
             self._wake_next()
 
     def release(self, jobs: int = 1) -> None:
@@ -62,6 +78,7 @@ class AdmissionGate:
             self._in_flight -= jobs
             if self._in_flight <= 0:
                 self._emptied.notify_all()
+            self._changed()
             self._wake_next()
 
     def close(self) -> None:
@@ -81,6 +98,7 @@ class AdmissionGate:
     def _wait_turn(self) -> None:
         turn = threading.Condition(self._lock)
         self._waiters.append(turn)
+        self._changed()
         try:
             while not self._closed and (self._waiters[0] is not turn
                                         or self._in_flight >= self.limit):
@@ -88,9 +106,15 @@ class AdmissionGate:
         except BaseException:
             # Leaving the line without passing: the next one in line may have room.
             self._waiters.remove(turn)
+            self._changed()
             self._wake_next()
             raise
+        # Counted by the caller's admission, which tells the watchers once for both changes.
         self._waiters.remove(turn)
+
+    def _changed(self) -> None:
+        for watcher in self._watchers:
+            watcher(self._in_flight, len(self._waiters))
 
     def _wake_next(self) -> None:
         if self._waiters and (self._closed or self._in_flight < self.limit):

@@ -173,7 +173,8 @@ class DeploymentConfig(_Strict):
     jobs_per_message: int = Field(default=1, ge=1, le=256)
     # Jobs one worker holds at once (started and not yet stored). A low message waits before
     # starting its jobs while the worker holds this many (they stay queued in Redis, where
-    # their state says so); a high message never waits. null: twice the engine's batch
+    # their state says so); a high message never waits. The full worker also stops taking
+    # low messages, until a quarter of this is free again. null: twice the engine's batch
     # (batch_size_per_gpu x gpus_per_worker), so the next jobs already wait inside the engine
     # and a finished sequence's slot is refilled in the step it frees.
     max_jobs_in_flight: int | None = Field(default=None, ge=1)

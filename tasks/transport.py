@@ -1,7 +1,7 @@
 """kombu's Redis transport, with two changes that keep a worker alive: a message that is not a
-task envelope is logged and dropped, and a lost connection no longer ends the worker; and one
+task envelope is logged and dropped, and a lost connection no longer ends the worker; one
 that keeps a queue in order: a message popped after the worker stopped consuming goes back
-where it was taken from.
+where it was taken from; and one that makes a queue added to a consumer count at once.
 
 kombu decodes what BRPOP returns inside the consumer loop, and a decoding error there escapes
 to Celery as "Unrecoverable error" and stops the worker: one stray LPUSH of a non-JSON string
@@ -21,6 +21,7 @@ from kombu.transport.virtual import Empty
 from kombu.transport.virtual import Message as VirtualMessage
 from kombu.transport.virtual import QoS as VirtualQoS
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,47 @@ class Message(VirtualMessage):
 
 class Channel(kombu_redis.Channel):
     Message = Message
+    # The socket of the connection that sends BRPOP, and its CLIENT ID (a new connection, after
+    # a reconnection, has a new one); None: not known.
+    _brpop_client: tuple[Any, int] | None = None
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        tag = super().basic_consume(queue, *args, **kwargs)
+        self._restart_brpop()
+        return tag
+
+    def _brpop_start(self, timeout: Any = None) -> None:
+        self._learn_brpop_client()
+        super()._brpop_start(timeout)
+
+    def _learn_brpop_client(self) -> None:
+        """Ask the BRPOP connection its CLIENT ID, once per connection, while it is idle (just
+        before its BRPOP is sent): a blocked connection can only be unblocked by its id."""
+        connection = getattr(self.client, "connection", None)
+        sock = getattr(connection, "_sock", None)
+        if sock is None or (self._brpop_client is not None and self._brpop_client[0] is sock):
+            return
+        try:
+            self._brpop_client = (sock, int(self.client.client_id()))
+        except ResponseError as err:  # CLIENT refused (an ACL): queues added wait for a BRPOP
+            log.debug("no CLIENT ID for the BRPOP connection: %s", err)
+            self._brpop_client = None
+
+    def _restart_brpop(self) -> None:
+        """A queue was added while a BRPOP without it blocks (the worker had stopped taking
+        `low` while full, tasks/intake.py): that BRPOP waits up to brpop_timeout for the other
+        queues, a second of an idle engine each time. CLIENT UNBLOCK ends it at once, as a
+        timeout (kombu then sends the next BRPOP, with every queue); a reply already on its way
+        is not touched (UNBLOCK finds the connection no longer blocked)."""
+        connection = self._in_poll
+        known = self._brpop_client
+        if not connection or known is None or getattr(connection, "_sock", None) is not known[0]:
+            return
+        try:
+            with self.conn_or_acquire() as client:
+                client.client_unblock(known[1])
+        except ResponseError as err:
+            log.debug("could not unblock the BRPOP connection: %s", err)
 
     def _connparams(self, asynchronous: bool = False) -> Any:
         # Once the connection to Redis is lost, kombu tears the channel down and still uses it
@@ -79,6 +121,17 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def _deliver(self, message: Any, queue: str) -> None:
+        if queue and queue not in (self._callbacks or {}):
+            # A BRPOP sent before the worker cancelled the queue's consumer (it is full, or
+            # stopping) returned a message: expected, so no warning (kombu's "No consumers").
+            # It goes back where it was taken from (below).
+            log.debug("a message popped from %s after its consumer was cancelled goes back",
+                      queue)
+            self._reject_inbound_message(message)
+            return
+        super()._deliver(message, queue)
 
     def _reject_inbound_message(self, raw_message: Any) -> None:
         # A BRPOP still in flight when a stopping worker cancels its consumer returns a message

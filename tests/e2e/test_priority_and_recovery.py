@@ -11,7 +11,6 @@ import pytest
 
 from producer import Producer
 from tasks.config import load_config
-from tasks.sweeper import UNACKED_KEY
 from tests.conftest import write_config
 
 
@@ -32,9 +31,10 @@ def _finished_at(producer: Producer, batch_id: str) -> list[float]:
 def test_high_jobs_overtake_a_low_backlog(tmp_path, redis_url, tiny_llama, start_worker,
                                           jobs_per_message):
     # Two task threads and a batch of two: the worker holds max_jobs_in_flight jobs (four,
-    # twice its batch), plus at most one message's worth let in below that; each thread waits
-    # at the gate with one more low message, everything else waits in Redis. The low jobs
-    # waiting inside its engine must not hold up the high ones either.
+    # twice its batch), plus at most one message's worth let in below that; full, it stops
+    # taking low messages (a thread may hold one it took meanwhile, waiting at the gate), and
+    # everything else waits in Redis. The low jobs waiting inside its engine must not hold up
+    # the high ones either.
     config_path = write_config(tmp_path / "d.yaml", redis_url, tiny_llama,
                                num_workers=2, batch_size_per_gpu=2,
                                jobs_per_message=jobs_per_message)
@@ -107,8 +107,9 @@ def test_a_high_job_is_taken_while_the_worker_holds_a_low_flood(tmp_path, redis_
                                                                 tiny_llama, start_worker):
     """Messages are acknowledged once their jobs start, and a low message waits at the
     admission gate while the worker holds max_jobs_in_flight jobs (twice its batch of two
-    here). So the worker holds no more of a flood than that, and a high message, which never
-    waits at the gate, starts long before the flood is through."""
+    here), and the full worker stops taking low messages. So the worker holds no more of a
+    flood than that, and a high message, which never waits at the gate, starts long before the
+    flood is through."""
     per_message, threads = 2, 3
     config_path = write_config(tmp_path / "d.yaml", redis_url, tiny_llama, num_workers=threads,
                                batch_size_per_gpu=2, jobs_per_message=per_message)
@@ -116,13 +117,12 @@ def test_a_high_job_is_taken_while_the_worker_holds_a_low_flood(tmp_path, redis_
     assert limit == 4
     with Producer(load_config(config_path)) as producer:
         low = producer.submit(_jobs(tmp_path / "low.jsonl", 40, 32, "low"), priority="low")
-        start_worker(config_path, concurrency=threads)
-        # The flood is held: the worker is at its limit, every task thread holds a low message
-        # waiting at the gate (the only messages kombu still counts as unacknowledged: the
-        # others were acknowledged when their jobs started), the rest is queued in Redis.
+        worker = start_worker(config_path, concurrency=threads)
+        # The flood is held: the worker is at its limit and has stopped taking low messages
+        # (those it took meanwhile wait at the gate), the rest is queued in Redis.
         deadline = time.monotonic() + 60
         while (producer.status(low.batch_id).count("running") < limit
-               or producer.store.client.hlen(UNACKED_KEY) < threads):
+               or "stops taking low messages" not in worker.log()):
             assert time.monotonic() < deadline, "the worker never filled up with low jobs"
             time.sleep(0.02)
         high = producer.submit(_jobs(tmp_path / "high.jsonl", 1, 8, "high"), priority="high")

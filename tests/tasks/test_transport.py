@@ -85,3 +85,34 @@ def test_a_message_popped_after_the_consumer_stopped_goes_back_where_it_was(redi
     assert order == ["b:L1", "b:L2", "b:L3"]  # the next one consumed is still the oldest
     assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
     conn.release()
+
+
+def test_a_queue_added_while_a_brpop_without_it_blocks_is_consumed_at_once(redis_url):
+    """A full worker stops consuming `low` and later adds it back (tasks/intake.py) while its
+    BRPOP on `high` alone blocks in Redis. That BRPOP is ended at once, so the next one takes
+    `low` too, instead of after brpop_timeout (a second of idle engine each time)."""
+    from tests.conftest import eventually
+
+    client = redis.Redis.from_url(redis_url)
+    conn, got = consumer(redis_url)
+    channel = conn.default_channel
+    # Long enough that a BRPOP left alone outlasts the patience below.
+    channel.brpop_timeout = 60
+    with pytest.raises(TimeoutError):
+        conn.drain_events(timeout=0.01)  # sends BRPOP high, and leaves it blocked
+    host, port = channel.client.connection._sock.getsockname()[:2]
+    brpop_addr = f"{host}:{port}"
+
+    def brpop_blocked() -> bool:
+        (info,) = [c for c in client.client_list() if c["addr"] == brpop_addr]
+        return "b" in info["flags"]
+
+    eventually(brpop_blocked, "the BRPOP on high to block")
+    client.lpush("low", MessageBuilder().job_message("b:L1", "b", "low"))
+    listener = Consumer(channel, [Queue("low", routing_key="low")],
+                        callbacks=[lambda body, message: got.append(message)])
+    listener.consume()
+    assert not brpop_blocked()
+    conn.drain_events(timeout=10)
+    assert [m.headers["id"] for m in got] == ["b:L1"]
+    conn.release()
