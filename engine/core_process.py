@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -104,6 +105,11 @@ def rank_main(config: EngineConfig, rank: int, world: int, port: int,
         if front is not None:
             front.send(("error", f"{type(err).__name__}: {err}", detail))
         sys.exit(1)
+    # What exists now (the model's modules, the captured graphs, the tokenizer) lives as long
+    # as the process: out of the collector's sight, a full collection in the step loop walks
+    # only what the steps create.
+    gc.collect()
+    gc.freeze()
     code = 0
     try:
         if rank == 0:

@@ -18,7 +18,6 @@ are registered, so no block is shared while it is being written.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 
 from engine.core.sequence import Sequence
 
@@ -49,14 +48,13 @@ def block_hashes(seq: Sequence, block_size: int, num_blocks: int) -> list[int]:
     return hashes[:num_blocks]
 
 
-@dataclass(frozen=True)
-class _Cached:
-    """What a registered block holds: enough to check a hash hit exactly."""
-
-    hash: int
-    parent: int  # the parent block's content id (ROOT_CONTENT_ID for a first block)
-    tokens: tuple[int, ...]
-    content_id: int
+# What a registered block holds, enough to check a hash hit exactly: (hash, parent content id,
+# token ids, content id), the parent ROOT_CONTENT_ID for a first block. A plain tuple of ints
+# rather than a class: the garbage collector stops tracking such tuples, and a full cache holds
+# hundreds of thousands of entries that every full collection would otherwise walk (pauses of
+# over 100 ms in the step loop).
+_Cached = tuple[int, int, tuple[int, ...], int]
+_HASH, _PARENT, _TOKENS, _CONTENT_ID = range(4)
 
 
 class BlockManager:
@@ -159,8 +157,8 @@ class BlockManager:
 
     def _forget(self, block: int) -> None:
         entry = self._cached.pop(block)
-        if self._index.get(entry.hash) == block:
-            del self._index[entry.hash]
+        if self._index.get(entry[_HASH]) == block:
+            del self._index[entry[_HASH]]
 
     # ---- prefix caching ------------------------------------------------------------------
 
@@ -178,12 +176,12 @@ class BlockManager:
             if block is None:
                 break
             entry = self._cached[block]
-            if entry.parent != parent or entry.tokens != tuple(
+            if entry[_PARENT] != parent or entry[_TOKENS] != tuple(
                 seq.token_ids[i * size : (i + 1) * size]
             ):
                 break  # a hash collision: different contents
             blocks.append(block)
-            parent = entry.content_id
+            parent = entry[_CONTENT_ID]
         return blocks
 
     def share_cost(self, blocks: list[int]) -> int:
@@ -199,13 +197,16 @@ class BlockManager:
                 del self._evictable[block]
             self._ref[block] += 1
         seq.block_table = list(blocks)
-        seq.block_content_ids = [self._cached[b].content_id for b in blocks]
+        seq.block_content_ids = [self._cached[b][_CONTENT_ID] for b in blocks]
 
     def uncomputed_block_hashes(self, seq: Sequence) -> list[int]:
         """The hashes of `seq`'s full blocks of tokens not computed yet: what registering it
         will add to the cache as it goes on."""
         size = self.block_size
-        return block_hashes(seq, size, seq.num_tokens // size)[seq.num_computed_tokens // size :]
+        full, computed = seq.num_tokens // size, seq.num_computed_tokens // size
+        if full <= computed:
+            return []  # most of a batch: decoding inside a block
+        return block_hashes(seq, size, full)[computed:]
 
     def register_computed(self, seq: Sequence) -> None:
         """Register `seq`'s full blocks whose tokens are all computed now (call once its
@@ -231,13 +232,13 @@ class BlockManager:
         other = self._index.get(key)
         if other is not None:
             entry = self._cached[other]
-            if entry.parent == parent and entry.tokens == tokens:
-                return entry.content_id  # computed twice (admitted in the same step)
+            if entry[_PARENT] == parent and entry[_TOKENS] == tokens:
+                return entry[_CONTENT_ID]  # computed twice (admitted in the same step)
             return self._new_content_id()  # a collision: first come keeps the slot
         if block in self._cached:
             raise RuntimeError(f"KV block {block} is registered twice")
         content_id = self._new_content_id()
-        self._cached[block] = _Cached(key, parent, tokens, content_id)
+        self._cached[block] = (key, parent, tokens, content_id)
         self._index[key] = block
         return content_id
 

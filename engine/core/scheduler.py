@@ -268,6 +268,10 @@ class Scheduler:
         manager = self.block_manager
         # Hashes of the full blocks running sequences are yet to compute (prefix caching).
         pending: set[int] | None = None
+        # Blocks the running sequences' next decode step needs, kept up to date as sequences
+        # are admitted (summed once, not once per admission: a step admits dozens into a batch
+        # of hundreds); None after a preemption changed the running set.
+        reserve: int | None = None
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             slots = self.max_num_seqs if seq.priority == 0 else low_slots
@@ -285,9 +289,12 @@ class Scheduler:
             num = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
             if seq.priority > 0:
                 num = min(num, lane.tokens)
-            if not self._can_admit(seq, cached, num):
+            if reserve is None:
+                reserve = self._decode_reserve()
+            if not self._can_admit(seq, cached, num, reserve):
                 budget += self._evict_lower(seq, cached, num, out)
-                if not self._can_admit(seq, cached, num):
+                reserve = self._decode_reserve()
+                if not self._can_admit(seq, cached, num, reserve):
                     break  # FIFO: nothing overtakes the head of the queue
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
@@ -297,6 +304,7 @@ class Scheduler:
             self.prefix_cache_query_tokens += seq.num_tokens
             self.prefix_cache_hit_tokens += seq.num_computed_tokens
             self._schedule(seq, num, out)
+            reserve += manager.blocks_needed(seq, seq.num_tokens + 1)
             budget -= num
             if seq.priority > 0:
                 lane.take(num)
@@ -319,13 +327,22 @@ class Scheduler:
             shared += 1
         return (shared - num_cached_blocks) * size >= seq.num_tokens - shared * size
 
-    def _can_admit(self, seq: Sequence, cached: list[int], num_tokens: int) -> bool:
-        """Whether `seq`, sharing the `cached` blocks, can take blocks for `num_tokens` more
-        tokens and still leave the running sequences the blocks their next decode step needs
-        (else admitting it would only get it, or them, preempted at once and its prefill thrown
-        away). Sharing an evictable cached block takes it out of the free pool too."""
+    def _decode_reserve(self) -> int:
+        """Blocks the running sequences' next decode step needs."""
         manager = self.block_manager
-        reserve = sum(manager.blocks_needed(s, s.num_tokens + 1) for s in self.running)
+        return sum(manager.blocks_needed(s, s.num_tokens + 1) for s in self.running)
+
+    def _can_admit(
+        self, seq: Sequence, cached: list[int], num_tokens: int, reserve: int | None = None
+    ) -> bool:
+        """Whether `seq`, sharing the `cached` blocks, can take blocks for `num_tokens` more
+        tokens and still leave the running sequences the `reserve` blocks their next decode
+        step needs (else admitting it would only get it, or them, preempted at once and its
+        prefill thrown away). Sharing an evictable cached block takes it out of the free pool
+        too."""
+        manager = self.block_manager
+        if reserve is None:
+            reserve = self._decode_reserve()
         tokens = len(cached) * manager.block_size + num_tokens
         needed = cdiv(tokens, manager.block_size) - len(cached) + manager.share_cost(cached)
         return needed + reserve <= manager.num_free_blocks

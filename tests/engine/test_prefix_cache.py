@@ -62,6 +62,25 @@ def test_full_computed_blocks_are_shared_with_refcounts() -> None:
     assert manager.num_free_blocks == 8 and manager.num_cached_blocks == 2
 
 
+def test_cached_entries_are_out_of_the_garbage_collector_s_sight() -> None:
+    # A full cache holds hundreds of thousands of entries; were they tracked, every full
+    # collection in the step loop would walk them all.
+    import gc
+
+    manager = BlockManager(num_blocks=64, block_size=4, enable_caching=True)
+    for i in range(8):
+        seq = make_seq(f"s{i}", [100 * i + t for t in range(17)])
+        admit(manager, seq)
+        compute(manager, seq, 17)
+        manager.free(seq)
+    assert manager.num_cached_blocks == 32
+    # A tuple is untracked in the pass that finds its items untracked: the token tuples in the
+    # first collection, the entries holding them in the next.
+    gc.collect()
+    gc.collect()
+    assert not any(gc.is_tracked(entry) for entry in manager._cached.values())
+
+
 def test_match_leaves_the_last_token_to_compute() -> None:
     manager = BlockManager(num_blocks=8, block_size=4, enable_caching=True)
     a = make_seq("a", list(range(10, 18)))  # exactly two blocks
