@@ -70,13 +70,14 @@ class EngineCollector(Collector):
 
 class AdmissionCollector(Collector):
     """The worker's admission gate (tasks/admission.py): jobs in flight against its limit,
-    `low` messages waiting for room, and whether the worker has stopped taking `low` messages
-    because it is full (tasks/intake.py). A full worker's engine is fed, and the queues'
-    backlog is for other workers."""
+    `low` messages waiting for room, and whether the worker has stopped taking each queue's
+    messages because it is full (tasks/intake.py): tideq_low_consumption_paused,
+    tideq_high_consumption_paused. A full worker's engine is fed, and the queues' backlog is
+    for other workers."""
 
-    def __init__(self, gate: Any, low_intake: Any = None) -> None:
+    def __init__(self, gate: Any, intakes: Sequence[Any] = ()) -> None:
         self._gate = gate
-        self._low_intake = low_intake
+        self._intakes = tuple(intakes)
 
     def collect(self) -> Iterator[Metric]:
         gate = self._gate
@@ -89,10 +90,10 @@ class AdmissionCollector(Collector):
         yield GaugeMetricFamily("tideq_messages_waiting",
                                 "Low messages held by a task thread, waiting for room",
                                 value=float(gate.waiting))
-        if self._low_intake is not None:
-            yield GaugeMetricFamily("tideq_low_consumption_paused",
-                                    "1 while this worker takes no low messages: it is full",
-                                    value=float(self._low_intake.paused))
+        for intake in self._intakes:
+            yield GaugeMetricFamily(f"tideq_{intake.queue}_consumption_paused",
+                                    f"1 while this worker takes no {intake.queue} messages:"
+                                    " it is full", value=float(intake.paused))
 
 
 class QueueDepthCollector(Collector):
@@ -184,11 +185,12 @@ class WorkerMetrics:
         redis_client: the worker's Redis client, for the queue depths (none: no such gauge).
         gpu: whether this worker runs on GPUs (the device memory gauges).
         gate: the worker's admission gate (its gauges; none: no such gauges).
-        low_intake: the worker's LowIntake (whether it takes `low` messages; none: no gauge).
+        intakes: the worker's QueueIntakes (whether it takes each queue's messages; a gauge
+            per queue).
     """
 
     def __init__(self, engine: Any, redis_client: Any = None, gpu: bool = False,
-                 gate: Any = None, low_intake: Any = None) -> None:
+                 gate: Any = None, intakes: Sequence[Any] = ()) -> None:
         self.registry = CollectorRegistry()
         # The port serve() listens on (None: not served).
         self.port: int | None = None
@@ -208,7 +210,7 @@ class WorkerMetrics:
             self.registry.register(QueueDepthCollector(redis_client))
         self.registry.register(DeviceMemoryCollector(gpu))
         if gate is not None:
-            self.registry.register(AdmissionCollector(gate, low_intake))
+            self.registry.register(AdmissionCollector(gate, intakes))
 
     def job_finished(self, state: str, priority: str, tokens: int = 0,
                      seconds: float | None = None, *, prompt_tokens: int = 0,

@@ -25,7 +25,7 @@ from celery import Celery, bootsteps, signals
 from tasks.admission import AdmissionGate
 from tasks.config import ConfigError, DeploymentConfig, config_source
 from tasks.finishers import FINISHER_THREADS, Finishers
-from tasks.intake import FollowLowIntake, LowIntake
+from tasks.intake import FollowIntakes, QueueIntake, queue_intakes
 from tasks.leases import LeaseKeeper
 from tasks.store import JobStore
 from tasks.sweeper import Sweeper
@@ -51,7 +51,7 @@ _FINISHERS_STOP_S = 5.0
 class WorkerRuntime:
     """What the task threads share: the config, the engine, the job store, who we are, the
     admission gate (the jobs held), the finisher threads (which store their outcomes) and the
-    switch that stops taking `low` messages while the gate is full."""
+    intakes that stop taking `low` messages while the gate is full (`high` far beyond it)."""
 
     config: DeploymentConfig
     engine: Any
@@ -63,7 +63,7 @@ class WorkerRuntime:
     gate: AdmissionGate
     finishers: Finishers
     metrics: Any = None
-    low_intake: LowIntake | None = None
+    intakes: tuple[QueueIntake, ...] = ()
 
 
 def pin_gpu_group(config: DeploymentConfig, gpus: str | None = None) -> str:
@@ -155,16 +155,16 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
     from tasks.metrics import WorkerMetrics
 
     gate = AdmissionGate(config.jobs_in_flight_limit)
-    low_intake = LowIntake(gate, worker_name)
+    intakes = queue_intakes(gate, worker_name)
     metrics = WorkerMetrics(engine, store.client, gpu=bool(config.num_gpus), gate=gate,
-                            low_intake=low_intake)
+                            intakes=intakes)
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
     watch_engine(engine, worker_name)
     # The "ready" line is logged at worker_ready (connect_signals): logging is not set up yet.
     return WorkerRuntime(config, engine, store, worker_name, gpu_label,
                          os.path.basename(os.path.normpath(config.model.path)), leases,
-                         gate, Finishers(), metrics, low_intake)
+                         gate, Finishers(), metrics, intakes)
 
 
 def watch_engine(engine: Any, worker_name: str, interval_s: float = 1.0) -> threading.Thread:
@@ -293,7 +293,7 @@ def connect_signals(app: Celery) -> None:
             runtime.leases.stop()
 
     app.steps["worker"].add(LetWaitersInOnStop)
-    app.steps["consumer"].add(FollowLowIntake)
+    app.steps["consumer"].add(FollowIntakes)
 
 
 class LetWaitersInOnStop(bootsteps.StartStopStep):

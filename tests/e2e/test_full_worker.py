@@ -1,5 +1,6 @@
 """A full worker stops taking `low` messages, through a real worker process: they stay in Redis
-while a `high` one is still taken, and once the worker has room it takes them again.
+while a `high` one is still taken, and once the worker has room it takes them again. At twice
+its limit it stops taking `high` messages too, until a job ends.
 
 The worker's engine core process is stopped (SIGSTOP) while the flood arrives, so no job ends
 and the worker stays full for as long as the test looks; SIGCONT lets it drain."""
@@ -41,11 +42,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _paused(port: int) -> float | None:
+def _paused(port: int, queue: str = "low") -> float | None:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "tideq_low_consumption_paused":
+            if sample.name == f"tideq_{queue}_consumption_paused":
                 return sample.value
     return None
 
@@ -127,9 +128,16 @@ def test_a_full_worker_leaves_low_in_redis_takes_high_and_resumes(tmp_path, redi
             # Still full: the low messages taken before the pause wait at the gate.
             assert running(low.batch_id) == limit
             assert "stops taking low messages" in worker.log()
+            # limit low jobs and two high ones: twice the limit in flight, so high is paused
+            # too, and a third high message is left in Redis until a job ends.
+            eventually(lambda: _paused(port, "high") == 1, "the worker to stop taking high")
+            third = producer.submit(_jobs(tmp_path / "high3.jsonl", 1, "high"), priority="high")
 
         assert producer.wait(high.batch_id, timeout=120).succeeded
         assert producer.wait(second.batch_id, timeout=120).succeeded
+        assert producer.wait(third.batch_id, timeout=120).succeeded
+        assert "stops taking high messages" in worker.log()
+        assert "takes high messages again" in worker.log()
         assert producer.wait(low.batch_id, timeout=300).succeeded
         eventually(lambda: _paused(port) == 0, "the drained worker to take low again")
         assert "takes low messages again" in worker.log()
@@ -141,6 +149,12 @@ def test_a_full_worker_leaves_low_in_redis_takes_high_and_resumes(tmp_path, redi
     backlog_started = [float(r.fields["started_at"]) for r in lows if r.job_id in left_in_redis]
     assert len(backlog_started) == len(backlog)
     assert float(first_high.fields["started_at"]) < min(backlog_started)
+    # The third high message started only once a job held at twice the limit had ended.
+    (third_high,) = producer.store.iter_jobs(third.batch_id)
+    held = [r for r in lows if r.job_id not in left_in_redis] + [
+        first_high, *producer.store.iter_jobs(second.batch_id)]
+    first_end = min(float(r.fields["finished_at"]) for r in held)
+    assert float(third_high.fields["started_at"]) >= first_end
 
 
 def test_a_worker_stopped_while_full_drains_and_leaves_the_backlog_queued(
