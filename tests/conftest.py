@@ -20,6 +20,13 @@ from tests.redis_proc import RedisProcess, redis_binary
 
 REPO = Path(__file__).resolve().parent.parent
 
+# One OpenMP thread per torch process (this one and every worker, engine core and benchmark
+# it starts; set before torch is imported). The suite runs several torch processes at once on
+# a machine of two cores: with a thread per core each, every op of a step waits for a thread
+# that another process holds, and a tiny model's step that takes a millisecond took 100 ms
+# and more (e2e tests 10x slower at random). The tiny models gain nothing from a second thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
@@ -118,7 +125,9 @@ class WorkerProcess:
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.2)
+            # Often: a ready worker takes jobs at once, and tests that act on it mid-batch
+            # must see it early.
+            time.sleep(0.02)
         raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:

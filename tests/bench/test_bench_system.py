@@ -21,6 +21,9 @@ from tests.redis_proc import RedisProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "bench" / "bench_system.py"
+# W-system jobs: enough that the timed run outlasts the bench's sampling interval (0.5 s) on
+# a fast CPU, so that the worker's metrics are sampled during it (--quick's 16 took 0.3 s).
+SYSTEM_JOBS = 512
 REQUIRED = {"workload", "model", "card", "gpus", "date", "commit", "unit", "project", "peers",
             "ratios", "settings", "details", "errors", "skipped"}
 
@@ -63,7 +66,7 @@ def test_quick_cpu_run_writes_system_and_reliability(
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TIDEQ_COMMIT": "test-sha"}
     proc = subprocess.run(
         bench_cmd(config, models, out, private_redis.url(), "--workload", "all",
-                  "--kill-worker"),
+                  "--kill-worker", "--jobs", str(SYSTEM_JOBS)),
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=170,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -87,12 +90,13 @@ def test_quick_cpu_run_writes_system_and_reliability(
     assert system["ratios"]["vs_engine_alone"] == pytest.approx(
         system["project"] / system["peers"]["engine_alone"])
     (run,) = system["details"]["runs"]
-    assert run["jobs"] == 16 and run["states"] == {"done": 16}
-    assert run["output_tokens"] == 16 * 8 and run["short_outputs"] == 0  # EOS never ended one
+    assert run["jobs"] == SYSTEM_JOBS and run["states"] == {"done": SYSTEM_JOBS}
+    # EOS never ended one:
+    assert run["output_tokens"] == SYSTEM_JOBS * 8 and run["short_outputs"] == 0
     assert run["first_started_s"] > 0 and run["jobs_per_s"] > 0
     assert run["samples"]["samples"] >= 1  # the worker's metrics endpoint answered
     (alone,) = system["details"]["engine_alone"]["runs"]
-    assert alone["jobs"] == 16 and alone["output_tokens"] == 16 * 8
+    assert alone["jobs"] == SYSTEM_JOBS and alone["output_tokens"] == SYSTEM_JOBS * 8
     prompts = system["settings"]["reps"][0]
     assert 40 <= prompts["prompt_tokens_min"] <= prompts["prompt_tokens_max"] <= 470
     assert system["diagnostics"]["worker_start_s"] > 0

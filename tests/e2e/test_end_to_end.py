@@ -226,7 +226,8 @@ def test_a_monitor_turns_task_events_on(tmp_path, config_path, producer, start_w
             assert listening.wait(20), "the event receiver heard nothing from the worker"
             run_one("unwatched")
             assert seen == []
-            replies = app.control.enable_events(reply=True, timeout=5)
+            # One worker here: its reply ends the wait (the timeout is only the patience).
+            replies = app.control.enable_events(reply=True, timeout=5, limit=1)
             assert replies, "no worker answered enable_events"
             run_one("watched")
             deadline = time.monotonic() + 10

@@ -67,13 +67,18 @@ def assert_exactly_once(producer: Producer, batch_id: str, n: int,
     return records
 
 
-def running_with_message_acknowledged(producer: Producer, batch_id: str) -> set[str]:
+def jobs_done(producer: Producer, batch_ids: list[str]) -> int:
+    return sum(producer.status(b).count("done") for b in batch_ids)
+
+
+def running_with_message_acknowledged(producer: Producer, batch_ids: list[str]) -> set[str]:
     """Running jobs whose message kombu no longer holds: it was acknowledged when they
     started, so only their leases bring them back if their worker dies."""
     held: set[str] = set()
     for raw in producer.store.client.hvals(UNACKED_KEY):
         held.update(job_ids_of(json.loads(raw)[0]))
-    running = {r.job_id for r in producer.store.iter_jobs(batch_id) if r.state == "running"}
+    running = {r.job_id for b in batch_ids for r in producer.store.iter_jobs(b)
+               if r.state == "running"}
     return running - held
 
 
@@ -84,17 +89,22 @@ def test_kill_9_of_a_worker_mid_batch_repeated(tmp_path, redis_url, tiny_llama, 
     config_path = fault_config(tmp_path, redis_url, tiny_llama, num_workers=threads,
                                batch_size_per_gpu=6, jobs_per_message=jobs_per_message)
     with Producer(load_config(config_path)) as producer:
-        batch = producer.submit(prompts(tmp_path / "p.jsonl", 60, 24, "kill")).batch_id
+        batches: list[str] = []
         for kill in range(3):
+            # Each round's worker finds a batch of its own queued, besides what the killed
+            # ones left: a worker can finish a few dozen tiny jobs in the moment it takes to
+            # see it busy, and one batch for all rounds could run out before the last kill.
+            batches.append(producer.submit(
+                prompts(tmp_path / f"p{kill}.jsonl", 30, 24, f"kill{kill}")).batch_id)
             worker = start_worker(config_path, concurrency=threads)
-            done_before = producer.status(batch).count("done")
-            wait_until(lambda n=done_before: producer.status(batch).count("done") > n + 2
-                       and running_with_message_acknowledged(producer, batch), 120,
+            done_before = jobs_done(producer, batches)
+            wait_until(lambda n=done_before: jobs_done(producer, batches) > n + 2
+                       and running_with_message_acknowledged(producer, batches), 120,
                        f"the worker of round {kill} to be busy")
             # Killed while it runs jobs whose messages are already acknowledged.
             worker.stop(signal.SIGKILL)
         start_worker(config_path, concurrency=threads)
-        records = assert_exactly_once(producer, batch, 60)
+        records = [r for b in batches for r in assert_exactly_once(producer, b, 30)]
         assert sum(int(r.fields.get("deliveries", 0)) for r in records) >= 3
 
 

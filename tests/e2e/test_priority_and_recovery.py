@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from producer import Producer
 from tasks.config import load_config
-from tests.conftest import write_config
+from tests.conftest import eventually, write_config
 
 
 def _jobs(path: Path, n: int, max_tokens: int, tag: str) -> Path:
@@ -41,11 +40,10 @@ def test_high_jobs_overtake_a_low_backlog(tmp_path, redis_url, tiny_llama, start
     with Producer(load_config(config_path)) as producer:
         low = producer.submit(_jobs(tmp_path / "low.jsonl", 40, 48, "low"), priority="low")
         start_worker(config_path, concurrency=2)
-        # Let the worker get busy with the low backlog before the high jobs arrive.
-        deadline = time.monotonic() + 60
-        while producer.status(low.batch_id).count("done") < 2:
-            assert time.monotonic() < deadline, "the worker never started on the low jobs"
-            time.sleep(0.05)
+        # Let the worker get busy with the low backlog before the high jobs arrive (polled
+        # often: the backlog must still be there when they do).
+        eventually(lambda: producer.status(low.batch_id).count("done") >= 2,
+                   "the worker to start on the low jobs", patience_s=60)
         high = producer.submit(_jobs(tmp_path / "high.jsonl", 6, 8, "high"), priority="high")
         low_done_at_high_submit = producer.status(low.batch_id).count("done")
 
@@ -68,16 +66,17 @@ def test_a_killed_worker_s_jobs_are_finished_exactly_once(tmp_path, redis_url, t
                                                           start_worker):
     """kill -9 mid-batch: the unacknowledged jobs are redelivered to the next worker and
     every job ends done exactly once."""
+    # Short leases and sweeps: the killed worker's running jobs come back within seconds
+    # (the default 30 s lease would only be waited out here).
     config_path = write_config(tmp_path / "d.yaml", redis_url, tiny_llama, num_workers=4,
                                batch_size_per_gpu=4,
-                               redis={"visibility_timeout_s": 3, "restore_interval_s": 1})
+                               redis={"visibility_timeout_s": 3, "restore_interval_s": 1,
+                                      "lease_s": 2.0, "sweep_interval_s": 0.5})
     with Producer(load_config(config_path)) as producer:
         batch = producer.submit(_jobs(tmp_path / "p.jsonl", 24, 64, "crash"))
         first = start_worker(config_path, concurrency=4)
-        deadline = time.monotonic() + 60
-        while producer.status(batch.batch_id).count("running") == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        eventually(lambda: producer.status(batch.batch_id).count("running") > 0,
+                   "the first worker to run jobs", patience_s=60)
         first.stop(signal.SIGKILL)
         in_flight = producer.status(batch.batch_id).count("running")
         assert in_flight > 0
@@ -120,11 +119,9 @@ def test_a_high_job_is_taken_while_the_worker_holds_a_low_flood(tmp_path, redis_
         worker = start_worker(config_path, concurrency=threads)
         # The flood is held: the worker is at its limit and has stopped taking low messages
         # (those it took meanwhile wait at the gate), the rest is queued in Redis.
-        deadline = time.monotonic() + 60
-        while (producer.status(low.batch_id).count("running") < limit
-               or "stops taking low messages" not in worker.log()):
-            assert time.monotonic() < deadline, "the worker never filled up with low jobs"
-            time.sleep(0.02)
+        eventually(lambda: producer.status(low.batch_id).count("running") >= limit
+                   and "stops taking low messages" in worker.log(),
+                   "the worker to fill up with low jobs", patience_s=60)
         high = producer.submit(_jobs(tmp_path / "high.jsonl", 1, 8, "high"), priority="high")
         assert producer.wait(high.batch_id, timeout=120).succeeded
         assert producer.wait(low.batch_id, timeout=300).succeeded
