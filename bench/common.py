@@ -115,6 +115,30 @@ def free_device_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def gpu_checkpoint(model_dir: Path, model: str) -> Path:
+    """The random bf16 Llama checkpoint of shape `model` ("1b", "8b") in model_dir, built on
+    the GPU when missing (engine/random_checkpoint.py), with the memory its build used given
+    back."""
+    import torch
+
+    from engine.random_checkpoint import ensure_checkpoint
+
+    path = ensure_checkpoint(model_dir / f"llama-{model}", arch="llama", shape=model,
+                             dtype="bfloat16", seed=0, device="cuda")
+    torch.cuda.empty_cache()
+    return Path(path)
+
+
+def deployment_engine_config(config_path: str | Path, model_path: Path) -> Any:
+    """The EngineConfig a worker of the deployment `config_path` would run, on model_path."""
+    from dataclasses import replace
+
+    from tasks.config import load_config
+    from tasks.worker import engine_config_for
+
+    return replace(engine_config_for(load_config(config_path)), model_path=str(model_path))
+
+
 def measure_bandwidth(
     device: str, nbytes: int, reps: int = 10, warmup: int = 3
 ) -> dict[str, float]:

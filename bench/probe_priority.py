@@ -212,16 +212,10 @@ def main() -> None:
 
     import torch
 
-    from engine.random_checkpoint import ensure_checkpoint
-    from tasks.config import load_config
-    from tasks.worker import engine_config_for
+    from bench.common import deployment_engine_config, gpu_checkpoint
 
-    path = ensure_checkpoint(args.model_dir / f"llama-{args.model}", arch="llama",
-                             shape=args.model, dtype="bfloat16", seed=0, device="cuda")
-    torch.cuda.empty_cache()
-    deployment = load_config(args.config)
-    base = engine_config_for(deployment)
-    base.model_path = str(path)
+    path = gpu_checkpoint(args.model_dir, args.model)
+    base = deployment_engine_config(args.config, path)
     base.core = "thread"  # the runner's per-step profile is read in this process
     base.enable_prefix_caching = False
     from transformers import AutoConfig

@@ -126,16 +126,12 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
+    from bench.common import deployment_engine_config, gpu_checkpoint
     from engine.distributed import ParallelGroup
     from engine.executor.runner import ModelRunner
-    from engine.random_checkpoint import ensure_checkpoint
-    from tasks.config import load_config
-    from tasks.worker import engine_config_for
 
-    path = ensure_checkpoint(args.model_dir / f"llama-{args.model}", arch="llama",
-                             shape=args.model, dtype="bfloat16", seed=0, device="cuda")
-    torch.cuda.empty_cache()
-    config = replace(engine_config_for(load_config(args.config)), model_path=str(path))
+    path = gpu_checkpoint(args.model_dir, args.model)
+    config = deployment_engine_config(args.config, path)
     for item in args.set:
         key, value = item.split("=", 1)
         old = getattr(config, key)

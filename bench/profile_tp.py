@@ -112,11 +112,9 @@ def main() -> None:
     parser.add_argument("--runs", default="1:1,2:1,2:0", help="world:custom_all_reduce,...")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
-    from engine.random_checkpoint import ensure_checkpoint
+    from bench.common import gpu_checkpoint
 
-    path = ensure_checkpoint(args.model_dir / f"llama-{args.model}", arch="llama",
-                             shape=args.model, dtype="bfloat16", seed=0, device="cuda")
-    torch.cuda.empty_cache()
+    path = gpu_checkpoint(args.model_dir, args.model)
     records = []
     for item in args.runs.split(","):
         world, custom = (int(v) for v in item.split(":"))
