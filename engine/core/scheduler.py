@@ -244,15 +244,14 @@ class Scheduler:
         """Whether the first waiting sequence has a running slot it may take. The slots
         reserved for high work do not count for a low head: a flood of low work waiting while
         those slots stand empty does not make the next step's batch any different."""
-        if not self.waiting:
-            return False
-        head = self.waiting[0]
-        slots = (
-            self.max_num_seqs
-            if head.priority == 0
-            else self.max_num_seqs - self.reserved_high_slots
+        return bool(self.waiting) and len(self.running) < self._slots_for(self.waiting[0])
+
+    def _slots_for(self, seq: Sequence) -> int:
+        """Running sequences at most beside which `seq` may be admitted: all of them for high
+        work, those not reserved for it for low work."""
+        return (
+            self.max_num_seqs if seq.priority == 0 else self.max_num_seqs - self.reserved_high_slots
         )
-        return len(self.running) < slots
 
     def _low_lane(self) -> _LowLane:
         """This step's limits on low work: the fast lane's while high work is present."""
@@ -264,7 +263,6 @@ class Scheduler:
         return _LowLane(self.low_seqs_while_high, self.low_tokens_while_high)
 
     def _admit(self, budget: int, out: SchedulerOutput, lane: _LowLane) -> None:
-        low_slots = self.max_num_seqs - self.reserved_high_slots
         manager = self.block_manager
         # Hashes of the full blocks running sequences are yet to compute (prefix caching).
         pending: set[int] | None = None
@@ -274,8 +272,7 @@ class Scheduler:
         reserve: int | None = None
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            slots = self.max_num_seqs if seq.priority == 0 else low_slots
-            if len(self.running) >= slots:
+            if len(self.running) >= self._slots_for(seq):
                 break  # waiting is sorted, so nothing behind it may take a slot either
             if seq.priority > 0 and not lane.open:
                 break  # and behind a low sequence there is only low work
