@@ -15,12 +15,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.layers.attention import AttentionMetadata
 from engine.models import CausalLM
+
+if TYPE_CHECKING:
+    # What CUDAGraph.pool() returns: a memory pool later captures may share.
+    from torch.cuda import _POOL_HANDLE as GraphPool
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -68,6 +73,57 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [s for s in SMALL_SIZES if s < max_num_seqs]
     sizes += list(range(SIZE_STEP, max_num_seqs, SIZE_STEP))
     return [*sizes, max_num_seqs]
+
+
+class HostStaging:
+    """A captured step's way in and out of the device: its integer inputs, written on the host
+    and sent in one copy, and its sampled tokens, copied back. Two pinned buffers of each are
+    used in turn: a step may be launched while the one before it still runs (its inputs still
+    being copied, its tokens not read yet), so neither may be overwritten. On the CPU: plain
+    memory and no events.
+
+    Args:
+        size: int64 inputs of the largest step.
+        rows: tokens sampled by the largest step.
+    """
+
+    def __init__(self, size: int, rows: int, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.inputs = [torch.zeros(size, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self.inputs_np: list[np.ndarray] = [h.numpy() for h in self.inputs]
+        self._sent = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self._tokens = [torch.zeros(rows, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._tokens_ready = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self._turn = 0
+
+    def next_turn(self) -> int:
+        """The buffers of the next step (write its inputs into inputs_np[turn]), once their
+        last copy to the device, two launches ago, has left them."""
+        turn = self._turn
+        self._turn ^= 1
+        sent = self._sent[turn]
+        if sent is not None:
+            sent.synchronize()
+        return turn
+
+    def send(self, turn: int, device_buffer: torch.Tensor, used: int) -> None:
+        """Queue the copy of the first `used` inputs of `turn` into device_buffer."""
+        device_buffer[:used].copy_(self.inputs[turn][:used], non_blocking=True)
+        sent = self._sent[turn]
+        if sent is not None:
+            sent.record()
+
+    def fetch(
+        self, turn: int, n: int, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Queue the copy of a step's `n` sampled tokens to the host; returns the host tensor
+        and the event after which it holds them (None on the CPU: at once)."""
+        host = self._tokens[turn][:n]
+        host.copy_(tokens, non_blocking=True)
+        ready = self._tokens_ready[turn]
+        if ready is not None:
+            ready.record()
+        return host, ready
 
 
 class DecodeGraphs:
@@ -119,16 +175,7 @@ class DecodeGraphs:
             0, m, 2 * m, 3 * m, 4 * m
         )  # fmt: skip
         total = 4 * m + m * max_blocks
-        cuda = device.type == "cuda"
-        # Two of each host-side buffer and event, used in turn: a step may be launched while
-        # the one before it still runs (see launch), so neither's inputs nor tokens may be
-        # overwritten.
-        self.hosts = [torch.zeros(total, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-        self.hosts_np: list[np.ndarray] = [h.numpy() for h in self.hosts]
-        self.copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
-        self.host_tokens = [torch.zeros(m, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-        self.tokens_ready = [torch.cuda.Event() if cuda else None for _ in range(2)]
-        self._turn = 0
+        self.staging = HostStaging(total, m, device)
         self.buffer = torch.zeros(total, dtype=torch.long, device=device)
         self.rows = torch.arange(m, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -149,13 +196,13 @@ class DecodeGraphs:
         return b[self.o_ids : self.o_ids + bs], b[self.o_pos : self.o_pos + bs], meta
 
     @torch.inference_mode()
-    def capture(self, pool: tuple[int, int] | None = None) -> None:
+    def capture(self, pool: GraphPool | None = None) -> None:
         """Capture every batch size, largest first, in one memory pool (`pool`: one the mixed
         steps' graphs already use, so that both share their working memory)."""
         t0 = time.perf_counter()
         free_before, _ = torch.cuda.mem_get_info(self.device)
         self._fill(0, [], [], [], [], self.max_bs)  # every row padding: writes go to scratch
-        self.buffer.copy_(self.hosts[0])
+        self.buffer.copy_(self.staging.inputs[0])
         for bs in reversed(self.sizes):
             ids, pos, meta = self._views(bs)
             # Warm-up outside the graph (compiles the kernels, settles the allocator).
@@ -209,7 +256,7 @@ class DecodeGraphs:
     ) -> None:
         """Write a step's inputs into host buffer `turn`; rows n..bs are padding."""
         n = len(positions)
-        h = self.hosts_np[turn]
+        h = self.staging.inputs_np[turn]
         scratch_slot = self.scratch_block * self.block_size
         h[self.o_ids : self.o_ids + len(ids)] = ids
         h[self.o_ids + len(ids) : self.o_ids + bs] = 0
@@ -243,29 +290,19 @@ class DecodeGraphs:
         n = len(positions)
         bs = self.batch_size_for(n)
         assert bs is not None, f"no graph holds a batch of {n}"
-        turn = self._turn
-        self._turn ^= 1
-        copied = self.copied[turn]
-        if copied is not None:
-            copied.synchronize()  # this buffer's last copy (two launches ago) has left it
+        staging = self.staging
+        turn = staging.next_turn()
         self._fill(turn, ids, positions, slots, tables, bs)
-        used = self.o_tab + bs * self.max_blocks
-        self.buffer[:used].copy_(self.hosts[turn][:used], non_blocking=True)
-        if copied is not None:
-            copied.record()
+        staging.send(turn, self.buffer, self.o_tab + bs * self.max_blocks)
         if ids_from is not None:
             self.buffer[self.o_ids : self.o_ids + n].copy_(ids_from)
-        host_tokens = self.host_tokens[turn][:n]
-        if not self.replay:
+        if self.replay:
+            self.graphs[bs].replay()
+            logits, tokens = self.logits[bs][:n], self.tokens[bs][:n]
+        else:
             ids_t, pos_t, meta = self._views(bs)
             logits = self.model.compute_logits(self.model(ids_t, pos_t, self.kv_caches, meta))
-            tokens = logits[:n].argmax(dim=-1)
-            host_tokens.copy_(tokens)
-            return GraphStep(n, logits[:n], tokens, host_tokens, None)
-        self.graphs[bs].replay()
-        tokens = self.tokens[bs][:n]
-        host_tokens.copy_(tokens, non_blocking=True)
-        ready = self.tokens_ready[turn]
-        assert ready is not None
-        ready.record()
-        return GraphStep(n, self.logits[bs][:n], tokens, host_tokens, ready)
+            logits = logits[:n]
+            tokens = logits.argmax(dim=-1)
+        host_tokens, ready = staging.fetch(turn, n, tokens)
+        return GraphStep(n, logits, tokens, host_tokens, ready)

@@ -30,13 +30,18 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
-from engine.executor.cuda_graphs import GraphStep, argmax
+from engine.executor.cuda_graphs import GraphStep, HostStaging, argmax
 from engine.layers.attention import AttentionMetadata, PrefillTiles
 from engine.models import CausalLM
+
+if TYPE_CHECKING:
+    from engine.executor.cuda_graphs import GraphPool
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +68,26 @@ def mixed_token_sizes(max_tokens: int) -> list[int]:
     return [*sizes, max_tokens]
 
 
-@dataclass
-class MixedChunk:
-    """One chunk of a mixed step: tokens [start, start + len(ids)) of a sequence whose
-    block table covers them; `samples`: a token is sampled after its last one."""
+class ChunkSequence(Protocol):
+    @property
+    def token_ids(self) -> list[int]: ...
+    @property
+    def block_table(self) -> list[int]: ...
 
-    ids: Sequence[int]
-    start: int
-    block_table: Sequence[int]
-    samples: bool
+
+class MixedChunk(Protocol):
+    """One chunk of a mixed step, as the scheduler hands it over: tokens [start, start +
+    num_tokens) of `seq`, whose block table covers them; `samples`: a token is sampled after
+    its last one."""
+
+    @property
+    def seq(self) -> ChunkSequence: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def samples(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -101,7 +117,7 @@ class MixedLayout:
         tiles = -(-tokens // tile) + chunks
         return cls(tokens, seqs, chunks + 1, tiles, seqs, blocks)
 
-    @property
+    @cached_property
     def offsets(self) -> dict[str, int]:
         t, d, p, w, b = self.tokens, self.decode, self.chunks, self.tiles, self.blocks
         sizes = [
@@ -165,18 +181,8 @@ class MixedGraphs:
             for t in mixed_token_sizes(max_tokens)
         ]
         total = max(layout.total for layout in self.layouts)
-        cuda = device.type == "cuda"
-        # Two host buffers used in turn, as in DecodeGraphs: the copy of one step may still be
-        # in flight when the next is filled.
-        self.hosts = [torch.zeros(total, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-        self.hosts_np: list[np.ndarray] = [h.numpy() for h in self.hosts]
-        self.copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
         max_rows = max(layout.rows for layout in self.layouts)
-        self.host_tokens = [
-            torch.zeros(max_rows, dtype=torch.long, pin_memory=cuda) for _ in range(2)
-        ]
-        self.tokens_ready = [torch.cuda.Event() if cuda else None for _ in range(2)]
-        self._turn = 0
+        self.staging = HostStaging(total, max_rows, device)
         self.buffer = torch.zeros(total, dtype=torch.long, device=device)
         # Shared by every captured size (allocated by the first warm-up, which knows the
         # logits' dtype and vocabulary width).
@@ -188,11 +194,12 @@ class MixedGraphs:
     def max_tokens(self) -> int:
         return self.layouts[-1].tokens
 
-    def layout_for(self, num_tokens: int) -> MixedLayout | None:
-        """The smallest captured layout of at least num_tokens tokens (None: too many)."""
+    def layout_for(self, num_tokens: int, num_chunks: int) -> MixedLayout | None:
+        """The smallest captured layout that holds a step of num_tokens tokens in num_chunks
+        chunks (None: no captured size does)."""
         for layout in self.layouts:
             if layout.tokens >= num_tokens:
-                return layout
+                return layout if num_chunks <= layout.decode else None
         return None
 
     def _views(
@@ -241,14 +248,14 @@ class MixedGraphs:
         self.tokens[:n].copy_(argmax(self.logits[:n]))
 
     @torch.inference_mode()
-    def capture(self, pool: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    def capture(self, pool: GraphPool | None = None) -> GraphPool | None:
         """Capture every size, largest first, in one memory pool (`pool`, or a new one);
         return the pool, for the decode graphs to share."""
         t0 = time.perf_counter()
         free_before, _ = torch.cuda.mem_get_info(self.device)
         for layout in reversed(self.layouts):
             self._fill(0, layout, [])  # every token padding: writes go to scratch
-            self.buffer[: layout.total].copy_(self.hosts[0][: layout.total])
+            self.buffer[: layout.total].copy_(self.staging.inputs[0][: layout.total])
             self._forward(layout)  # warm-up: compiles the kernels, settles the allocator
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
@@ -278,7 +285,7 @@ class MixedGraphs:
     def _fill(self, turn: int, layout: MixedLayout, chunks: Sequence[MixedChunk]) -> int:
         """Write a step's inputs into host buffer `turn` in `layout`; return its sampling
         rows."""
-        h = self.hosts_np[turn]
+        h = self.staging.inputs_np[turn]
         o = layout.offsets
         bs, nb = self.block_size, layout.blocks
         ids = h[o["ids"] : o["ids"] + layout.tokens]
@@ -296,20 +303,26 @@ class MixedGraphs:
         t_start: list[int] = []
         row = nd = npf = ns = 0
         for chunk in chunks:
-            n = len(chunk.ids)
-            end = chunk.start + n
-            table = np.asarray(chunk.block_table[: -(-end // bs)], dtype=np.int64)
-            p = np.arange(chunk.start, end)
-            ids[row : row + n] = chunk.ids
-            pos[row : row + n] = p
-            slots[row : row + n] = table[p // bs] * bs + p % bs
-            if n == 1:
+            seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
+            end = start + n
+            table = seq.block_table
+            if n == 1:  # most rows of a step: plain integers, no arrays to build
+                blocks = start // bs + 1
+                ids[row] = seq.token_ids[start]
+                pos[row] = start
+                slots[row] = table[start // bs] * bs + start % bs
                 d_rows[nd], d_lens[nd] = row, end
-                d_tab[nd, : len(table)] = table
+                d_tab[nd, :blocks] = table[:blocks]
                 nd += 1
             else:
+                blocks = -(-end // bs)
+                chunk_table = np.asarray(table[:blocks], dtype=np.int64)
+                p = np.arange(start, end)
+                ids[row : row + n] = seq.token_ids[start:end]
+                pos[row : row + n] = p
+                slots[row : row + n] = chunk_table[p // bs] * bs + p % bs
                 c_row[npf], c_len[npf], c_ctx[npf] = row, n, end
-                c_tab[npf, : len(table)] = table
+                c_tab[npf, :blocks] = chunk_table
                 for first in range(0, n, self.tile):
                     t_chunk.append(npf)
                     t_start.append(first)
@@ -334,34 +347,19 @@ class MixedGraphs:
         s_rows[ns:] = 0
         return ns
 
-    def launch(self, chunks: Sequence[MixedChunk]) -> GraphStep:
-        """Queue one mixed step on the device and return at once; the result's logits and
-        tokens are those of the sampling chunks, in order (valid until the next launch)."""
-        layout = self.layout_for(sum(len(c.ids) for c in chunks))
-        assert layout is not None, "the step has more tokens than any captured size"
-        turn = self._turn
-        self._turn ^= 1
-        copied = self.copied[turn]
-        if copied is not None:
-            copied.synchronize()  # this buffer's last copy (two launches ago) has left it
+    def launch(self, chunks: Sequence[MixedChunk], layout: MixedLayout) -> GraphStep:
+        """Queue one mixed step on the device in `layout` (layout_for) and return at once; the
+        result's logits and tokens are those of the sampling chunks, in order (valid until the
+        next launch)."""
+        staging = self.staging
+        turn = staging.next_turn()
         n = self._fill(turn, layout, chunks)
-        self.buffer[: layout.total].copy_(self.hosts[turn][: layout.total], non_blocking=True)
-        if copied is not None:
-            copied.record()
-        host_tokens = self.host_tokens[turn][:n]
-        if not self.replay:
-            self._forward(layout)
-        else:
+        staging.send(turn, self.buffer, layout.total)
+        if self.replay:
             self.graphs[layout.tokens].replay()
+        else:
+            self._forward(layout)
         assert self.logits is not None
         tokens = self.tokens[:n]
-        host_tokens.copy_(tokens, non_blocking=self.replay)
-        ready = self.tokens_ready[turn] if self.replay else None
-        if ready is not None:
-            ready.record()
+        host_tokens, ready = staging.fetch(turn, n, tokens)
         return GraphStep(n, self.logits[:n], tokens, host_tokens, ready)
-
-    def fits(self, num_tokens: int, num_chunks: int) -> bool:
-        """Whether a step of num_tokens tokens in num_chunks chunks has a captured size."""
-        layout = self.layout_for(num_tokens)
-        return layout is not None and num_chunks <= layout.decode

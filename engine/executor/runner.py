@@ -26,7 +26,7 @@ from engine.config import EngineConfig
 from engine.distributed import ParallelGroup
 from engine.executor.cuda_graphs import DecodeGraphs, GraphStep
 from engine.executor.loader import load_model
-from engine.executor.mixed_graphs import MixedChunk, MixedGraphs
+from engine.executor.mixed_graphs import MixedGraphs, MixedLayout
 from engine.executor.sampler import sample
 from engine.layers.attention import (
     ChunkSpec,
@@ -373,8 +373,11 @@ class ModelRunner:
                 self._record(kind, out, t0, t_enqueued, start if kind == "graph" else None, end)
             return result
         mixed = self.mixed
-        if mixed is not None and mixed.fits(sum(c.num_tokens for c in chunks), len(chunks)):
-            result, t_enqueued, end = self._mixed_graph(out, mixed)
+        layout = None
+        if mixed is not None:
+            layout = mixed.layout_for(sum(c.num_tokens for c in chunks), len(chunks))
+        if mixed is not None and layout is not None:
+            result, t_enqueued, end = self._mixed_graph(out, mixed, layout)
             if self.profile is not None:
                 self._record("mixed", out, t0, t_enqueued, start, end)
             return result
@@ -422,21 +425,12 @@ class ModelRunner:
         return result, kind, t_enqueued, end
 
     def _mixed_graph(
-        self, out: ScheduledStep, mixed: MixedGraphs
+        self, out: ScheduledStep, mixed: MixedGraphs, layout: MixedLayout
     ) -> tuple[list[int], float, torch.cuda.Event | None]:
-        """A step with prefill chunks through the captured mixed-step graphs. Returns the
-        sampled tokens, when its last work was queued and (profiling) an event after it."""
-        step = mixed.launch(
-            [
-                MixedChunk(
-                    c.seq.token_ids[c.start : c.start + c.num_tokens],
-                    c.start,
-                    c.seq.block_table,
-                    c.samples,
-                )
-                for c in out.chunks
-            ]
-        )
+        """A step with prefill chunks through the captured mixed-step graphs, in `layout`.
+        Returns the sampled tokens, when its last work was queued and (profiling) an event
+        after it."""
+        step = mixed.launch(out.chunks, layout)
         sampling = out.sampling_chunks
         if not sampling:  # prefill chunks only: nothing to wait for
             end = self._event() if self.profile is not None else None
