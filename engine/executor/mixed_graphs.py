@@ -31,12 +31,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.executor.cuda_graphs import GraphStep, HostStaging, argmax
+from engine.executor.step import StepChunk
 from engine.layers.attention import AttentionMetadata, PrefillTiles
 from engine.models import CausalLM
 
@@ -66,28 +67,6 @@ def mixed_token_sizes(max_tokens: int) -> list[int]:
         sizes.append(size)
         size += FINE_STEP if size < FINE_UNTIL else COARSE_STEP
     return [*sizes, max_tokens]
-
-
-class ChunkSequence(Protocol):
-    @property
-    def token_ids(self) -> list[int]: ...
-    @property
-    def block_table(self) -> list[int]: ...
-
-
-class MixedChunk(Protocol):
-    """One chunk of a mixed step, as the scheduler hands it over: tokens [start, start +
-    num_tokens) of `seq`, whose block table covers them; `samples`: a token is sampled after
-    its last one."""
-
-    @property
-    def seq(self) -> ChunkSequence: ...
-    @property
-    def start(self) -> int: ...
-    @property
-    def num_tokens(self) -> int: ...
-    @property
-    def samples(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -282,7 +261,7 @@ class MixedGraphs:
             graph.reset()
         self.graphs.clear()
 
-    def _fill(self, turn: int, layout: MixedLayout, chunks: Sequence[MixedChunk]) -> int:
+    def _fill(self, turn: int, layout: MixedLayout, chunks: Sequence[StepChunk]) -> int:
         """Write a step's inputs into host buffer `turn` in `layout`; return its sampling
         rows."""
         h = self.staging.inputs_np[turn]
@@ -347,7 +326,7 @@ class MixedGraphs:
         s_rows[ns:] = 0
         return ns
 
-    def launch(self, chunks: Sequence[MixedChunk], layout: MixedLayout) -> GraphStep:
+    def launch(self, chunks: Sequence[StepChunk], layout: MixedLayout) -> GraphStep:
         """Queue one mixed step on the device in `layout` (layout_for) and return at once; the
         result's logits and tokens are those of the sampling chunks, in order (valid until the
         next launch)."""

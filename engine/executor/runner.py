@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -28,6 +28,7 @@ from engine.executor.cuda_graphs import DecodeGraphs, GraphStep
 from engine.executor.loader import load_model
 from engine.executor.mixed_graphs import MixedGraphs, MixedLayout
 from engine.executor.sampler import sample
+from engine.executor.step import ScheduledStep
 from engine.layers.attention import (
     ChunkSpec,
     PagedAttention,
@@ -35,7 +36,7 @@ from engine.layers.attention import (
     paged_attention,
 )
 from engine.models import CausalLM
-from engine.request import EngineError, SamplingParams
+from engine.request import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -46,48 +47,6 @@ MIB = 1 << 20
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _MASK64 = (1 << 64) - 1
-
-
-class StepSequence(Protocol):
-    """What the runner reads of a scheduled sequence (engine.core.sequence.Sequence)."""
-
-    @property
-    def seq_id(self) -> str: ...
-    @property
-    def token_ids(self) -> list[int]: ...
-    @property
-    def block_table(self) -> list[int]: ...
-    @property
-    def sampling(self) -> SamplingParams: ...
-    @property
-    def num_output_tokens(self) -> int: ...
-
-
-class StepChunk(Protocol):
-    """Tokens [start, start + num_tokens) of `seq`, computed this step; `samples`: the chunk
-    reaches the sequence's last token, so a new token is sampled after it."""
-
-    @property
-    def seq(self) -> StepSequence: ...
-    @property
-    def start(self) -> int: ...
-    @property
-    def num_tokens(self) -> int: ...
-    @property
-    def samples(self) -> bool: ...
-
-
-class ScheduledStep(Protocol):
-    """One scheduled step as the runner reads it (engine.core.scheduler.SchedulerOutput)."""
-
-    @property
-    def chunks(self) -> Sequence[StepChunk]: ...
-    @property
-    def sampling_chunks(self) -> Sequence[StepChunk]: ...
-    @property
-    def admission_possible(self) -> bool:
-        """Whether a waiting sequence may be admitted next step (the batch may change)."""
-        ...
 
 
 def blocks_for_sequences(num_seqs: int, max_model_len: int, block_size: int) -> int:
