@@ -38,6 +38,20 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+def lane(seqs: int, tokens: int) -> dict[str, Any]:
+    return {**RESERVED, "low_seqs_while_high": seqs, "low_tokens_while_high": tokens}
+
+
+# `--settings lane-S-T` asks for any lane: S low sequences and T low tokens a step.
+def setting(name: str) -> dict[str, Any]:
+    if name in SETTINGS:
+        return SETTINGS[name]
+    if name.startswith("lane-"):
+        seqs, tokens = name.split("-")[1:3]
+        return lane(int(seqs), int(tokens))
+    raise SystemExit(f"unknown setting {name!r}: one of {', '.join(SETTINGS)} or lane-S-T")
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -223,7 +237,7 @@ def main() -> None:
     vocab = AutoConfig.from_pretrained(path).vocab_size
     results = []
     for name in args.settings.split(","):
-        r = run_setting(name, base, SETTINGS[name], args, vocab)
+        r = run_setting(name, base, setting(name), args, vocab)
         results.append(r)
         print(f"{name}: high p50 {r['high_p50_s']:.3f}s p99 {r['high_p99_s']:.3f}s (idle p50 "
               f"{r['idle_p50_s']:.3f}s, p99/idle {r['high_p99_vs_idle']:.1f}x); low "

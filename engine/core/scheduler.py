@@ -237,14 +237,21 @@ class Scheduler:
         # Admitting while preempting would only thrash: the preempted would evict the admitted.
         if not out.preempted:
             self._admit(budget, out, lane)
-        out.admission_possible = self._head_has_a_slot()
+        out.admission_possible = self._head_may_be_admitted(lane)
         return out
 
-    def _head_has_a_slot(self) -> bool:
-        """Whether the first waiting sequence has a running slot it may take. The slots
-        reserved for high work do not count for a low head: a flood of low work waiting while
-        those slots stand empty does not make the next step's batch any different."""
-        return bool(self.waiting) and len(self.running) < self._slots_for(self.waiting[0])
+    def _head_may_be_admitted(self, lane: _LowLane) -> bool:
+        """Whether the next step may admit the first waiting sequence: it has a running slot
+        it may take and, if low, the fast lane is not already spent by the running low
+        sequences (they take it first next step too). The slots reserved for high work do not
+        count for a low head. Either way a flood of low work waiting does not make the next
+        step's batch any different, so the runner may launch it ahead."""
+        if not self.waiting:
+            return False
+        head = self.waiting[0]
+        if len(self.running) >= self._slots_for(head):
+            return False
+        return head.priority == 0 or lane.open
 
     def _slots_for(self, seq: Sequence) -> int:
         """Running sequences at most beside which `seq` may be admitted: all of them for high

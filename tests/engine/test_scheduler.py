@@ -146,6 +146,26 @@ def test_admission_is_possible_only_where_the_head_has_a_slot() -> None:
     add(sched, "high", 3, priority=0)
     assert sched.schedule().admission_possible is False  # high took the last slot
 
+def test_admission_is_not_possible_while_the_running_low_work_spends_the_lane() -> None:
+    # With high work present, running low sequences take the fast lane first; a low head
+    # behind them cannot be admitted next step, so that step may be launched ahead.
+    sched = make_scheduler(max_num_seqs=8, low_seqs_while_high=2)
+    for i in range(2):
+        add(sched, f"low{i}", 3, max_tokens=30)
+    step(sched)
+    add(sched, "high", 3, priority=0, max_tokens=30)
+    add(sched, "low2", 3, max_tokens=30)
+    step(sched)  # the high prompt
+    out = step(sched)
+    assert sorted(scheduled_ids(out)) == ["high", "low0", "low1"]
+    assert [s.seq_id for s in sched.waiting] == ["low2"]  # it has a slot, not the lane
+    assert out.admission_possible is False
+    # Once a lane place is free, the low head may be admitted again.
+    sched.abort("low1")
+    out = step(sched)
+    assert sorted(scheduled_ids(out)) == ["high", "low0", "low2"]
+
+
 def test_eos_and_max_tokens_and_max_model_len() -> None:
     sched = make_scheduler(max_model_len=6)
     eos = add(sched, "eos", 3)
