@@ -48,24 +48,21 @@ log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 KVCache = tuple[torch.Tensor, torch.Tensor]
-# Token counts captured: powers of two from 64, then steps of 256 up to 4096 and 512 beyond.
-# Padding costs device time in proportion (a large mixed step is compute-bound), so the steps
-# stay a small share of the count they pad.
-FIRST_SIZE = 64
-FINE_STEP, FINE_UNTIL, COARSE_STEP = 256, 4096, 512
+# Token counts captured: every 64 up to 512, every 256 up to 4096, every 512 beyond. Padding
+# costs device time in proportion (a mixed step is compute-bound), so the padding stays a
+# small share of the step: small mixed steps are what a high job shares with the fast lane's
+# low prefill (engine.core.scheduler), and padding 175 tokens to 256 cost it a third more.
+SIZE_STEPS: tuple[tuple[int, int], ...] = ((512, 64), (4096, 256), (1 << 62, 512))
 
 
 def mixed_token_sizes(max_tokens: int) -> list[int]:
     """The token counts captured for steps of at most max_tokens tokens."""
     sizes: list[int] = []
-    size = FIRST_SIZE
-    while size < min(max_tokens, FINE_STEP):
-        sizes.append(size)
-        size *= 2
-    size = FINE_STEP
-    while size < max_tokens:
-        sizes.append(size)
-        size += FINE_STEP if size < FINE_UNTIL else COARSE_STEP
+    size = 0
+    for until, step in SIZE_STEPS:
+        while size + step <= until and size + step < max_tokens:
+            size += step
+            sizes.append(size)
     return [*sizes, max_tokens]
 
 

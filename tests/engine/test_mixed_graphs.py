@@ -17,6 +17,8 @@ def test_the_sizes_rise_to_the_step_budget(max_tokens: int) -> None:
     assert sizes[-1] == max_tokens
     # Padding stays a bounded share of a step: no size is more than twice the one before.
     assert all(b <= 2 * a for a, b in zip(sizes, sizes[1:], strict=False))
+    # Small steps (the fast lane's) are padded by at most 64 tokens.
+    assert all(b - a <= 64 for a, b in zip([0, *sizes], sizes, strict=False) if b <= 512)
 
 
 def test_every_composition_fits_its_layout() -> None:
