@@ -92,10 +92,9 @@ class EngineSettings(_Strict):
     reserved_high_fraction: float = Field(default=0.25, ge=0, lt=1)
     # With gpu_allocation_strategy "priority": while a high job runs or waits, low jobs
     # compute in at most this share of the running slots each step (the others keep their
-    # place and sit the step out); 1: no limit. Off by default: on an H200 with a worker
-    # holding 512 jobs in messages of 8, 0.25 (with 512 tokens) made high p99 worse (18x idle
-    # against 8.5x with even) and cut low throughput to a quarter: held low jobs keep their
-    # task threads busy, so high messages wait in Redis longer.
+    # place and sit the step out); 1: no limit. Off by default: on an H200 (1b, batch 256),
+    # 0.25 with 512 tokens brought a high job from 4.9x to 2.9x its idle latency (p50; p99
+    # 7.4x to 4.7x) but cut low throughput to half of `even` (README, Benchmarks).
     low_fraction_while_high: float = Field(default=1.0, gt=0, le=1)
     # With "priority": tokens low jobs may compute in one step while high work is present;
     # 0: no limit.
