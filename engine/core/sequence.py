@@ -43,6 +43,10 @@ class Sequence:
         self.priority = priority
         # Admission order; FIFO within a priority, and a preempted sequence keeps its place.
         self.arrival = arrival
+        # Scheduling order: higher priority (lower rank) first, then older first. A plain
+        # attribute (neither part changes): the scheduler sorts the running batch by it every
+        # step.
+        self.sort_key = (priority, arrival)
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         # Prefix caching (kept by the BlockManager): the chained hashes of the full blocks of
@@ -71,11 +75,6 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose KV is not in the cache yet (1 for a sequence in decode)."""
         return len(self.token_ids) - self.num_computed_tokens
-
-    @property
-    def sort_key(self) -> tuple[int, int]:
-        """Scheduling order: higher priority (lower rank) first, then older first."""
-        return (self.priority, self.arrival)
 
     @property
     def is_finished(self) -> bool:
