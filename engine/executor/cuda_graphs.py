@@ -176,6 +176,15 @@ class DecodeGraphs:
         )  # fmt: skip
         total = 4 * m + m * max_blocks
         self.staging = HostStaging(total, m, device)
+        # Per host buffer: the block table each row was last written from and how many of
+        # its blocks, so that a step writes only what changed. A running sequence's table is
+        # one list that only grows (a preempted or new sequence gets a new list, and holding
+        # the old one here keeps its identity from being reused), so in a steady batch a row
+        # is rewritten once every block_size steps instead of every step: at a batch of 256,
+        # writing every row was most of the host's work to fill a step.
+        self._written: list[list[tuple[list[int] | None, int]]] = [
+            [(None, 0)] * m for _ in range(len(self.staging.inputs))
+        ]
         self.buffer = torch.zeros(total, dtype=torch.long, device=device)
         self.rows = torch.arange(m, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -269,9 +278,18 @@ class DecodeGraphs:
         lens[:n] += 1
         lens[n:] = 1
         tab = h[self.o_tab : self.o_tab + bs * self.max_blocks].reshape(bs, self.max_blocks)
+        written = self._written[turn]
         for i, table in enumerate(tables):
-            tab[i, : len(table)] = table
+            held, count = written[i]
+            if held is not table:
+                tab[i, : len(table)] = table
+                written[i] = (table, len(table))
+            elif len(table) > count:
+                tab[i, count : len(table)] = table[count:]
+                written[i] = (table, len(table))
         tab[n:, 0] = self.scratch_block
+        for i in range(n, bs):
+            written[i] = (None, 0)
 
     def launch(
         self,
@@ -283,7 +301,8 @@ class DecodeGraphs:
     ) -> GraphStep:
         """Queue one decode step of len(positions) sequences on the device and return at once.
 
-        tables[i] holds (at least) the blocks up to positions[i]. ids_from: [n] device tensor
+        tables[i] holds (at least) the blocks up to positions[i]: pass the sequence's own
+        block-table list, not a copy, so that unchanged rows are not written again (_fill). ids_from: [n] device tensor
         of the input tokens when the host does not have them yet (the previous step's argmax,
         still being computed: `ids` is then empty); stream order makes the copy wait for it.
         """

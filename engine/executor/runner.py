@@ -414,7 +414,7 @@ class ModelRunner:
             inputs.ids.append(chunk.seq.token_ids[p])
             inputs.positions.append(p)
             inputs.slots.append(table[p // bs] * bs + p % bs)
-            inputs.tables.append(table[: p // bs + 1])
+            inputs.tables.append(table)  # the list itself: DecodeGraphs writes what changed
         return inputs
 
     def _launch_lookahead(
@@ -442,7 +442,7 @@ class ModelRunner:
                 return None
             positions.append(p)
             slots.append(table[p // bs] * bs + p % bs)
-            tables.append(table[: p // bs + 1])
+            tables.append(table)
         ahead = graphs.launch([], positions, slots, tables, ids_from=step.tokens)
         return Lookahead(inputs.seq_ids, positions, slots, ahead)
 
