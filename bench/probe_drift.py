@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def gpu_state() -> str:
     try:
+        fields = "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
         return subprocess.run(
-            ["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active",
-             "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"nvidia-smi: {err}"
 

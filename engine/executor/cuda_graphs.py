@@ -302,9 +302,10 @@ class DecodeGraphs:
         """Queue one decode step of len(positions) sequences on the device and return at once.
 
         tables[i] holds (at least) the blocks up to positions[i]: pass the sequence's own
-        block-table list, not a copy, so that unchanged rows are not written again (_fill). ids_from: [n] device tensor
-        of the input tokens when the host does not have them yet (the previous step's argmax,
-        still being computed: `ids` is then empty); stream order makes the copy wait for it.
+        block-table list, not a copy, so that unchanged rows are not written again (_fill).
+        ids_from: [n] device tensor of the input tokens when the host does not have them yet
+        (the previous step's argmax, still being computed: `ids` is then empty); stream order
+        makes the copy wait for it.
         """
         n = len(positions)
         bs = self.batch_size_for(n)
