@@ -167,3 +167,28 @@ def test_quick_cpu_run_of_the_engine_variants(tmp_path: Path, models: Path) -> N
 
 def result_key(variant: str) -> str:
     return "project" if variant == "fast" else f"project_{variant}"
+
+
+@pytest.mark.timeout(120)
+def test_the_cpu_simulations_of_the_step_loop_run(tmp_path: Path) -> None:
+    """sim_scheduler.py and sim_decode_host.py at small sizes. The second drives the runner's
+    decode path through its internals (no model): this keeps it in step with them."""
+    runs = {
+        "sim_scheduler.py": ["--caching", "on", "--seqs", "600", "--blocks", "5000",
+                             "--window", "100"],
+        "sim_decode_host.py": ["--seqs", "16", "--steps", "20"],
+    }
+    records = {}
+    for script, args in runs.items():
+        out = tmp_path / f"{script}.json"
+        proc = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "bench" / script), *args, "--out", str(out)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=100,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        records[script] = json.loads(out.read_text())
+    rows = records["sim_scheduler.py"]["rows"]
+    assert rows and all(r["mean_ms"] > 0 and r["cached_blocks"] > 0 for r in rows)
+    host = records["sim_decode_host.py"]
+    assert host["workload"] == "sim-decode-host" and host["seqs"] == 16
+    assert host["ms_per_step"] > 0
