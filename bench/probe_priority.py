@@ -29,26 +29,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # name -> EngineConfig overrides on top of the shipped gpu-1x deployment's engine settings
 # (strategy even); `priority` reserves a quarter of the 256 slots, as the deployment does.
 RESERVED = {"reserved_high_slots": 64}
+# Settings by name; besides these, `lane-S-T` is any lane: S low sequences and T low tokens a
+# step while high work is present.
 SETTINGS: dict[str, dict[str, Any]] = {
     "even": {},
     "priority": RESERVED,
-    "lane-64-512": {**RESERVED, "low_seqs_while_high": 64, "low_tokens_while_high": 512},
     "lane-decode-only": {**RESERVED, "low_tokens_while_high": 300},
-    "lane-128-640": {**RESERVED, "low_seqs_while_high": 128, "low_tokens_while_high": 640},
 }
+DEFAULT_SETTINGS = ("even", "priority", "lane-64-512", "lane-decode-only", "lane-128-640")
 
 
-def lane(seqs: int, tokens: int) -> dict[str, Any]:
-    return {**RESERVED, "low_seqs_while_high": seqs, "low_tokens_while_high": tokens}
-
-
-# `--settings lane-S-T` asks for any lane: S low sequences and T low tokens a step.
 def setting(name: str) -> dict[str, Any]:
+    """The EngineConfig overrides of a setting name: one of SETTINGS, or lane-S-T."""
     if name in SETTINGS:
         return SETTINGS[name]
-    if name.startswith("lane-"):
+    if name.startswith("lane-") and name[5:6].isdigit():
         seqs, tokens = name.split("-")[1:3]
-        return lane(int(seqs), int(tokens))
+        return {**RESERVED, "low_seqs_while_high": int(seqs), "low_tokens_while_high": int(tokens)}
     raise SystemExit(f"unknown setting {name!r}: one of {', '.join(SETTINGS)} or lane-S-T")
 
 
@@ -213,7 +210,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/gpu-1x.yaml")
     parser.add_argument("--model", default="1b")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/tideq-bench-models"))
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS))
     parser.add_argument("--in-flight", type=int, default=512)
     parser.add_argument("--high", type=int, default=30)
     parser.add_argument("--lead-s", type=float, default=3.0)

@@ -121,10 +121,16 @@ class BlockManager:
         return max(0, cdiv(num_tokens, self.block_size) - len(seq.block_table))
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        # Called for every sequence of a batch every step, and most decode steps fit the
+        # blocks a sequence holds (a new one every block_size tokens): answered first.
+        if num_tokens <= len(seq.block_table) * self.block_size:
+            return True
         return self.blocks_needed(seq, num_tokens) <= self.num_free_blocks
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Give `seq` blocks enough for `num_tokens` tokens; the caller checked can_grow."""
+        if num_tokens <= len(seq.block_table) * self.block_size:
+            return  # the usual decode step (see can_grow)
         needed = self.blocks_needed(seq, num_tokens)
         if needed > self.num_free_blocks:
             raise RuntimeError(

@@ -216,7 +216,6 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         lane = self._low_lane()
         queue = sorted(self.running, key=SORT_KEY)
-        block_size = self.block_manager.block_size
         kept: list[Sequence] = []
         while queue:
             seq = queue.pop(0)
@@ -227,15 +226,11 @@ class Scheduler:
             if seq.priority > 0:
                 num = min(num, lane.tokens)
             target = seq.num_computed_tokens + num
-            # Most decode steps fit the blocks a sequence holds (a new block every block_size
-            # tokens): then there is nothing to check. This loop runs for every sequence of
-            # the batch every step, and its host time is the decode step's pace at full batch.
-            if target > len(seq.block_table) * block_size:
-                while not self.block_manager.can_grow(seq, target) and queue:
-                    self._preempt(queue.pop(), out)
-                if not self.block_manager.can_grow(seq, target):
-                    self._preempt(seq, out)
-                    continue
+            while not self.block_manager.can_grow(seq, target) and queue:
+                self._preempt(queue.pop(), out)
+            if not self.block_manager.can_grow(seq, target):
+                self._preempt(seq, out)
+                continue
             self._schedule(seq, num, out)
             budget -= num
             if seq.priority > 0:
@@ -387,8 +382,7 @@ class Scheduler:
         start = seq.num_computed_tokens
         target = start + num_tokens
         manager = self.block_manager
-        if target > len(seq.block_table) * manager.block_size:
-            manager.grow(seq, target)
+        manager.grow(seq, target)
         samples = target == seq.num_tokens
         if (
             samples

@@ -332,9 +332,8 @@ class ModelRunner:
                 self._record(kind, out, t0, t_enqueued, start if kind == "graph" else None, end)
             return result
         mixed = self.mixed
-        layout = None
-        if mixed is not None:
-            layout = mixed.layout_for(sum(c.num_tokens for c in chunks), len(chunks))
+        layout = (mixed.layout_for(sum(c.num_tokens for c in chunks), len(chunks))
+                  if mixed is not None else None)
         if mixed is not None and layout is not None:
             result, t_enqueued, end = self._mixed_graph(out, mixed, layout)
             if self.profile is not None:
