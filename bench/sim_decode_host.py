@@ -4,6 +4,11 @@ postprocess, for `--seqs` sequences in decode, with the graphs' launch replaced 
 at once. At batch 256 on a GPU this work, not the device, sets a decode step's pace.
 
     python bench/sim_decode_host.py [--seqs 256] [--steps 1000] [--profile] [--out FILE]
+
+`--workload throughput` runs a W-throughput-shaped batch instead (`--requests` prompts of
+32-512 tokens, 128 new tokens each, `--seqs` at once) through the same loop with the mixed
+steps' graphs stubbed alike, and reports the host time of decode and mixed steps apart: a
+mixed step is never launched ahead, so all of its host time is device time lost.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from engine.core.kv_cache import BlockManager  # noqa: E402
 from engine.core.scheduler import Scheduler  # noqa: E402
 from engine.core.sequence import Sequence  # noqa: E402
 from engine.executor.cuda_graphs import DecodeGraphs, GraphStep  # noqa: E402
+from engine.executor.mixed_graphs import MixedGraphs, MixedLayout  # noqa: E402
 from engine.executor.runner import ModelRunner  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
 
@@ -49,8 +55,18 @@ class HostOnlyGraphs(DecodeGraphs):
         return GraphStep(n, tokens, tokens, tokens, None)
 
 
-def host_runner(seqs: int) -> ModelRunner:
-    """A ModelRunner with no model: only what its decode path reads."""
+class HostOnlyMixed(MixedGraphs):
+    """The mixed-step graphs' host side (the input buffer fill); tokens ready at once."""
+
+    def launch(self, chunks: Any, layout: MixedLayout) -> GraphStep:
+        n = self._fill(self.staging.next_turn(), layout, chunks)
+        tokens = torch.full((n,), TOKEN, dtype=torch.long)
+        return GraphStep(n, tokens, tokens, tokens, None)
+
+
+def host_runner(seqs: int, mixed: bool = False) -> ModelRunner:
+    """A ModelRunner with no model: only what its decode path (and, if `mixed`, its mixed
+    path) reads."""
     runner = object.__new__(ModelRunner)
     runner.config = EngineConfig(model_path="none", device="cpu")
     runner.block_size = BLOCK
@@ -59,20 +75,76 @@ def host_runner(seqs: int) -> ModelRunner:
     runner.graphs = HostOnlyGraphs(
         model=None, kv_caches=[], max_num_seqs=seqs, max_blocks=MAX_MODEL_LEN // BLOCK,  # type: ignore[arg-type]
         block_size=BLOCK, scratch_block=0, device=runner.device, replay=False)
-    runner.mixed = None
+    runner.mixed = HostOnlyMixed(
+        model=None, kv_caches=[], max_tokens=8192, max_num_seqs=seqs,  # type: ignore[arg-type]
+        max_blocks=MAX_MODEL_LEN // BLOCK, block_size=BLOCK, scratch_block=0, tile=64,
+        device=runner.device, replay=False) if mixed else None
     runner.lookahead = None
     runner.profile = None
     return runner
 
 
+def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """A W-throughput-shaped batch through schedule / the runner / postprocess; host time by
+    kind of step (decode: every chunk one token; mixed: any prefill chunk)."""
+    runner = host_runner(args.seqs, mixed=True)
+    scheduler = Scheduler(BlockManager(400_000, BLOCK, True), max_num_seqs=args.seqs,
+                          max_num_batched_tokens=8192, reserved_high_slots=0,
+                          max_model_len=MAX_MODEL_LEN, eos_token_ids=[1])
+    rng = random.Random(0)
+    sampling = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    for i in range(args.requests):
+        prompt = [rng.randrange(2, 128_000) for _ in range(rng.randint(32, 512))]
+        scheduler.add(Sequence(f"r{i}", prompt, sampling, 1, scheduler.next_arrival()))
+    parts = ("schedule", "execute", "postprocess")
+    spent = {kind: dict.fromkeys(parts, 0.0) for kind in ("decode", "mixed")}
+    steps = dict.fromkeys(spent, 0)
+    prof = cProfile.Profile() if args.profile else None
+    if prof is not None:
+        prof.enable()
+    clock = time.perf_counter
+    while scheduler.has_unfinished():
+        t0 = clock()
+        out = scheduler.schedule()
+        t1 = clock()
+        tokens = runner._execute(out)
+        t2 = clock()
+        scheduler.postprocess(out, tokens)
+        t3 = clock()
+        kind = "decode" if all(c.num_tokens == 1 for c in out.chunks) else "mixed"
+        steps[kind] += 1
+        for part, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            spent[kind][part] += dt
+    if prof is not None:
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+    result: dict[str, Any] = {"steps": steps, "ms_per_step": {}}
+    for kind, n in steps.items():
+        per = {part: spent[kind][part] / max(n, 1) * 1e3 for part in parts}
+        per["total"] = sum(per.values())
+        result["ms_per_step"][kind] = per
+        print(f"{kind}: {n} steps, host ms per step " + ", ".join(
+            f"{part} {ms:.3f}" for part, ms in per.items()), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=("decode", "throughput"), default="decode")
     parser.add_argument("--seqs", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=512, help="throughput: requests")
+    parser.add_argument("--steps", type=int, default=1000, help="decode: steps timed")
     parser.add_argument("--profile", action="store_true", help="Python's profiler over 500 steps")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.workload == "throughput":
+        result = {"workload": "sim-throughput-host", "seqs": args.seqs,
+                  "requests": args.requests, **run_throughput(args), "label": args.label,
+                  "python": sys.version.split()[0]}
+        if args.out is not None:
+            args.out.write_text(json.dumps(result, indent=1))
+        return
 
     runner = host_runner(args.seqs)
     scheduler = Scheduler(BlockManager(400_000, BLOCK, True), max_num_seqs=args.seqs,

@@ -13,9 +13,9 @@ the step's composition has a fixed size per captured size and is padded:
   scratch block no sequence owns;
 - the decode rows (one-token chunks): a fixed number of entries, the padding ones with a
   context length of 0, which the decode kernel skips;
-- the prefill chunks and their tiles (engine.kernels.attention): a fixed number of each; the
-  tiles past the real ones point at an extra chunk of 0 tokens, which the prefill kernel
-  skips;
+- the prefill chunks and their tiles (engine.kernels.attention): a fixed number of each, and
+  the count of real tiles, which is all the prefill kernel reads (the tiles past them point at
+  an extra chunk of 0 tokens all the same);
 - the sampling rows: a fixed number of rows gathered for the vocabulary head, the padding
   ones reading row 0.
 
@@ -72,8 +72,8 @@ class MixedLayout:
     int64 buffer (the same layout on host and device):
 
     ids [T] | positions [T] | slots [T] | decode rows [D] | decode context lens [D] |
-    decode tables [D, B] | tile chunk [W] | tile start [W] | chunk row [P] | chunk len [P] |
-    chunk ctx [P] | chunk tables [P, B] | sampling rows [R]
+    decode tables [D, B] | tiles used [1] | tile chunk [W] | tile start [W] | chunk row [P] |
+    chunk len [P] | chunk ctx [P] | chunk tables [P, B] | sampling rows [R]
 
     P counts one chunk more than a step may have: the padding tiles' empty chunk."""
 
@@ -98,8 +98,8 @@ class MixedLayout:
         t, d, p, w, b = self.tokens, self.decode, self.chunks, self.tiles, self.blocks
         sizes = [
             ("ids", t), ("pos", t), ("slots", t), ("d_rows", d), ("d_lens", d),
-            ("d_tab", d * b), ("t_chunk", w), ("t_start", w), ("c_row", p), ("c_len", p),
-            ("c_ctx", p), ("c_tab", p * b), ("s_rows", self.rows), ("end", 0),
+            ("d_tab", d * b), ("n_tiles", 1), ("t_chunk", w), ("t_start", w), ("c_row", p),
+            ("c_len", p), ("c_ctx", p), ("c_tab", p * b), ("s_rows", self.rows), ("end", 0),
         ]  # fmt: skip
         offsets, at = {}, 0
         for name, size in sizes:
@@ -191,6 +191,7 @@ class MixedGraphs:
 
         t, d, p, w, nb = layout.tokens, layout.decode, layout.chunks, layout.tiles, layout.blocks
         tiles = PrefillTiles(
+            num_tiles=part("n_tiles", 1),
             tile_chunk=part("t_chunk", w),
             tile_start=part("t_start", w),
             chunk_row=part("c_row", p),
@@ -314,6 +315,7 @@ class MixedGraphs:
         d_lens[nd:] = 0  # a context of 0: the decode kernel skips the entry
         c_row[npf:] = c_len[npf:] = c_ctx[npf:] = 0  # chunks of 0 tokens: skipped
         nw = len(t_chunk)
+        h[o["n_tiles"]] = nw
         tw = h[o["t_chunk"] : o["t_chunk"] + layout.tiles]
         tw[:nw] = t_chunk
         tw[nw:] = layout.chunks - 1  # the empty chunk past every real one

@@ -11,9 +11,13 @@ an online softmax, so nothing is gathered or padded:
   long context is split into parts (flash-decoding), as many as its length needs: each part
   stores a partial result and counts itself in with an atomic, and the last to arrive merges
   them, so one launch does it all.
-- prefill: one program per (tile of BLOCK_M query tokens of a chunk, query head), over the
-  chunk's history plus itself, causally masked. Every multi-token chunk of the step runs in the
-  same launch (varlen), whether or not it has cached history.
+- prefill: tiles of BLOCK_M query tokens of a chunk, each over the chunk's history plus
+  itself, causally masked, one query head per program. Every multi-token chunk of the step runs
+  in the same launch (varlen), whether or not it has cached history. The programs walk the
+  step's tiles, whose count they read from the device: a captured mixed step has room for
+  every tile its size could need (a tile per 64 tokens plus one per possible chunk, 198 at 384
+  tokens) and typically uses a few, and an idle program per spare tile and head cost a small
+  step more than its real attention did.
 
 The step's new keys and values are in the cache before the kernels run (the layer writes them,
 or engine.kernels.elementwise.rotary_and_cache_ already has). Both kernels
@@ -33,6 +37,10 @@ from engine.kernels.pdl import allow_next_then_wait
 DECODE_BLOCK_N = 64
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
+# Prefill programs per query head beyond one per BLOCK_M tokens of the step: enough that a step
+# of a few chunks gives each program one tile at most; a step of many short chunks has more
+# tiles than programs, and its programs take several each.
+PREFILL_SPARE_PROGRAMS = 16
 # Decode programs (sequence x key/value head x split) aimed at: about one wave of the GPU's
 # multiprocessors; contexts are split in up to MAX_SPLITS parts to get there.
 SPLIT_TARGET = 128
@@ -230,11 +238,16 @@ def _decode_kernel(
 
 
 @triton.jit
-def _prefill_kernel(
+def _prefill_tile(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
     out_ptr,
+    w,
+    head,
+    kvh,
+    d,
+    dmask,
     tile_chunk_ptr,
     tile_start_ptr,
     chunk_row_ptr,
@@ -250,16 +263,13 @@ def _prefill_kernel(
     stride_table,
     stride_slot,
     BLOCK_SIZE: tl.constexpr,
-    GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    w = tl.program_id(0)  # which tile of query tokens
-    head = tl.program_id(1)  # which query head
-    kvh = head // GROUP
+    # Tile w of the step, for one query head.
     c = tl.load(tile_chunk_ptr + w)
     m0 = tl.load(tile_start_ptr + w)
     row0 = tl.load(chunk_row_ptr + c)
@@ -268,8 +278,6 @@ def _prefill_kernel(
     mi = m0 + tl.arange(0, BLOCK_M)
     qvalid = mi < n
     qpos = ctx - n + mi  # absolute positions of the queries
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < HEAD_DIM
     q = tl.load(
         q_ptr + (row0 + mi)[:, None] * stride_qt + head * stride_qh + d[None, :],
         mask=qvalid[:, None] & dmask[None, :],
@@ -308,6 +316,56 @@ def _prefill_kernel(
         o.to(out_ptr.dtype.element_ty),
         mask=qvalid[:, None] & dmask[None, :],
     )
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    num_tiles_ptr,
+    tile_chunk_ptr,
+    tile_start_ptr,
+    chunk_row_ptr,
+    chunk_len_ptr,
+    chunk_ctx_ptr,
+    tables_ptr,
+    scale_log2,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_table,
+    stride_slot,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    head = tl.program_id(1)  # which query head
+    kvh = head // GROUP
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    num_tiles = tl.load(num_tiles_ptr)
+    # Tiles first, first + programs, ...: the step's real ones only (see the module docstring).
+    for w in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        _prefill_tile(
+            q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, w, head, kvh, d, dmask, tile_chunk_ptr,
+            tile_start_ptr, chunk_row_ptr, chunk_len_ptr, chunk_ctx_ptr, tables_ptr, scale_log2,
+            window, stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
+            BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION,
+        )  # fmt: skip
+
+
+def prefill_programs(num_tokens: int) -> int:
+    """Prefill programs per query head for a step of num_tokens rows (at most; never more than
+    the tiles it has room for): one per PREFILL_BLOCK_M rows plus PREFILL_SPARE_PROGRAMS."""
+    return -(-num_tokens // PREFILL_BLOCK_M) + PREFILL_SPARE_PROGRAMS
 
 
 def decode_splits(num_decode: int, num_kv_heads: int) -> int:
@@ -376,6 +434,7 @@ def prefill_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     out: torch.Tensor,
+    num_tiles: torch.Tensor,
     tile_chunk: torch.Tensor,
     tile_start: torch.Tensor,
     chunk_row: torch.Tensor,
@@ -387,15 +446,18 @@ def prefill_attention(
 ) -> None:
     """The multi-token chunks' rows of out: [T, H, D], every chunk in one launch.
 
-    The chunks are cut into tiles of PREFILL_BLOCK_M query tokens: tile_chunk, tile_start:
-    [W] long, each tile's chunk and first query token within it; chunk_row, chunk_len,
+    The chunks are cut into tiles of PREFILL_BLOCK_M query tokens: num_tiles: [1] long, how
+    many there are (the first num_tiles entries of tile_chunk and tile_start are read; a
+    captured step's arrays are longer); tile_chunk, tile_start: [W] long, each tile's chunk and
+    first query token within it; chunk_row, chunk_len,
     chunk_ctx: [P] long, each chunk's first row in the batch, query tokens, and tokens
     attended to (history + itself); block_tables: [P, max_blocks] long. q, caches and
     sliding_window as in decode_attention.
     """
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    _prefill_kernel[(tile_chunk.shape[0], q.shape[1])](
-        q, k_cache, v_cache, out, tile_chunk, tile_start, chunk_row,
+    programs = min(tile_chunk.shape[0], prefill_programs(q.shape[0]))
+    _prefill_kernel[(max(programs, 1), q.shape[1])](
+        q, k_cache, v_cache, out, num_tiles, tile_chunk, tile_start, chunk_row,
         chunk_len, chunk_ctx, block_tables, scale * _LOG2E, sliding_window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), num_kv_heads * head_dim,

@@ -289,6 +289,7 @@ class PrefillTiles:
     """The multi-token chunks of a step, split into tiles of PREFILL_BLOCK_M query tokens
     (engine.kernels.attention)."""
 
+    num_tiles: torch.Tensor  # [1] long: tiles of the step (a captured step has room for more)
     tile_chunk: torch.Tensor  # [W] long: the chunk of each tile
     tile_start: torch.Tensor  # [W] long: first query token of the tile within its chunk
     chunk_row: torch.Tensor  # [P] long: first row of each chunk in the flat batch
@@ -344,7 +345,7 @@ class TritonPagedAttention:
         for t in decode_tables:
             flat.extend(t)
             flat.extend([0] * (d_width - len(t)))
-        flat += [*tile_chunk, *tile_start, *chunk_row, *chunk_len, *chunk_ctx]
+        flat += [len(tile_chunk), *tile_chunk, *tile_start, *chunk_row, *chunk_len, *chunk_ctx]
         for t in chunk_tables:
             flat.extend(t)
             flat.extend([0] * (p_width - len(t)))
@@ -354,6 +355,7 @@ class TritonPagedAttention:
             len(decode_rows),
             len(decode_lens),
             len(decode_tables) * d_width,
+            1,
             len(tile_chunk),
             len(tile_start),
             len(chunk_row),
@@ -365,12 +367,13 @@ class TritonPagedAttention:
         tiles = None
         if chunk_row:
             tiles = PrefillTiles(
-                tile_chunk=parts[4],
-                tile_start=parts[5],
-                chunk_row=parts[6],
-                chunk_len=parts[7],
-                chunk_ctx=parts[8],
-                block_tables=parts[9].view(len(chunk_tables), p_width),
+                num_tiles=parts[4],
+                tile_chunk=parts[5],
+                tile_start=parts[6],
+                chunk_row=parts[7],
+                chunk_len=parts[8],
+                chunk_ctx=parts[9],
+                block_tables=parts[10].view(len(chunk_tables), p_width),
             )
         return AttentionMetadata(
             slot_mapping=parts[0],
@@ -415,7 +418,8 @@ class TritonPagedAttention:
         tiles = meta.prefill_tiles
         if tiles is not None:
             kernels.prefill_attention(
-                q, k_cache, v_cache, out, tiles.tile_chunk, tiles.tile_start, tiles.chunk_row,
+                q, k_cache, v_cache, out, tiles.num_tiles, tiles.tile_chunk, tiles.tile_start,
+                tiles.chunk_row,
                 tiles.chunk_len, tiles.chunk_ctx, tiles.block_tables, scale, window,
             )  # fmt: skip
         return out

@@ -46,6 +46,6 @@ def test_the_fields_do_not_overlap() -> None:
     offsets = list(layout.offsets.values())
     assert offsets == sorted(offsets)
     assert layout.total == (
-        3 * 512 + 2 * 64 + 64 * 16 + 2 * layout.tiles + 3 * layout.chunks
+        3 * 512 + 2 * 64 + 64 * 16 + 1 + 2 * layout.tiles + 3 * layout.chunks
         + layout.chunks * 16 + 64
     )

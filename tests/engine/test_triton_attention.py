@@ -18,13 +18,17 @@ from triton_interpreter import run_in_interpreter  # noqa: E402
 from engine.layers.attention import ChunkSpec, TorchPagedAttention  # noqa: E402
 
 # (start, num_tokens) per chunk of one step: decode tokens at ragged lengths, prefills with no
-# history, a prefill chunk with history, one longer than a prefill tile; and single-sequence
-# decodes (up to MAX_SPLITS parts allowed) whose context needs one part, a few, or all of them.
+# history, a prefill chunk with history, one longer than a prefill tile, many short ones; and
+# single-sequence decodes (up to MAX_SPLITS parts allowed) whose context needs one part, a few,
+# or all of them.
+# More tiles than the launch has prefill programs per head: each program takes several.
+MANY_SHORT_PREFILLS = [(i % 5, 2 + i % 3) for i in range(24)]
 STEPS: list[list[tuple[int, int]]] = [
     [(0, 1), (4, 1), (16, 1), (37, 1), (70, 1)],  # decode only
     [(0, 5), (0, 17), (0, 70)],  # prefill only, no history
     [(9, 1), (0, 6), (20, 30), (3, 1), (45, 19), (66, 1)],  # mixed, prefills with history
     [(i % 13, 1) for i in range(40)],  # a decode batch large enough not to split contexts
+    MANY_SHORT_PREFILLS,
     [(36, 1)],  # one part
     [(299, 1)],  # two parts of the eight allowed
     [(2499, 1)],  # longer than MAX_SPLITS * MIN_SPLIT_TOKENS: every part
@@ -86,6 +90,13 @@ def check_against_torch(device: str, dtype: torch.dtype, atol: float) -> None:
             torch.testing.assert_close(kg, kw, atol=0, rtol=0)
             torch.testing.assert_close(vg, vw, atol=0, rtol=0)
             torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=atol)
+
+
+def test_a_step_has_more_prefill_tiles_than_programs() -> None:
+    from engine.kernels.attention import PREFILL_BLOCK_M, prefill_programs
+
+    tiles = sum(-(-n // PREFILL_BLOCK_M) for _, n in MANY_SHORT_PREFILLS)
+    assert tiles > prefill_programs(sum(n for _, n in MANY_SHORT_PREFILLS))
 
 
 def test_triton_matches_torch_on_cpu_interpreter() -> None:
