@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[],
                         help="engine key=value override, e.g. mixed_graphs=false")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--commit", default=None, help="the commit measured (default: git's)")
     args = parser.parse_args()
 
     import torch
@@ -164,10 +165,19 @@ def main() -> None:
                       flush=True)
         results.append(r)
     runner.close()
+    from bench.common import card_name, git_commit, today, versions
+
+    record = {
+        "workload": "profile-mixed", "model": args.model, "card": card_name("cuda"),
+        "date": today(), "commit": git_commit(args.commit), "gpus": 1, **versions(),
+        "about": "bench/profile_mixed.py: hand-built steps on one ModelRunner (the config's"
+                 " engine settings), median of --iters; with --torch-profile each shape's"
+                 " kernels by device time per execute() (a decode step's execute also launches"
+                 " its lookahead step)",
+        "config": args.config, "overrides": args.set, "context": CONTEXT, "results": results,
+    }
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, f"profile_mixed_{args.model}.json").write_text(json.dumps(
-        {"config": args.config, "overrides": args.set, "context": CONTEXT,
-         "results": results}, indent=1))
+    Path(args.out, f"profile_mixed_{args.model}.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
