@@ -6,9 +6,11 @@ at once. At batch 256 on a GPU this work, not the device, sets a decode step's p
     python bench/sim_decode_host.py [--seqs 256] [--steps 1000] [--profile] [--out FILE]
 
 `--workload throughput` runs a W-throughput-shaped batch instead (`--requests` prompts of
-32-512 tokens, 128 new tokens each, `--seqs` at once) through the same loop with the mixed
-steps' graphs stubbed alike, and reports the host time of decode and mixed steps apart: a
-mixed step is never launched ahead, so all of its host time is device time lost.
+32-512 tokens, 128 new tokens each, `--seqs` at once), and `--workload lane` the W-priority
+shape (a low flood, a high request always present, the fast lane 64 / 512), through the same
+loop with the mixed steps' graphs stubbed alike; both report the host time of decode and
+mixed steps apart: a mixed step is never launched ahead, so all of its host time is device
+time lost.
 """
 
 from __future__ import annotations
@@ -84,18 +86,44 @@ def host_runner(seqs: int, mixed: bool = False) -> ModelRunner:
     return runner
 
 
-def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
-    """A W-throughput-shaped batch through schedule / the runner / postprocess; host time by
-    kind of step (decode: every chunk one token; mixed: any prefill chunk)."""
+def run_steps(args: argparse.Namespace) -> dict[str, Any]:
+    """A batch through schedule / the runner / postprocess; host time by kind of step (decode:
+    every chunk one token; mixed: any prefill chunk).
+
+    throughput: `--requests` low prompts of 32-512 tokens at once, 128 new tokens each.
+    lane: the W-priority shape: low prompts of 40-470 tokens kept `--requests` deep, one high
+    request of 128 + 128 tokens always present, a quarter of the slots reserved for high and
+    the fast lane at a quarter of them and `--lane-tokens` tokens (W-priority's `priority` run
+    with the lane); timed until `--requests` low requests have finished."""
     runner = host_runner(args.seqs, mixed=True)
+    lane = args.workload == "lane"
     scheduler = Scheduler(BlockManager(400_000, BLOCK, True), max_num_seqs=args.seqs,
-                          max_num_batched_tokens=8192, reserved_high_slots=0,
-                          max_model_len=MAX_MODEL_LEN, eos_token_ids=[1])
+                          max_num_batched_tokens=8192,
+                          reserved_high_slots=args.seqs // 4 if lane else 0,
+                          max_model_len=MAX_MODEL_LEN, eos_token_ids=[1],
+                          low_seqs_while_high=args.seqs // 4 if lane else None,
+                          low_tokens_while_high=args.lane_tokens if lane else None)
     rng = random.Random(0)
     sampling = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
-    for i in range(args.requests):
-        prompt = [rng.randrange(2, 128_000) for _ in range(rng.randint(32, 512))]
-        scheduler.add(Sequence(f"r{i}", prompt, sampling, 1, scheduler.next_arrival()))
+    added = 0
+    priorities: dict[str, int] = {}
+
+    def add(priority: int, tokens: int) -> None:
+        nonlocal added
+        added += 1
+        priorities[f"r{added}"] = priority
+        prompt = [rng.randrange(2, 128_000) for _ in range(tokens)]
+        scheduler.add(Sequence(f"r{added}", prompt, sampling, priority,
+                               scheduler.next_arrival()))
+
+    if lane:
+        for _ in range(args.requests):
+            add(1, rng.randint(40, 470))
+        add(0, 128)
+    else:
+        for _ in range(args.requests):
+            add(1, rng.randint(32, 512))
+    finished_low = 0
     parts = ("schedule", "execute", "postprocess")
     spent = {kind: dict.fromkeys(parts, 0.0) for kind in ("decode", "mixed")}
     steps = dict.fromkeys(spent, 0)
@@ -103,14 +131,23 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     if prof is not None:
         prof.enable()
     clock = time.perf_counter
-    while scheduler.has_unfinished():
+    while scheduler.has_unfinished() and not (lane and finished_low >= args.requests):
         t0 = clock()
         out = scheduler.schedule()
         t1 = clock()
         tokens = runner._execute(out)
         t2 = clock()
-        scheduler.postprocess(out, tokens)
+        results = scheduler.postprocess(out, tokens)
         t3 = clock()
+        if lane:  # the flood stays as deep, and a high request is always there
+            for r in results:
+                if not r.finished:
+                    continue
+                if priorities[r.request_id] == 0:
+                    add(0, 128)
+                else:
+                    finished_low += 1
+                    add(1, rng.randint(40, 470))
         kind = "decode" if all(c.num_tokens == 1 for c in out.chunks) else "mixed"
         steps[kind] += 1
         for part, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):
@@ -130,17 +167,19 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=("decode", "throughput"), default="decode")
+    parser.add_argument("--workload", choices=("decode", "throughput", "lane"), default="decode")
     parser.add_argument("--seqs", type=int, default=256)
     parser.add_argument("--requests", type=int, default=512, help="throughput: requests")
+    parser.add_argument("--lane-tokens", type=int, default=512,
+                        help="lane: low tokens a step while high work is present")
     parser.add_argument("--steps", type=int, default=1000, help="decode: steps timed")
     parser.add_argument("--profile", action="store_true", help="Python's profiler over 500 steps")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    if args.workload == "throughput":
-        result = {"workload": "sim-throughput-host", "seqs": args.seqs,
-                  "requests": args.requests, **run_throughput(args), "label": args.label,
+    if args.workload != "decode":
+        result = {"workload": f"sim-{args.workload}-host", "seqs": args.seqs,
+                  "requests": args.requests, **run_steps(args), "label": args.label,
                   "python": sys.version.split()[0]}
         if args.out is not None:
             args.out.write_text(json.dumps(result, indent=1))
