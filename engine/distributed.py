@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.distributed_c10d import GroupName
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,7 @@ class SymmetricAllReduce:
         self.dtype = dtype
         self.max_numel = max_bytes // dtype.itemsize
         self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
-        symm_mem.rendezvous(self.buffer, group_name)
+        symm_mem.rendezvous(self.buffer, cast("GroupName", group_name))
 
     def fits(self, x: torch.Tensor) -> bool:
         # 16-byte multiples: the kernel moves 16 bytes per load.

@@ -18,6 +18,7 @@ are registered, so no block is shared while it is being written.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from typing import Final
 
 from engine.core.sequence import Sequence
 
@@ -54,7 +55,11 @@ def block_hashes(seq: Sequence, block_size: int, num_blocks: int) -> list[int]:
 # hundreds of thousands of entries that every full collection would otherwise walk (pauses of
 # over 100 ms in the step loop).
 _Cached = tuple[int, int, tuple[int, ...], int]
-_HASH, _PARENT, _TOKENS, _CONTENT_ID = range(4)
+# The fields' indices, literal so that a type checker knows each field's type.
+_HASH: Final = 0
+_PARENT: Final = 1
+_TOKENS: Final = 2
+_CONTENT_ID: Final = 3
 
 
 class BlockManager:
