@@ -30,6 +30,10 @@ SHAPES: dict[str, tuple[int, list[int]]] = {
     "mixed-64+448": (64, [448]),
     "mixed-192+16x270": (192, [270] * 16),
     "mixed-255+1x128": (255, [128]),
+    # the fast lane's steps while high work runs (lane 64 / 192): decode rows of 64 low
+    # sequences and a high one, alone or with a 128-token chunk of a low prompt
+    "decode-65": (65, []),
+    "mixed-65+128": (65, [128]),
     "prefill-8x512": (0, [512] * 8),
 }
 CONTEXT = 300
