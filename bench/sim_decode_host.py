@@ -102,7 +102,8 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
                           reserved_high_slots=args.seqs // 4 if lane else 0,
                           max_model_len=MAX_MODEL_LEN, eos_token_ids=[1],
                           low_seqs_while_high=args.seqs // 4 if lane else None,
-                          low_tokens_while_high=args.lane_tokens if lane else None)
+                          low_tokens_while_high=args.lane_tokens if lane else None,
+                          step_token_sizes=None if args.no_fit else runner.mixed_step_sizes)
     rng = random.Random(0)
     sampling = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     added = 0
@@ -124,6 +125,7 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.requests):
             add(1, rng.randint(32, 512))
     finished_low = 0
+    mixed_tokens = {"real": 0, "padded": 0}  # of mixed steps: computed, and with the padding
     parts = ("schedule", "execute", "postprocess")
     spent = {kind: dict.fromkeys(parts, 0.0) for kind in ("decode", "mixed")}
     steps = dict.fromkeys(spent, 0)
@@ -150,12 +152,21 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
                     add(1, rng.randint(40, 470))
         kind = "decode" if all(c.num_tokens == 1 for c in out.chunks) else "mixed"
         steps[kind] += 1
+        if kind == "mixed":
+            real = out.num_tokens
+            layout = runner.mixed.layout_for(real, len(out.chunks)) if runner.mixed else None
+            mixed_tokens["real"] += real
+            mixed_tokens["padded"] += layout.tokens if layout is not None else real
         for part, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):
             spent[kind][part] += dt
     if prof is not None:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
-    result: dict[str, Any] = {"steps": steps, "ms_per_step": {}}
+    padding = 1 - mixed_tokens["real"] / max(mixed_tokens["padded"], 1)
+    print(f"mixed steps: {mixed_tokens['real']} tokens, {mixed_tokens['padded']} with the padding"
+          f" ({padding:.1%} padding)", flush=True)
+    result: dict[str, Any] = {"steps": steps, "ms_per_step": {}, "mixed_tokens": mixed_tokens,
+                              "mixed_padding_share": padding, "fit": not args.no_fit}
     for kind, n in steps.items():
         per = {part: spent[kind][part] / max(n, 1) * 1e3 for part in parts}
         per["total"] = sum(per.values())
@@ -170,6 +181,9 @@ def main() -> None:
     parser.add_argument("--workload", choices=("decode", "throughput", "lane"), default="decode")
     parser.add_argument("--seqs", type=int, default=256)
     parser.add_argument("--requests", type=int, default=512, help="throughput: requests")
+    parser.add_argument("--no-fit", action="store_true",
+                        help="throughput, lane: the scheduler does not fit steps to the padded"
+                             " sizes (Scheduler.step_token_sizes)")
     parser.add_argument("--lane-tokens", type=int, default=512,
                         help="lane: low tokens a step while high work is present")
     parser.add_argument("--steps", type=int, default=1000, help="decode: steps timed")

@@ -22,6 +22,13 @@ sequences keep their cache blocks and slots but sit the step out, so the step st
 a high job's tokens come at close to an idle engine's pace. Without high work, low runs at
 full width again.
 
+On a GPU a step with prefill chunks replays a graph captured at a fixed token count
+(engine.executor.mixed_graphs) and is padded up to it, padding that costs as much as real
+tokens. When a step lands just above a captured count (64 low decode rows, the fast lane's
+448-token prompt piece and one high row: 513 tokens, padded to 768), its last low prefill
+chunk gives back the few tokens over the count below (512) to the next step, where that is
+fewer than the padding would be (`step_token_sizes`).
+
 A chunk that reaches the end of its sequence's tokens samples the next token; `postprocess`
 appends it, registers the blocks it completed in the prefix cache and retires finished
 sequences at once.
@@ -111,6 +118,8 @@ class Scheduler:
         low_seqs_while_high: while a priority-0 sequence runs or waits, at most this many
             lower-priority sequences compute in a step (None: no limit).
         low_tokens_while_high: the same for the tokens lower-priority chunks compute.
+        step_token_sizes: the token counts a step with prefill chunks is padded to (ascending;
+            the runner's captured mixed steps), or None: no padding to fit.
     """
 
     def __init__(
@@ -123,6 +132,7 @@ class Scheduler:
         eos_token_ids: Iterable[int],
         low_seqs_while_high: int | None = None,
         low_tokens_while_high: int | None = None,
+        step_token_sizes: Iterable[int] | None = None,
     ) -> None:
         if max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
@@ -140,6 +150,7 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.low_seqs_while_high = low_seqs_while_high
         self.low_tokens_while_high = low_tokens_while_high
+        self.step_token_sizes = sorted(step_token_sizes) if step_token_sizes else []
         self.waiting: list[Sequence] = []  # kept sorted by Sequence.sort_key
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
@@ -241,8 +252,32 @@ class Scheduler:
         # Admitting while preempting would only thrash: the preempted would evict the admitted.
         if not out.preempted:
             self._admit(budget, out, lane)
+        self._fit_step_size(out)
         out.admission_possible = self._head_may_be_admitted(lane)
         return out
+
+    def _fit_step_size(self, out: SchedulerOutput) -> None:
+        """Trim the step's last low prefill chunk so that the step holds exactly the largest
+        padded size below it, where the tokens given back to the next step are fewer than the
+        padding up to the next size would be. The chunk keeps the blocks taken for its tokens
+        (it computes them next step); a chunk that no longer reaches its sequence's end no
+        longer samples. High chunks are never trimmed: a high prompt cut short would wait a
+        whole step for its first token."""
+        sizes = self.step_token_sizes
+        if not sizes:
+            return
+        total = out.num_tokens
+        i = bisect.bisect_left(sizes, total)
+        if i == 0 or i == len(sizes) or sizes[i] == total:
+            return
+        excess = total - sizes[i - 1]
+        if excess >= sizes[i] - total:
+            return
+        for chunk in reversed(out.chunks):
+            if chunk.seq.priority > 0 and chunk.num_tokens > max(excess, 1):
+                chunk.num_tokens -= excess
+                chunk.samples = chunk.start + chunk.num_tokens == chunk.seq.num_tokens
+                return
 
     def _head_may_be_admitted(self, lane: _LowLane) -> bool:
         """Whether the next step may admit the first waiting sequence: it has a running slot

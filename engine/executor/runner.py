@@ -245,6 +245,14 @@ class ModelRunner:
         # Per-step timings when a list (set by the benchmark's --profile): see _record.
         self.profile: list[dict[str, Any]] | None = None
 
+    @property
+    def mixed_step_sizes(self) -> list[int] | None:
+        """The token counts a step with prefill chunks is padded to (its captured graphs), or
+        None where such steps run eagerly, unpadded."""
+        if self.mixed is None:
+            return None
+        return [layout.tokens for layout in self.mixed.layouts]
+
     def _decide_num_blocks(self, max_model_len: int) -> int:
         per_block = block_bytes(
             self.num_layers,

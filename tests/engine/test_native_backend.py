@@ -109,3 +109,33 @@ def test_half_precision_runs(llama: Path, dtype: str, drive: Callable[..., Any])
         backend, [("a", list(range(10, 30)), params, 1), ("b", list(range(40, 45)), params, 1)]
     )
     assert all(len(r.token_ids) == 8 for r in results.values())
+
+
+def test_steps_fitted_to_padded_sizes_give_the_same_tokens(
+    llama: Path, drive: Callable[..., Any]
+) -> None:
+    # On a GPU the scheduler trims a step that lands just above a captured size
+    # (Scheduler.step_token_sizes); here the CPU backend is given sizes to fit, and every
+    # request must come out as it does without them.
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    lengths = [5, 14, 9, 21, 3, 17, 11, 26]
+    requests = [(f"r{i}", list(range(10 + i, 10 + i + n)), params, 1)
+                for i, n in enumerate(lengths)]
+    plain = drive(make_backend(llama, max_num_batched_tokens=32), requests)
+    fitted = make_backend(llama, max_num_batched_tokens=32)
+    sched = fitted.scheduler
+    sched.step_token_sizes = [8, 16, 24, 32]
+    trims: list[tuple[int, int]] = []
+    fit = sched._fit_step_size
+
+    def recording(out: Any) -> None:
+        before = out.num_tokens
+        fit(out)
+        if out.num_tokens != before:
+            trims.append((before, out.num_tokens))
+
+    sched._fit_step_size = recording  # type: ignore[method-assign]
+    got = drive(fitted, requests)
+    assert trims, "no step was trimmed: the test does not exercise the fitting"
+    assert all(after in sched.step_token_sizes for _, after in trims)
+    assert {k: v.token_ids for k, v in got.items()} == {k: v.token_ids for k, v in plain.items()}

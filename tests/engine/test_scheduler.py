@@ -25,6 +25,7 @@ def make_scheduler(
     max_model_len: int = 128,
     low_seqs_while_high: int | None = None,
     low_tokens_while_high: int | None = None,
+    step_token_sizes: list[int] | None = None,
 ) -> Scheduler:
     return Scheduler(
         BlockManager(num_blocks, block_size),
@@ -35,6 +36,7 @@ def make_scheduler(
         eos_token_ids=[EOS],
         low_seqs_while_high=low_seqs_while_high,
         low_tokens_while_high=low_tokens_while_high,
+        step_token_sizes=step_token_sizes,
     )
 
 
@@ -164,6 +166,70 @@ def test_admission_is_not_possible_while_the_running_low_work_spends_the_lane() 
     sched.abort("low1")
     out = step(sched)
     assert sorted(scheduled_ids(out)) == ["high", "low0", "low2"]
+
+
+def decoding(sched: Scheduler, ids: list[str], priority: int = 1) -> None:
+    """Sequences `ids` running, each past its one-token prompt's prefill."""
+    for seq_id in ids:
+        add(sched, seq_id, 1, priority=priority, max_tokens=30)
+    step(sched)
+
+
+def test_a_step_just_over_a_padded_size_gives_its_excess_to_the_next_step() -> None:
+    # Padded sizes 8, 16, 24, 32: three decode rows and a 14-token prompt make 17 tokens,
+    # padded to 24; the prompt's chunk gives one token back and the step is exactly 16.
+    sched = make_scheduler(step_token_sizes=[8, 16, 24, 32])
+    decoding(sched, ["d0", "d1", "d2"])
+    prompt = add(sched, "p", 14, max_tokens=4)
+    out = step(sched)
+    assert scheduled(out) == {"d0": 1, "d1": 1, "d2": 1, "p": 13}
+    assert out.num_tokens == 16
+    assert [c.seq.seq_id for c in out.sampling_chunks] == ["d0", "d1", "d2"]
+    assert prompt.num_computed_tokens == 13 and prompt.num_output_tokens == 0
+    out = step(sched)  # the prompt's last token, below the smallest size: nothing to fit
+    assert scheduled(out)["p"] == 1 and out.num_tokens == 4
+    assert prompt.num_computed_tokens == 14 and prompt.token_ids[14:] == [TOKEN]
+
+
+def test_a_step_keeps_its_tokens_where_the_padding_is_smaller() -> None:
+    # 3 + 20 = 23 tokens: padded to 24 costs one token, trimming to 16 would defer seven.
+    sched = make_scheduler(step_token_sizes=[8, 16, 24, 32])
+    decoding(sched, ["d0", "d1", "d2"])
+    add(sched, "p", 20, max_tokens=4)
+    out = step(sched)
+    assert scheduled(out)["p"] == 20 and out.num_tokens == 23
+    # Without padded sizes (eager steps on the CPU) nothing is ever trimmed.
+    sched = make_scheduler()
+    decoding(sched, ["d0", "d1", "d2"])
+    add(sched, "p", 14, max_tokens=4)
+    assert step(sched).num_tokens == 17
+
+
+def test_a_high_prompt_is_never_cut_to_fit() -> None:
+    sched = make_scheduler(step_token_sizes=[8, 16, 24, 32])
+    decoding(sched, ["d0", "d1", "d2"])
+    add(sched, "high", 14, priority=0, max_tokens=4)
+    out = step(sched)
+    assert scheduled(out)["high"] == 14 and out.num_tokens == 17
+    assert "high" in [c.seq.seq_id for c in out.sampling_chunks]
+
+
+def test_the_fast_lane_step_fits_its_padded_size() -> None:
+    # The W-priority shape: the lane's 64 low sequences (63 decoding, one prefilling) and
+    # 512 low tokens, and one high row; the captured sizes run every 64 up to 512, then 768.
+    # 63 + 449 + 1 = 513 tokens would be padded to 768; the prompt's chunk gives one back.
+    sizes = [*range(64, 513, 64), 768, 1024]
+    sched = make_scheduler(num_blocks=4096, block_size=16, max_num_seqs=128,
+                           max_num_batched_tokens=1024, max_model_len=1024,
+                           low_seqs_while_high=64, low_tokens_while_high=512,
+                           step_token_sizes=sizes)
+    decoding(sched, [f"low{i}" for i in range(63)])
+    add(sched, "high", 1, priority=0, max_tokens=30)
+    step(sched)
+    add(sched, "prompt", 600, max_tokens=4)
+    out = step(sched)
+    assert out.num_tokens == 512
+    assert scheduled(out)["prompt"] == 448 and scheduled(out)["high"] == 1
 
 
 def test_eos_and_max_tokens_and_max_model_len() -> None:
