@@ -24,10 +24,10 @@ full width again.
 
 On a GPU a step with prefill chunks replays a graph captured at a fixed token count
 (engine.executor.mixed_graphs) and is padded up to it, padding that costs as much as real
-tokens. When a step lands just above a captured count (64 low decode rows, the fast lane's
-448-token prompt piece and one high row: 513 tokens, padded to 768), its last low prefill
-chunk gives back the few tokens over the count below (512) to the next step, where that is
-fewer than the padding would be (`step_token_sizes`).
+tokens. When a step lands just above a captured count (the fast lane's 64 sequences and 512
+tokens, 63 decode rows and a 449-token prompt piece, and one high row: 513 tokens, padded to
+768), its last low prefill chunk gives back the few tokens over the count below (512) to the
+next step, where that is fewer than the padding would be (`step_token_sizes`).
 
 A chunk that reaches the end of its sequence's tokens samples the next token; `postprocess`
 appends it, registers the blocks it completed in the prefix cache and retires finished

@@ -449,10 +449,9 @@ def prefill_attention(
     The chunks are cut into tiles of PREFILL_BLOCK_M query tokens: num_tiles: [1] long, how
     many there are (the first num_tiles entries of tile_chunk and tile_start are read; a
     captured step's arrays are longer); tile_chunk, tile_start: [W] long, each tile's chunk and
-    first query token within it; chunk_row, chunk_len,
-    chunk_ctx: [P] long, each chunk's first row in the batch, query tokens, and tokens
-    attended to (history + itself); block_tables: [P, max_blocks] long. q, caches and
-    sliding_window as in decode_attention.
+    first query token within it; chunk_row, chunk_len, chunk_ctx: [P] long, each chunk's first
+    row in the batch, query tokens, and tokens attended to (history + itself); block_tables:
+    [P, max_blocks] long. q, caches and sliding_window as in decode_attention.
     """
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     programs = min(tile_chunk.shape[0], prefill_programs(q.shape[0]))
