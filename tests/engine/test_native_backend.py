@@ -111,18 +111,25 @@ def test_half_precision_runs(llama: Path, dtype: str, drive: Callable[..., Any])
     assert all(len(r.token_ids) == 8 for r in results.values())
 
 
+@pytest.mark.parametrize("case", ["distinct", "shared-prefix", "preempting"])
 def test_steps_fitted_to_padded_sizes_give_the_same_tokens(
-    llama: Path, drive: Callable[..., Any]
+    llama: Path, drive: Callable[..., Any], case: str
 ) -> None:
     # On a GPU the scheduler trims a step that lands just above a captured size
     # (Scheduler.step_token_sizes); here the CPU backend is given sizes to fit, and every
-    # request must come out as it does without them.
+    # request must come out as it does without them: with distinct prompts, with prompts
+    # sharing cached blocks, and with a cache small enough to preempt.
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     lengths = [5, 14, 9, 21, 3, 17, 11, 26]
-    requests = [(f"r{i}", list(range(10 + i, 10 + i + n)), params, 1)
+    shared = list(range(40, 52)) if case == "shared-prefix" else []
+    requests = [(f"r{i}", shared + list(range(10 + i, 10 + i + n)), params, 1)
                 for i, n in enumerate(lengths)]
-    plain = drive(make_backend(llama, max_num_batched_tokens=32), requests)
-    fitted = make_backend(llama, max_num_batched_tokens=32)
+    settings: dict[str, object] = {"max_num_batched_tokens": 32}
+    if case == "preempting":
+        settings["num_kv_blocks"] = 12
+    plain_backend = make_backend(llama, **settings)
+    plain = drive(plain_backend, requests)
+    fitted = make_backend(llama, **settings)
     sched = fitted.scheduler
     sched.step_token_sizes = [8, 16, 24, 32]
     trims: list[tuple[int, int]] = []
@@ -139,3 +146,7 @@ def test_steps_fitted_to_padded_sizes_give_the_same_tokens(
     assert trims, "no step was trimmed: the test does not exercise the fitting"
     assert all(after in sched.step_token_sizes for _, after in trims)
     assert {k: v.token_ids for k, v in got.items()} == {k: v.token_ids for k, v in plain.items()}
+    if case == "shared-prefix":
+        assert fitted.stats()["prefix_cache_hit_tokens"] > 0
+    if case == "preempting":
+        assert fitted.stats()["num_preemptions"] > 0
