@@ -178,3 +178,20 @@ def test_summarize_jobs_counts_tokens_from_submit_to_last_result() -> None:
     assert out["tokens_per_s"] == pytest.approx(4.0)
     assert out["first_started_s"] == pytest.approx(0.5)
     assert out["workers"] == {"w@h": 2}
+
+
+BENCH_CONFIGS = sorted(p.name for p in (REPO_ROOT / "bench" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", BENCH_CONFIGS)
+def test_the_bench_s_lane_configs_are_the_shipped_one_with_a_lane(name: str) -> None:
+    # The W-priority lane runs quote these files: each must load, and differ from the shipped
+    # single-GPU config only in the fast lane's two keys.
+    from tasks.config import load_config
+
+    lane = load_config(REPO_ROOT / "bench" / "configs" / name)
+    shipped = load_config(REPO_ROOT / "configs" / "gpu-1x.yaml")
+    assert lane.engine.low_fraction_while_high < 1 and lane.engine.low_tokens_while_high > 0
+    keys = {"low_fraction_while_high", "low_tokens_while_high"}
+    assert lane.engine.model_dump(exclude=keys) == shipped.engine.model_dump(exclude=keys)
+    assert lane.model_dump(exclude={"engine"}) == shipped.model_dump(exclude={"engine"})
