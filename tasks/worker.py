@@ -9,7 +9,6 @@ those jobs were acknowledged when the jobs started.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -168,18 +167,6 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
                          gate, Finishers(), metrics, intakes)
 
 
-def freeze_startup_heap() -> int:
-    """Take what the worker holds once started (torch, transformers, Celery, the tokenizer,
-    the runtime: some 235,000 objects) out of the garbage collector's sight, and return how
-    many objects that is. Otherwise every full collection walks all of them (0.13 s on a
-    2-core dev machine) with the GIL held, and hundreds of jobs a second make collections
-    come often: the task threads, the engine's receiver and the finishers all stand still
-    meanwhile. (The engine core does the same in its own process.)"""
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
-
-
 def watch_engine(engine: Any, worker_name: str, interval_s: float = 1.0) -> threading.Thread:
     """End the worker when its engine core dies (a rank process killed, a device fault): a
     worker without an engine must not take jobs. Its running jobs fail back to the sweeper
@@ -261,6 +248,8 @@ def connect_signals(app: Celery) -> None:
     def _ready(sender: Any = None, **_: Any) -> None:
         # Logged here rather than at worker_init: Celery sets up logging after worker_init,
         # so a line logged there is dropped at any -l level.
+        from engine.core_process import freeze_start_up_heap
+
         runtime = getattr(app, "tideq_runtime", None)
         if runtime is None or getattr(sender, "app", None) is not app:
             return
@@ -288,7 +277,7 @@ def connect_signals(app: Celery) -> None:
         )
         events = ("task events are off until a monitor asks for them: Flower turns them on"
                   " when it starts (the banner's 'task events: OFF' is expected)")
-        frozen = freeze_startup_heap()
+        frozen = freeze_start_up_heap()
         log.info("%s; engine stats %s; start-up heap frozen (%d objects)", summary, stats,
                  frozen)
         log.info("%s", events)

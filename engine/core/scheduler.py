@@ -251,22 +251,21 @@ class Scheduler:
 
         # Admitting while preempting would only thrash: the preempted would evict the admitted.
         if not out.preempted:
-            self._admit(budget, out, lane)
-        self._fit_step_size(out)
+            budget = self._admit(budget, out, lane)
+        self._fit_step_size(out, self.max_num_batched_tokens - budget)
         out.admission_possible = self._head_may_be_admitted(lane)
         return out
 
-    def _fit_step_size(self, out: SchedulerOutput) -> None:
+    def _fit_step_size(self, out: SchedulerOutput, total: int) -> None:
         """Trim the step's last low prefill chunk so that the step holds exactly the largest
         padded size below it, where the tokens given back to the next step are fewer than the
         padding up to the next size would be. The chunk keeps the blocks taken for its tokens
         (it computes them next step); a chunk that no longer reaches its sequence's end no
         longer samples. High chunks are never trimmed: a high prompt cut short would wait a
-        whole step for its first token."""
+        whole step for its first token. `total`: the step's tokens."""
         sizes = self.step_token_sizes
-        if not sizes:
-            return
-        total = out.num_tokens
+        if not sizes or total == len(out.chunks):
+            return  # no padded sizes, or a pure decode step (the decode graphs' batch sizes)
         i = bisect.bisect_left(sizes, total)
         if i == 0 or i == len(sizes) or sizes[i] == total:
             return
@@ -274,7 +273,7 @@ class Scheduler:
         if excess >= sizes[i] - total:
             return
         for chunk in reversed(out.chunks):
-            if chunk.seq.priority > 0 and chunk.num_tokens > max(excess, 1):
+            if chunk.seq.priority > 0 and chunk.num_tokens > excess:
                 chunk.num_tokens -= excess
                 chunk.samples = chunk.start + chunk.num_tokens == chunk.seq.num_tokens
                 return
@@ -308,7 +307,9 @@ class Scheduler:
             return _LowLane(None, None)
         return _LowLane(self.low_seqs_while_high, self.low_tokens_while_high)
 
-    def _admit(self, budget: int, out: SchedulerOutput, lane: _LowLane) -> None:
+    def _admit(self, budget: int, out: SchedulerOutput, lane: _LowLane) -> int:
+        """Admit waiting sequences into the step within `budget` tokens; return what is left
+        of it."""
         manager = self.block_manager
         # Hashes of the full blocks running sequences are yet to compute (prefix caching).
         pending: set[int] | None = None
@@ -353,6 +354,7 @@ class Scheduler:
                 lane.take(num)
             if pending is not None:
                 pending.update(manager.uncomputed_block_hashes(seq))
+        return budget
 
     def _awaits_pending(self, seq: Sequence, num_cached_blocks: int, pending: set[int]) -> bool:
         """Whether `seq` should wait for blocks that running sequences are computing now or

@@ -13,9 +13,9 @@ the step's composition has a fixed size per captured size and is padded:
   scratch block no sequence owns;
 - the decode rows (one-token chunks): a fixed number of entries, the padding ones with a
   context length of 0, which the decode kernel skips;
-- the prefill chunks and their tiles (engine.kernels.attention): a fixed number of each, and
-  the count of real tiles, which is all the prefill kernel reads (the tiles past them point at
-  an extra chunk of 0 tokens all the same);
+- the prefill chunks and their tiles (engine.kernels.attention): room for a fixed number of
+  each, and the count of real tiles; the prefill kernel reads only the real tiles, and
+  through them the real chunks, so the entries past them are never written;
 - the sampling rows: a fixed number of rows gathered for the vocabulary head, the padding
   ones reading row 0.
 
@@ -75,7 +75,8 @@ class MixedLayout:
     decode tables [D, B] | tiles used [1] | tile chunk [W] | tile start [W] | chunk row [P] |
     chunk len [P] | chunk ctx [P] | chunk tables [P, B] | sampling rows [R]
 
-    P counts one chunk more than a step may have: the padding tiles' empty chunk."""
+    P counts one chunk more than a step may have (room once kept for the padding tiles' empty
+    chunk, which the prefill kernel no longer reads)."""
 
     tokens: int  # T
     decode: int  # D
@@ -313,15 +314,12 @@ class MixedGraphs:
         slots[row:] = self.scratch_slot
         d_rows[nd:] = 0
         d_lens[nd:] = 0  # a context of 0: the decode kernel skips the entry
-        c_row[npf:] = c_len[npf:] = c_ctx[npf:] = 0  # chunks of 0 tokens: skipped
+        # Tiles and chunks past the real ones are left as they are: the prefill kernel reads
+        # only the first n_tiles tiles, and through them only the real chunks.
         nw = len(t_chunk)
         h[o["n_tiles"]] = nw
-        tw = h[o["t_chunk"] : o["t_chunk"] + layout.tiles]
-        tw[:nw] = t_chunk
-        tw[nw:] = layout.chunks - 1  # the empty chunk past every real one
-        ts = h[o["t_start"] : o["t_start"] + layout.tiles]
-        ts[:nw] = t_start
-        ts[nw:] = 0
+        h[o["t_chunk"] : o["t_chunk"] + nw] = t_chunk
+        h[o["t_start"] : o["t_start"] + nw] = t_start
         s_rows[ns:] = 0
         return ns
 

@@ -238,87 +238,6 @@ def _decode_kernel(
 
 
 @triton.jit
-def _prefill_tile(
-    q_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    out_ptr,
-    w,
-    head,
-    kvh,
-    d,
-    dmask,
-    tile_chunk_ptr,
-    tile_start_ptr,
-    chunk_row_ptr,
-    chunk_len_ptr,
-    chunk_ctx_ptr,
-    tables_ptr,
-    scale_log2,
-    window,
-    stride_qt,
-    stride_qh,
-    stride_ot,
-    stride_oh,
-    stride_table,
-    stride_slot,
-    BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    # Tile w of the step, for one query head.
-    c = tl.load(tile_chunk_ptr + w)
-    m0 = tl.load(tile_start_ptr + w)
-    row0 = tl.load(chunk_row_ptr + c)
-    n = tl.load(chunk_len_ptr + c)
-    ctx = tl.load(chunk_ctx_ptr + c)
-    mi = m0 + tl.arange(0, BLOCK_M)
-    qvalid = mi < n
-    qpos = ctx - n + mi  # absolute positions of the queries
-    q = tl.load(
-        q_ptr + (row0 + mi)[:, None] * stride_qt + head * stride_qh + d[None, :],
-        mask=qvalid[:, None] & dmask[None, :],
-        other=0.0,
-    )  # [BLOCK_M, BLOCK_D]
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    s_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = tl.minimum(ctx, ctx - n + m0 + BLOCK_M)  # one past the tile's last query
-    lo = tl.where(window > 0, tl.maximum(ctx - n + m0 - window + 1, 0), 0)
-    for n0 in range(lo, hi, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < hi
-        block = tl.load(tables_ptr + c * stride_table + pos // BLOCK_SIZE, mask=valid, other=0)
-        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
-        kvmask = valid[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kvmask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
-        allowed = valid[None, :] & (pos[None, :] <= qpos[:, None])
-        if window > 0:
-            allowed &= pos[None, :] > qpos[:, None] - window
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        s_sum = s_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offs, mask=kvmask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
-    s_sum = tl.where(s_sum == 0.0, 1.0, s_sum)
-    o = acc / s_sum[:, None]
-    tl.store(
-        out_ptr + (row0 + mi)[:, None] * stride_ot + head * stride_oh + d[None, :],
-        o.to(out_ptr.dtype.element_ty),
-        mask=qvalid[:, None] & dmask[None, :],
-    )
-
-
-@triton.jit
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
@@ -354,12 +273,55 @@ def _prefill_kernel(
     num_tiles = tl.load(num_tiles_ptr)
     # Tiles first, first + programs, ...: the step's real ones only (see the module docstring).
     for w in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        _prefill_tile(
-            q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, w, head, kvh, d, dmask, tile_chunk_ptr,
-            tile_start_ptr, chunk_row_ptr, chunk_len_ptr, chunk_ctx_ptr, tables_ptr, scale_log2,
-            window, stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
-            BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION,
-        )  # fmt: skip
+        c = tl.load(tile_chunk_ptr + w)
+        m0 = tl.load(tile_start_ptr + w)
+        row0 = tl.load(chunk_row_ptr + c)
+        n = tl.load(chunk_len_ptr + c)
+        ctx = tl.load(chunk_ctx_ptr + c)
+        mi = m0 + tl.arange(0, BLOCK_M)
+        qvalid = mi < n
+        qpos = ctx - n + mi  # absolute positions of the queries
+        q = tl.load(
+            q_ptr + (row0 + mi)[:, None] * stride_qt + head * stride_qh + d[None, :],
+            mask=qvalid[:, None] & dmask[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_D]
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        hi = tl.minimum(ctx, ctx - n + m0 + BLOCK_M)  # one past the tile's last query
+        lo = tl.where(window > 0, tl.maximum(ctx - n + m0 - window + 1, 0), 0)
+        for n0 in range(lo, hi, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            valid = pos < hi
+            block = tl.load(
+                tables_ptr + c * stride_table + pos // BLOCK_SIZE, mask=valid, other=0
+            )
+            slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+            offs = slot[:, None] * stride_slot + kvh * HEAD_DIM + d[None, :]
+            kvmask = valid[:, None] & dmask[None, :]
+            k = tl.load(k_cache_ptr + offs, mask=kvmask, other=0.0)  # [BLOCK_N, BLOCK_D]
+            # [BLOCK_M, BLOCK_N]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            allowed = valid[None, :] & (pos[None, :] <= qpos[:, None])
+            if window > 0:
+                allowed &= pos[None, :] > qpos[:, None] - window
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+            alpha = tl.exp2(m - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            s_sum = s_sum * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache_ptr + offs, mask=kvmask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        s_sum = tl.where(s_sum == 0.0, 1.0, s_sum)
+        o = acc / s_sum[:, None]
+        tl.store(
+            out_ptr + (row0 + mi)[:, None] * stride_ot + head * stride_oh + d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=qvalid[:, None] & dmask[None, :],
+        )
 
 
 def prefill_programs(num_tokens: int) -> int:

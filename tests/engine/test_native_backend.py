@@ -135,9 +135,9 @@ def test_steps_fitted_to_padded_sizes_give_the_same_tokens(
     trims: list[tuple[int, int]] = []
     fit = sched._fit_step_size
 
-    def recording(out: Any) -> None:
+    def recording(out: Any, total: int) -> None:
         before = out.num_tokens
-        fit(out)
+        fit(out, total)
         if out.num_tokens != before:
             trims.append((before, out.num_tokens))
 
