@@ -79,12 +79,44 @@ def time_shape(runner: Any, step: Any, iters: int) -> dict[str, Any]:
     runner.profile = None
     gpu = [r["gpu_s"] for r in records if r["gpu_s"] is not None]
     return {
+        **launch_costs(runner, step, iters),
         "kind": records[-1]["kind"],
         "tokens": records[-1]["tokens"],
         "wall_ms": 1e3 * statistics.median(walls),
         "host_ms": 1e3 * statistics.median(r["host_s"] for r in records),
         "gpu_ms": 1e3 * statistics.median(gpu) if gpu else None,
     }
+
+
+def launch_costs(runner: Any, step: Any, iters: int) -> dict[str, Any]:
+    """The host's cost of queueing the step's captured graph alone (graph.replay(), the device
+    idle) and, for a mixed step, of writing its inputs (fill), median of iters, in us."""
+    import torch
+
+    chunks = step.chunks
+    graph, fill = None, None
+    if all(c.num_tokens == 1 for c in chunks) and runner.graphs is not None:
+        bs = runner.graphs.batch_size_for(len(chunks))
+        graph = runner.graphs.graphs.get(bs) if bs is not None else None
+    elif runner.mixed is not None:
+        layout = runner.mixed.layout_for(sum(c.num_tokens for c in chunks), len(chunks))
+        if layout is not None:
+            graph = runner.mixed.graphs.get(layout.tokens)
+            fill = lambda: runner.mixed._fill(0, layout, chunks)  # noqa: E731
+    costs: dict[str, Any] = {"replay_us": None, "fill_us": None}
+    for key, call in (("replay_us", graph.replay if graph is not None else None),
+                      ("fill_us", fill)):
+        if call is None:
+            continue
+        times = []
+        for _ in range(iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        costs[key] = 1e6 * statistics.median(times)
+    return costs
 
 
 def python_profile(runner: Any, step: Any, iters: int, top: int) -> str:
@@ -158,7 +190,8 @@ def main() -> None:
              **time_shape(runner, step, args.iters)}
         gpu = f"{r['gpu_ms']:.2f}" if r["gpu_ms"] is not None else "-"
         print(f"{name}: {r['kind']}, {r['tokens']} tokens: wall {r['wall_ms']:.2f} ms, host "
-              f"{r['host_ms']:.2f} ms, device {gpu} ms", flush=True)
+              f"{r['host_ms']:.2f} ms, device {gpu} ms; replay {r['replay_us']} us, fill "
+              f"{r['fill_us']} us", flush=True)
         if args.python_profile and r["kind"] == "eager":
             print(python_profile(runner, step, 5, 30), flush=True)
         if args.torch_profile:
