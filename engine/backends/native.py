@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from engine.core.backend import GenerationBackend, StepOutput
 from engine.core.kv_cache import BlockManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
+from engine.core.step_trace import StepTrace
 from engine.devices import resolve_device
 from engine.distributed import ParallelGroup, with_symmetric_all_reduce
 from engine.executor.runner import ModelRunner
@@ -113,6 +115,8 @@ class NativeBackend(GenerationBackend):
             step_token_sizes=self.runner.mixed_step_sizes,
         )
         self._last_step_ids: set[str] | None = None
+        # Rank 0 traces the group's steps (every rank makes the same ones).
+        self.trace = StepTrace.from_env() if self.group.rank == 0 else None
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, priority: int
@@ -141,18 +145,24 @@ class NativeBackend(GenerationBackend):
         # at fault and re-admits the others; it aborts every request first, which resets the
         # scheduler's state of a step that never reached postprocess.
         self._last_step_ids = None
+        started = time.time() if self.trace is not None else 0.0
         out = self.scheduler.schedule()
         self._last_step_ids = {c.seq.seq_id for c in out.chunks}
         if out.is_empty:
             return []
         tokens = self.runner.execute(out)
-        return self.scheduler.postprocess(out, tokens)
+        outputs = self.scheduler.postprocess(out, tokens)
+        if self.trace is not None:
+            self.trace.record(started, time.time(), out, self.scheduler)
+        return outputs
 
     def close(self) -> None:
         """Release the device resources that outlive a step (the captured decode graphs).
         A rank of a group must close its backend before torch.distributed's
         destroy_process_group: NCCL waits for every graph that captured its collectives to
         be destroyed first."""
+        if self.trace is not None:
+            self.trace.flush()
         self.runner.close()
 
     def last_step_request_ids(self) -> set[str] | None:

@@ -150,3 +150,29 @@ def test_steps_fitted_to_padded_sizes_give_the_same_tokens(
         assert fitted.stats()["prefix_cache_hit_tokens"] > 0
     if case == "preempting":
         assert fitted.stats()["num_preemptions"] > 0
+
+
+def test_step_trace_records_every_step(llama: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With TIDEQ_STEP_TRACE set, each step is one line saying what it computed: the prompts'
+    tokens as prefill, then a one-token chunk per decode, high chunks counted apart."""
+    monkeypatch.setenv("TIDEQ_STEP_TRACE", str(tmp_path / "trace"))
+    backend = make_backend(llama, max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    backend.add_request("low", list(range(10, 30)), params, 1)  # 20 tokens: two chunks
+    backend.add_request("high", list(range(10, 16)), params, 0)
+    steps = 0
+    while backend.has_unfinished():
+        backend.step()
+        steps += 1
+    backend.close()
+    (path,) = (tmp_path / "trace").iterdir()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == steps
+    assert sum(r["prefill"] for r in lines) == 26
+    # each sequence samples 5 tokens: the first after its prompt, 4 more after decode chunks
+    assert sum(r["decode"] for r in lines) == 2 * 4
+    assert sum(r["high"] for r in lines) == 1 + 4
+    assert all(r["tokens"] <= 16 and r["ms"] >= 0 for r in lines)
+    assert lines[-1]["running"] == 0 and lines[-1]["waiting"] == 0
+    assert [r["t"] for r in lines] == sorted(r["t"] for r in lines)

@@ -1,0 +1,67 @@
+"""A trace of the engine's steps, for finding where a job's time went.
+
+Set TIDEQ_STEP_TRACE to a directory and every engine core writes one JSON line a step to
+`steps-<pid>.jsonl` there: when the step started (wall clock, comparable with a job's
+submitted_at / started_at / finished_at in Redis), how long it took (schedule, the device and
+postprocess together) and what it held. Lines are kept in memory and written a thousand at a
+time, so tracing costs the step loop a list append; off (the default), one attribute test.
+
+Fields: `t` start (s since the epoch), `ms` duration, `tokens` computed, `decode` one-token
+chunks, `prefill` tokens of longer chunks, `high` chunks of priority-0 sequences, `running`
+and `waiting` sequences after the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.core.scheduler import Scheduler, SchedulerOutput
+
+TRACE_ENV = "TIDEQ_STEP_TRACE"
+FLUSH_EVERY = 1000
+
+
+class StepTrace:
+    """Buffered step records, appended to `path` (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lines: list[str] = []
+
+    @classmethod
+    def from_env(cls) -> StepTrace | None:
+        """The trace $TIDEQ_STEP_TRACE asks for (None when unset); creates the directory."""
+        where = os.environ.get(TRACE_ENV)
+        if not where:
+            return None
+        directory = Path(where)
+        directory.mkdir(parents=True, exist_ok=True)
+        return cls(directory / f"steps-{os.getpid()}.jsonl")
+
+    def record(self, started: float, ended: float, out: SchedulerOutput,
+               scheduler: Scheduler) -> None:
+        decode = prefill = high = 0
+        for chunk in out.chunks:
+            if chunk.num_tokens == 1:
+                decode += 1
+            else:
+                prefill += chunk.num_tokens
+            high += chunk.seq.priority == 0
+        self._lines.append(json.dumps({
+            "t": round(started, 6), "ms": round(1e3 * (ended - started), 3),
+            "tokens": decode + prefill, "decode": decode, "prefill": prefill, "high": high,
+            "running": len(scheduler.running), "waiting": len(scheduler.waiting),
+        }))
+        if len(self._lines) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        with self.path.open("a") as f:
+            f.write("\n".join(self._lines) + "\n")
+        self._lines.clear()
