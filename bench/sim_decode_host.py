@@ -48,7 +48,8 @@ class HostOnlyGraphs(DecodeGraphs):
     tokens are ready at once."""
 
     def launch(self, ids: list[int], positions: list[int], slots: list[int],
-               tables: list[list[int]], ids_from: torch.Tensor | None = None) -> GraphStep:
+               tables: list[list[int]], ids_from: torch.Tensor | None = None,
+               patch: Any = None) -> GraphStep:
         n = len(positions)
         bs = self.batch_size_for(n)
         assert bs is not None
@@ -60,7 +61,8 @@ class HostOnlyGraphs(DecodeGraphs):
 class HostOnlyMixed(MixedGraphs):
     """The mixed-step graphs' host side (the input buffer fill); tokens ready at once."""
 
-    def launch(self, chunks: Any, layout: MixedLayout) -> GraphStep:
+    def launch(self, chunks: Any, layout: MixedLayout,
+               prev_tokens: torch.Tensor | None = None) -> GraphStep:
         n = self._fill(self.staging.next_turn(), layout, chunks)
         tokens = torch.full((n,), TOKEN, dtype=torch.long)
         return GraphStep(n, tokens, tokens, tokens, None)
@@ -137,7 +139,7 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
         t0 = clock()
         out = scheduler.schedule()
         t1 = clock()
-        tokens = runner._execute(out)
+        tokens = runner.launch(out).tokens()
         t2 = clock()
         results = scheduler.postprocess(out, tokens)
         t3 = clock()
@@ -216,7 +218,7 @@ def main() -> None:
 
     def step() -> None:
         out = scheduler.schedule()
-        scheduler.postprocess(out, runner._execute(out))
+        scheduler.postprocess(out, runner.launch(out).tokens())
 
     for _ in range(50):
         step()

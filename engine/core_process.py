@@ -68,11 +68,18 @@ class ReplicatedBackend(GenerationBackend):
         self._ops.append(("abort", request_id))
 
     def step(self) -> list[StepOutput]:
+        self._send("step")
+        return self.local.step()
+
+    def drain(self) -> list[StepOutput]:
+        self._send("drain")
+        return self.local.drain()
+
+    def _send(self, call: str) -> None:
         ops, self._ops = self._ops, []
-        ops.append(("step",))
+        ops.append((call,))
         for conn in self.followers:
             conn.send(ops)
-        return self.local.step()
 
     def has_unfinished(self) -> bool:
         return self.local.has_unfinished()
@@ -212,6 +219,8 @@ def _follow(backend: GenerationBackend, leader: Connection) -> None:
                     backend.abort_request(op[1])
                 elif kind == "step":
                     backend.step()
+                elif kind == "drain":
+                    backend.drain()
                 elif kind == "stop":
                     return
             except Exception:

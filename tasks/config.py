@@ -104,6 +104,10 @@ class EngineSettings(_Strict):
     # GPU: launch a greedy decode step's successor while the host reads its tokens (the
     # engine's decode_lookahead); off only to compare or debug.
     decode_lookahead: bool = True
+    # Launch each step before the one ahead of it has finished, its input tokens taken on the
+    # device, so that the host's scheduling overlaps the device's work (the engine's
+    # async_scheduling); off only to compare or debug.
+    async_scheduling: bool = True
     # Keep computed KV blocks so that prompts sharing a prefix compute it once (greedy
     # outputs are unchanged; off only to compare).
     enable_prefix_caching: bool = True

@@ -21,12 +21,12 @@ from engine.checkpoint import eos_token_ids
 from engine.config import EngineConfig
 from engine.core.backend import GenerationBackend, StepOutput
 from engine.core.kv_cache import BlockManager
-from engine.core.scheduler import Scheduler
+from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.core.sequence import Sequence
 from engine.core.step_trace import StepTrace
 from engine.devices import resolve_device
 from engine.distributed import ParallelGroup, with_symmetric_all_reduce
-from engine.executor.runner import ModelRunner
+from engine.executor.runner import LaunchedStep, ModelRunner
 from engine.models import ARCHITECTURES
 from engine.request import EngineError, PromptTooLongError, SamplingParams
 
@@ -115,6 +115,9 @@ class NativeBackend(GenerationBackend):
             step_token_sizes=self.runner.mixed_step_sizes,
         )
         self._last_step_ids: set[str] | None = None
+        # The step launched last and not yet postprocessed (async scheduling): its output and
+        # its tokens on their way.
+        self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
         # Rank 0 traces the group's steps (every rank makes the same ones).
         self.trace = StepTrace.from_env() if self.group.rank == 0 else None
 
@@ -141,20 +144,42 @@ class NativeBackend(GenerationBackend):
         self.scheduler.abort(request_id)
 
     def step(self) -> list[StepOutput]:
-        # Errors (torch.OutOfMemoryError included) go to the front, which isolates the request
-        # at fault and re-admits the others; it aborts every request first, which resets the
-        # scheduler's state of a step that never reached postprocess.
+        """Schedule and launch a step; with async scheduling, return what the step launched
+        by the call before produced (its tokens are read while this one runs), else this
+        step's own results.
+
+        Errors (torch.OutOfMemoryError included) go to the front, which isolates the request
+        at fault and re-admits the others; it aborts every request first, which resets the
+        scheduler's state of a step that never reached postprocess (and the step in flight
+        is dropped here)."""
         self._last_step_ids = None
         started = time.time() if self.trace is not None else 0.0
+        inflight, self._inflight = self._inflight, None
         out = self.scheduler.schedule()
-        self._last_step_ids = {c.seq.seq_id for c in out.chunks}
-        if out.is_empty:
-            return []
-        tokens = self.runner.execute(out)
-        outputs = self.scheduler.postprocess(out, tokens)
-        if self.trace is not None:
+        ids = {c.seq.seq_id for c in out.chunks}
+        if inflight is not None:
+            ids.update(c.seq.seq_id for c in inflight[0].chunks)
+        self._last_step_ids = ids
+        launched = None
+        if not out.is_empty:
+            launched = self.runner.launch(out, inflight[1] if inflight is not None else None)
+            if not self.config.async_scheduling:
+                inflight, launched = (out, launched), None
+        outputs: list[StepOutput] = []
+        if inflight is not None:
+            outputs = self.scheduler.postprocess(inflight[0], inflight[1].tokens())
+        if launched is not None:
+            self._inflight = (out, launched)
+        if self.trace is not None and not out.is_empty:
             self.trace.record(started, time.time(), out, self.scheduler)
         return outputs
+
+    def drain(self) -> list[StepOutput]:
+        """Finish the step still in flight, launching none: what it produced."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return []
+        return self.scheduler.postprocess(inflight[0], inflight[1].tokens())
 
     def close(self) -> None:
         """Release the device resources that outlive a step (the captured decode graphs).
@@ -163,12 +188,15 @@ class NativeBackend(GenerationBackend):
         be destroyed first."""
         if self.trace is not None:
             self.trace.flush()
+        self._inflight = None
         self.runner.close()
 
     def last_step_request_ids(self) -> set[str] | None:
         return self._last_step_ids
 
     def has_unfinished(self) -> bool:
+        # A step in flight holds live sequences only while the scheduler does (they finish
+        # in postprocess); one left with aborted sequences alone has nothing to report.
         return self.scheduler.has_unfinished()
 
     def stats(self) -> dict[str, Any]:

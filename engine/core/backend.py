@@ -51,6 +51,12 @@ class GenerationBackend(ABC):
     def step(self) -> list[StepOutput]:
         """Run one scheduling step over every live request; return what each produced."""
 
+    def drain(self) -> list[StepOutput]:
+        """Finish a step still running (a backend that returns from `step` before the step
+        it launched has finished, whose outputs the next call returns) without launching
+        another; return what it produced."""
+        return []
+
     @abstractmethod
     def has_unfinished(self) -> bool:
         """Whether any request is waiting or running."""

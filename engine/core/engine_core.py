@@ -220,6 +220,7 @@ class EngineCore:
         try:
             self.backend.add_request(rid, req.prompt_token_ids, req.sampling, req.priority)
             self.backend.step()
+            self.backend.drain()  # the step may still be running
         except Exception as err:
             failure = StepFailure.of(err)
         else:

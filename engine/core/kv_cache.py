@@ -214,7 +214,9 @@ class BlockManager:
         """The hashes of `seq`'s full blocks of tokens not computed yet: what registering it
         will add to the cache as it goes on."""
         size = self.block_size
-        full, computed = seq.num_tokens // size, seq.num_computed_tokens // size
+        # Placeholders of tokens still on the device are no part of a block's contents yet.
+        full = (seq.num_tokens - seq.num_pending) // size
+        computed = seq.num_computed_tokens // size
         if full <= computed:
             return []  # most of a batch: decoding inside a block
         return block_hashes(seq, size, full)[computed:]

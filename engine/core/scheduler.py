@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from engine.core.backend import StepOutput
 from engine.core.kv_cache import BlockManager, block_hashes, cdiv
-from engine.core.sequence import Sequence, SequenceStatus
+from engine.core.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from engine.request import FinishReason, KVCacheTooSmallError
 
 
@@ -57,6 +57,10 @@ class ScheduledChunk:
     # Whether the chunk reaches the sequence's last token, so a new token is sampled after it.
     samples: bool
     first_time: bool
+    # The chunk's first token is one the step before sampled and the host does not have yet
+    # (a PLACEHOLDER): its index among that step's sampled tokens, which the runner reads on
+    # the device. None: every token is known.
+    input_from: int | None = None
 
 
 @dataclass
@@ -230,7 +234,7 @@ class Scheduler:
         kept: list[Sequence] = []
         while queue:
             seq = queue.pop(0)
-            if budget == 0 or (seq.priority > 0 and not lane.open):
+            if seq.finishing or budget == 0 or (seq.priority > 0 and not lane.open):
                 kept.append(seq)  # sits this step out, keeping its blocks and slot
                 continue
             num = min(seq.num_uncomputed_tokens, budget)
@@ -254,7 +258,31 @@ class Scheduler:
             budget = self._admit(budget, out, lane)
         self._fit_step_size(out, self.max_num_batched_tokens - budget)
         out.admission_possible = self._head_may_be_admitted(lane)
+        self._advance(out)
         return out
+
+    def _advance(self, out: SchedulerOutput) -> None:
+        """Move the step's sequences on as if it had run: their computed tokens, and a
+        PLACEHOLDER for each token it samples, which postprocess replaces with the real one.
+        So the next step can be scheduled, and launched, while this one runs: a sequence in
+        decode then computes its placeholder, its input taken from this step's tokens on the
+        device (`input_from`). A sequence whose sampled token will be its last (max_tokens or
+        max_model_len, whatever the token) is not scheduled again."""
+        sampled = 0
+        for chunk in out.chunks:
+            seq = chunk.seq
+            if seq.num_pending and chunk.start >= seq.num_tokens - seq.num_pending:
+                chunk.input_from = seq.sample_index  # the step before's last token of seq
+            seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            if not chunk.samples:
+                continue
+            seq.token_ids.append(PLACEHOLDER)
+            seq.num_pending += 1
+            seq.sample_index = sampled
+            sampled += 1
+            length = seq.num_tokens
+            seq.finishing = (length - seq.num_prompt_tokens >= seq.sampling.max_tokens
+                             or length >= self.max_model_len)
 
     def _fit_step_size(self, out: SchedulerOutput, total: int) -> None:
         """Trim the step's last low prefill chunk so that the step holds exactly the largest
@@ -287,7 +315,7 @@ class Scheduler:
         if not self.waiting:
             return False
         head = self.waiting[0]
-        if len(self.running) >= self._slots_for(head):
+        if head.num_pending or len(self.running) >= self._slots_for(head):
             return False
         return head.priority == 0 or lane.open
 
@@ -323,6 +351,8 @@ class Scheduler:
                 break  # waiting is sorted, so nothing behind it may take a slot either
             if seq.priority > 0 and not lane.open:
                 break  # and behind a low sequence there is only low work
+            if seq.num_pending:
+                break  # preempted this step: its last token is not known yet (FIFO)
             # Preempting only lowers reference counts, so the cached prefix stays the same.
             cached = manager.match_prefix(seq)
             if manager.enable_caching:
@@ -445,40 +475,56 @@ class Scheduler:
     # ---- after the model ran -------------------------------------------------------------
 
     def postprocess(self, out: SchedulerOutput, sampled: list[int]) -> list[StepOutput]:
-        """Record a step's results. `sampled` holds one token per `out.sampling_chunks`."""
+        """Record a step's results. `sampled` holds one token per `out.sampling_chunks`.
+
+        The next step may already have been scheduled (and launched): a sequence this step
+        finished by EOS may have a chunk in it, whose result is then dropped, and its freed
+        blocks are written by that step only before any later step can reuse them (the
+        device runs steps in order)."""
         tokens = iter(sampled)
         results: list[StepOutput] = []
+        manager = self.block_manager
         for chunk in out.chunks:
             seq = chunk.seq
-            seq.num_computed_tokens = chunk.start + chunk.num_tokens
-            self.block_manager.register_computed(seq)
-            if not chunk.samples:
+            token = next(tokens) if chunk.samples else None
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # aborted, or finished by the step before while this one ran
+            if token is None:
+                manager.register_computed(seq)
                 if chunk.first_time:
                     results.append(StepOutput(seq.seq_id, [], False, None, True))
                 continue
-            token = next(tokens)
-            seq.token_ids.append(token)
+            at = chunk.start + chunk.num_tokens  # the placeholder's index
+            seq.token_ids[at] = token
+            seq.num_pending -= 1
+            manager.register_computed(seq)  # its blocks hold known tokens only now
             self.num_generated_tokens += 1
-            reason = self._finish_reason(seq, token)
+            reason = self._finish_reason(seq, token, at + 1)
             if reason is not None:
+                del seq.token_ids[at + 1 :]  # a placeholder of the step after, if any
                 self._finish(seq, reason)
             results.append(
                 StepOutput(seq.seq_id, [token], reason is not None, reason, chunk.first_time)
             )
         return results
 
-    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+    def _finish_reason(self, seq: Sequence, token: int, length: int) -> FinishReason | None:
+        """Why `seq` finishes with `token`, its `length`-th token (None: it goes on)."""
         if not seq.sampling.ignore_eos and token in self.eos_token_ids:
             return "stop"
-        if seq.num_output_tokens >= seq.sampling.max_tokens:
+        if length - seq.num_prompt_tokens >= seq.sampling.max_tokens:
             return "length"
-        if seq.num_tokens >= self.max_model_len:
+        if length >= self.max_model_len:
             return "length"
         return None
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:  # preempted while its last step ran
+            self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.running.remove(seq)
+        seq.num_pending = 0
         self.block_manager.free(seq)
         del self.seqs[seq.seq_id]

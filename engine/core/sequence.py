@@ -9,6 +9,9 @@ import enum
 
 from engine.request import FinishReason, SamplingParams
 
+# A token sampled by a step whose result has not reached the host yet (see Sequence).
+PLACEHOLDER = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -58,6 +61,15 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
         self.ever_scheduled = False
+        # Tokens sampled by steps launched but not yet postprocessed (the scheduler runs one
+        # step ahead of the host's results): PLACEHOLDER entries at the end of token_ids
+        # until postprocess writes the real tokens in. sample_index: the last of them is the
+        # sample_index-th token its step sampled (where the next step's input comes from, on
+        # the device). finishing: that token is its last (max_tokens or max_model_len), so
+        # it is not scheduled again.
+        self.num_pending = 0
+        self.sample_index = -1
+        self.finishing = False
 
     @property
     def num_tokens(self) -> int:

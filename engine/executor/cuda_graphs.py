@@ -69,6 +69,35 @@ class GraphStep:
         return tokens
 
 
+@dataclass
+class TokenPatch:
+    """Input ids of a step that the step before it sampled and the host does not have yet
+    (the scheduler runs a step ahead): row `rows[i]` of the step's ids is `tokens[sources[i]]`,
+    copied on the device after the step's inputs arrive and before it runs."""
+
+    rows: list[int]
+    sources: list[int]
+    tokens: torch.Tensor  # [N] the step before's sampled tokens, on the device
+
+
+def send_inputs(staging: HostStaging, turn: int, buffer: torch.Tensor, used: int,
+                ids: torch.Tensor, patch: TokenPatch | None) -> None:
+    """Queue the copy of a step's first `used` inputs from host buffer `turn` into `buffer`
+    and then, for a patch, its rows and sources (written just past the inputs, so that one
+    copy carries both; the buffers have room for them) and the copy of those tokens into
+    `ids`, the device view of the step's input ids."""
+    if patch is None or not patch.rows:
+        staging.send(turn, buffer, used)
+        return
+    m = len(patch.rows)
+    h = staging.inputs_np[turn]
+    h[used : used + m] = patch.rows
+    h[used + m : used + 2 * m] = patch.sources
+    staging.send(turn, buffer, used + 2 * m)
+    picked = patch.tokens.index_select(0, buffer[used + m : used + 2 * m])
+    ids.index_copy_(0, buffer[used : used + m], picked)
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [s for s in SMALL_SIZES if s < max_num_seqs]
     sizes += list(range(SIZE_STEP, max_num_seqs, SIZE_STEP))
@@ -175,7 +204,8 @@ class DecodeGraphs:
             0, m, 2 * m, 3 * m, 4 * m
         )  # fmt: skip
         total = 4 * m + m * max_blocks
-        self.staging = HostStaging(total, m, device)
+        # room past the inputs for a TokenPatch of every row
+        self.staging = HostStaging(total + 2 * m, m, device)
         # Per host buffer: the block table each row was last written from and how many of
         # its blocks, so that a step writes only what changed. A running sequence's table is
         # one list that only grows (a preempted or new sequence gets a new list, and holding
@@ -185,7 +215,7 @@ class DecodeGraphs:
         self._written: list[list[tuple[list[int] | None, int]]] = [
             [(None, 0)] * m for _ in range(len(self.staging.inputs))
         ]
-        self.buffer = torch.zeros(total, dtype=torch.long, device=device)
+        self.buffer = torch.zeros(total + 2 * m, dtype=torch.long, device=device)
         self.rows = torch.arange(m, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -194,7 +224,7 @@ class DecodeGraphs:
     def _views(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         b = self.buffer
         m = self.max_bs
-        tables = b[self.o_tab :].view(m, self.max_blocks)
+        tables = b[self.o_tab : self.o_tab + m * self.max_blocks].view(m, self.max_blocks)
         meta = AttentionMetadata(
             slot_mapping=b[self.o_slots : self.o_slots + bs],
             decode_rows=self.rows[:bs],
@@ -298,6 +328,7 @@ class DecodeGraphs:
         slots: list[int],
         tables: list[list[int]],
         ids_from: torch.Tensor | None = None,
+        patch: TokenPatch | None = None,
     ) -> GraphStep:
         """Queue one decode step of len(positions) sequences on the device and return at once.
 
@@ -305,7 +336,8 @@ class DecodeGraphs:
         block-table list, not a copy, so that unchanged rows are not written again (_fill).
         ids_from: [n] device tensor of the input tokens when the host does not have them yet
         (the previous step's argmax, still being computed: `ids` is then empty); stream order
-        makes the copy wait for it.
+        makes the copy wait for it. patch: rows whose ids (0 in `ids`) come from the step
+        before's tokens on the device.
         """
         n = len(positions)
         bs = self.batch_size_for(n)
@@ -313,7 +345,8 @@ class DecodeGraphs:
         staging = self.staging
         turn = staging.next_turn()
         self._fill(turn, ids, positions, slots, tables, bs)
-        staging.send(turn, self.buffer, self.o_tab + bs * self.max_blocks)
+        send_inputs(staging, turn, self.buffer, self.o_tab + bs * self.max_blocks,
+                    self.buffer[self.o_ids : self.o_ids + n], patch)
         if ids_from is not None:
             self.buffer[self.o_ids : self.o_ids + n].copy_(ids_from)
         if self.replay:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine.executor.cuda_graphs import GraphStep, HostStaging, argmax
+from engine.executor.cuda_graphs import GraphStep, HostStaging, TokenPatch, argmax, send_inputs
 from engine.executor.step import StepChunk
 from engine.layers.attention import AttentionMetadata, PrefillTiles
 from engine.models import CausalLM
@@ -159,8 +159,10 @@ class MixedGraphs:
         ]
         total = max(layout.total for layout in self.layouts)
         max_rows = max(layout.rows for layout in self.layouts)
-        self.staging = HostStaging(total, max_rows, device)
-        self.buffer = torch.zeros(total, dtype=torch.long, device=device)
+        # room past the inputs for a TokenPatch of every decode row
+        max_decode = max(layout.decode for layout in self.layouts)
+        self.staging = HostStaging(total + 2 * max_decode, max_rows, device)
+        self.buffer = torch.zeros(total + 2 * max_decode, dtype=torch.long, device=device)
         # Shared by every captured size (allocated by the first warm-up, which knows the
         # logits' dtype and vocabulary width).
         self.logits: torch.Tensor | None = None
@@ -171,7 +173,6 @@ class MixedGraphs:
         # so that a step writes only the blocks that changed and then copies the rows into
         # its layout at once. Writing each row's table afresh was most of a mixed step's
         # host time (3 us a row: 0.2 ms before a step of 65 rows could start).
-        max_decode = max(layout.decode for layout in self.layouts)
         self._decode_tables = np.zeros((max_decode, max_blocks), dtype=np.int64)
         self._written: list[tuple[list[int] | None, int]] = [(None, 0)] * max_decode
 
@@ -268,9 +269,11 @@ class MixedGraphs:
             graph.reset()
         self.graphs.clear()
 
-    def _fill(self, turn: int, layout: MixedLayout, chunks: Sequence[StepChunk]) -> int:
+    def _fill(self, turn: int, layout: MixedLayout, chunks: Sequence[StepChunk],
+              patch_rows: list[int] | None = None) -> int:
         """Write a step's inputs into host buffer `turn` in `layout`; return its sampling
-        rows."""
+        rows. The decode rows whose input the step before sampled (`input_from`) get id 0
+        here and their rows appended to `patch_rows` (a TokenPatch's, in chunk order)."""
         h = self.staging.inputs_np[turn]
         o = layout.offsets
         bs, nb = self.block_size, layout.blocks
@@ -301,7 +304,12 @@ class MixedGraphs:
                 nd = len(d_rows)
                 block = start // bs
                 d_rows.append(row)
-                d_ids.append(seq.token_ids[start])
+                if chunk.input_from is None:
+                    d_ids.append(seq.token_ids[start])
+                else:
+                    d_ids.append(0)
+                    assert patch_rows is not None, "a token of the step before, and no patch"
+                    patch_rows.append(row)
                 d_lens.append(end)
                 d_slots.append(table[block] * bs + start - block * bs)
                 if block >= width:
@@ -357,14 +365,24 @@ class MixedGraphs:
         h[o["s_rows"] + ns : o["s_rows"] + layout.rows] = 0
         return ns
 
-    def launch(self, chunks: Sequence[StepChunk], layout: MixedLayout) -> GraphStep:
+    def launch(self, chunks: Sequence[StepChunk], layout: MixedLayout,
+               prev_tokens: torch.Tensor | None = None) -> GraphStep:
         """Queue one mixed step on the device in `layout` (layout_for) and return at once; the
         result's logits and tokens are those of the sampling chunks, in order (valid until the
-        next launch)."""
+        next launch). prev_tokens: the step before's sampled tokens on the device, where
+        chunks take their first token from it (`input_from`)."""
         staging = self.staging
         turn = staging.next_turn()
-        n = self._fill(turn, layout, chunks)
-        staging.send(turn, self.buffer, layout.total)
+        rows: list[int] = []
+        n = self._fill(turn, layout, chunks, rows)
+        patch = None
+        if rows:
+            assert prev_tokens is not None, "a token of the step before, and no step before"
+            sources = [c.input_from for c in chunks if c.input_from is not None]
+            patch = TokenPatch(rows, sources, prev_tokens)  # type: ignore[arg-type]
+        o = layout.offsets
+        send_inputs(staging, turn, self.buffer, layout.total,
+                    self.buffer[o["ids"] : o["ids"] + layout.tokens], patch)
         if self.replay:
             self.graphs[layout.tokens].replay()
         else:

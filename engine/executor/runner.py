@@ -24,9 +24,9 @@ import torch
 
 from engine.config import EngineConfig
 from engine.distributed import ParallelGroup
-from engine.executor.cuda_graphs import DecodeGraphs, GraphStep
+from engine.executor.cuda_graphs import DecodeGraphs, GraphStep, TokenPatch
 from engine.executor.loader import load_model
-from engine.executor.mixed_graphs import MixedGraphs, MixedLayout
+from engine.executor.mixed_graphs import MixedGraphs
 from engine.executor.sampler import sample
 from engine.executor.step import ScheduledStep
 from engine.layers.attention import (
@@ -100,6 +100,52 @@ class Lookahead:
             and self.positions == inputs.positions
             and self.slots == inputs.slots
         )
+
+
+class LaunchedStep:
+    """A step queued on the device: its sampled tokens, one per sampling chunk, on the device
+    (where the next step may read them before they reach the host) and, once the step has
+    finished, on the host (`tokens`)."""
+
+    def __init__(self, device_tokens: torch.Tensor | None, host_tokens: torch.Tensor | None,
+                 ready: torch.cuda.Event | None, select: list[int] | None = None) -> None:
+        self.device_tokens = device_tokens
+        self._host = host_tokens
+        self._ready = ready
+        self._select = select  # the host tensor's rows that are this step's tokens
+        self._tokens: list[int] | None = None
+        # (kind, step, t0, t_enqueued, start, end) for ModelRunner._record
+        self.timing: tuple[Any, ...] | None = None
+
+    @classmethod
+    def done(cls, tokens: list[int], device_tokens: torch.Tensor | None) -> LaunchedStep:
+        """A step that has already run (eagerly): its tokens are on the host."""
+        launched = cls(device_tokens, None, None)
+        launched._tokens = tokens
+        return launched
+
+    @classmethod
+    def copying(cls, tokens: torch.Tensor) -> LaunchedStep:
+        """A step whose sampled `tokens` (on the device) start their way to the host now."""
+        if tokens.device.type != "cuda":
+            return cls.done(tokens.tolist(), tokens)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(tokens, host, ready)
+
+    def tokens(self) -> list[int]:
+        """The sampled tokens, once the step has finished (blocks until then)."""
+        if self._tokens is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            assert self._host is not None
+            tokens: list[int] = self._host.tolist()
+            if self._select is not None:
+                tokens = [tokens[i] for i in self._select]
+            self._tokens = tokens
+        return self._tokens
 
 
 def use_triton(device: torch.device, config: EngineConfig) -> bool:
@@ -321,10 +367,22 @@ class ModelRunner:
     def execute(self, out: ScheduledStep) -> list[int]:
         """Run one step; return the sampled token of each of `out.sampling_chunks` (the same
         on every rank of a group)."""
-        with self._on_device():
-            return self._execute(out)
+        return self.launch(out).tokens()
 
-    def _execute(self, out: ScheduledStep) -> list[int]:
+    @torch.inference_mode()
+    def launch(self, out: ScheduledStep, prev: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one step on the device and return without waiting for it (a captured graph;
+        eager steps run to the end). prev: the step launched before it, whose sampled tokens
+        feed the chunks that take their first token from it (`input_from`), on the device
+        where it still runs."""
+        with self._on_device():
+            launched = self._launch(out, prev)
+            if self.profile is not None:
+                launched.tokens()  # timed to the end of the step (see _record)
+                self._record(*launched.timing)  # type: ignore[misc]
+            return launched
+
+    def _launch(self, out: ScheduledStep, prev: LaunchedStep | None) -> LaunchedStep:
         t0 = time.perf_counter()
         start = self._event() if self.profile is not None else None
         chunks = out.chunks
@@ -335,94 +393,97 @@ class ModelRunner:
             and all(c.num_tokens == 1 for c in chunks)
             and graphs.batch_size_for(len(chunks)) is not None
         ):
-            result, kind, t_enqueued, end = self._decode_graph(out, graphs, pending)
-            if self.profile is not None:  # a lookahead step's device time overlapped the host
-                self._record(kind, out, t0, t_enqueued, start if kind == "graph" else None, end)
-            return result
+            launched, kind = self._decode_graph(out, graphs, pending, prev)
+            # a lookahead step's device time overlapped the host: its start is unknown
+            launched.timing = (kind, out, t0, time.perf_counter(),
+                               start if kind == "graph" else None, self._profile_event())
+            return launched
         mixed = self.mixed
         layout = (mixed.layout_for(sum(c.num_tokens for c in chunks), len(chunks))
                   if mixed is not None else None)
         if mixed is not None and layout is not None:
-            result, t_enqueued, end = self._mixed_graph(out, mixed, layout)
-            if self.profile is not None:
-                self._record("mixed", out, t0, t_enqueued, start, end)
-            return result
-        logits = self._eager(out)
+            prev_tokens = prev.device_tokens if prev is not None else None
+            step = mixed.launch(chunks, layout, prev_tokens)
+            launched = self._graph_result(step, out, list(range(len(out.sampling_chunks))))
+            launched.timing = ("mixed", out, t0, time.perf_counter(), start,
+                               self._profile_event())
+            return launched
+        logits = self._eager(out, prev)
         if not out.sampling_chunks:
-            if self.profile is not None:
-                self._record("eager", out, t0, time.perf_counter(), None, None)
-            return []
+            launched = LaunchedStep.done([], None)
+            launched.timing = ("eager", out, t0, time.perf_counter(), None, None)
+            return launched
         tokens = self._sample(logits, out)
         t_enqueued = time.perf_counter()
-        end = self._event() if start is not None else None
-        result = tokens.tolist()
-        if self.profile is not None:
-            self._record("eager", out, t0, t_enqueued, start, end)
-        return result
+        end = self._profile_event()
+        launched = LaunchedStep.done(tokens.tolist(), tokens)
+        launched.timing = ("eager", out, t0, t_enqueued, start, end)
+        return launched
+
+    def _profile_event(self) -> torch.cuda.Event | None:
+        return self._event() if self.profile is not None else None
 
     def _decode_graph(
-        self, out: ScheduledStep, graphs: DecodeGraphs, pending: Lookahead | None
-    ) -> tuple[list[int], str, float, torch.cuda.Event | None]:
+        self, out: ScheduledStep, graphs: DecodeGraphs, pending: Lookahead | None,
+        prev: LaunchedStep | None,
+    ) -> tuple[LaunchedStep, str]:
         """A pure decode step through the captured graphs, served by the pending lookahead
-        when it is this step. Returns the sampled tokens, the kind of step, when its last
-        work was queued and (profiling) an event after it."""
-        inputs = self._graph_inputs(out)
-        if pending is not None and pending.serves(inputs):
+        when it is this step. Returns the launched step and its kind."""
+        inputs, patch = self._graph_inputs(out, prev)
+        if pending is not None and patch is None and pending.serves(inputs):
             step, kind = pending.step, "lookahead"
         else:
-            step = graphs.launch(inputs.ids, inputs.positions, inputs.slots, inputs.tables)
+            step = graphs.launch(inputs.ids, inputs.positions, inputs.slots, inputs.tables,
+                                 patch=patch)
             kind = "graph"
         chunks = out.chunks
         sampling = [i for i, c in enumerate(chunks) if c.samples]
-        if not sampling or all(chunks[i].seq.sampling.greedy for i in sampling):
-            end = self._event() if self.profile is not None else None
-            if len(sampling) == len(chunks):
-                self.lookahead = self._launch_lookahead(out, inputs, step, graphs)
-            t_enqueued = time.perf_counter()
-            tokens = step.greedy_tokens() if sampling else []
-            return [tokens[i] for i in sampling], kind, t_enqueued, end
+        if len(sampling) == len(chunks) and all(c.seq.sampling.greedy for c in chunks):
+            self.lookahead = self._launch_lookahead(out, inputs, step, graphs)
+        return self._graph_result(step, out, sampling), kind
+
+    def _graph_result(self, step: GraphStep, out: ScheduledStep,
+                      sampling: list[int]) -> LaunchedStep:
+        """The sampled tokens of a launched graph step whose rows `sampling` are the sampling
+        chunks': each row's argmax where all of them are greedy, else drawn here."""
+        if all(c.seq.sampling.greedy for c in out.sampling_chunks):
+            if len(sampling) == step.n:  # every row samples: the graph's own outputs
+                return LaunchedStep(step.tokens, step.host_tokens, step.ready,
+                                    select=None)
+            rows = torch.tensor(sampling, device=self.device)
+            return LaunchedStep(step.tokens.index_select(0, rows), step.host_tokens,
+                                step.ready, select=sampling)
         logits = step.logits
-        if len(sampling) < len(chunks):
+        if len(sampling) < step.n:
             logits = logits[torch.tensor(sampling, device=self.device)]
-        sampled = self._sample(logits, out)
-        end = self._event() if self.profile is not None else None
-        t_enqueued = time.perf_counter()
-        result: list[int] = sampled.tolist()
-        return result, kind, t_enqueued, end
+        return LaunchedStep.copying(self._sample(logits, out))
 
-    def _mixed_graph(
-        self, out: ScheduledStep, mixed: MixedGraphs, layout: MixedLayout
-    ) -> tuple[list[int], float, torch.cuda.Event | None]:
-        """A step with prefill chunks through the captured mixed-step graphs, in `layout`.
-        Returns the sampled tokens, when its last work was queued and (profiling) an event
-        after it."""
-        step = mixed.launch(out.chunks, layout)
-        sampling = out.sampling_chunks
-        if not sampling:  # prefill chunks only: nothing to wait for
-            end = self._event() if self.profile is not None else None
-            return [], time.perf_counter(), end
-        if all(c.seq.sampling.greedy for c in sampling):
-            end = self._event() if self.profile is not None else None
-            t_enqueued = time.perf_counter()
-            return step.greedy_tokens(), t_enqueued, end
-        sampled = self._sample(step.logits, out)
-        end = self._event() if self.profile is not None else None
-        t_enqueued = time.perf_counter()
-        result: list[int] = sampled.tolist()
-        return result, t_enqueued, end
-
-    def _graph_inputs(self, out: ScheduledStep) -> GraphInputs:
+    def _graph_inputs(
+        self, out: ScheduledStep, prev: LaunchedStep | None
+    ) -> tuple[GraphInputs, TokenPatch | None]:
+        """A decode step's inputs and, where chunks take their token from the step before
+        (still on the device), the patch that supplies them."""
         bs = self.block_size
         inputs = GraphInputs([], [], [], [], [])
-        for chunk in out.chunks:
+        rows: list[int] = []
+        sources: list[int] = []
+        for i, chunk in enumerate(out.chunks):
             p = chunk.start
             table = chunk.seq.block_table
             inputs.seq_ids.append(chunk.seq.seq_id)
-            inputs.ids.append(chunk.seq.token_ids[p])
+            if chunk.input_from is None:
+                inputs.ids.append(chunk.seq.token_ids[p])
+            else:
+                inputs.ids.append(0)
+                rows.append(i)
+                sources.append(chunk.input_from)
             inputs.positions.append(p)
             inputs.slots.append(table[p // bs] * bs + p % bs)
             inputs.tables.append(table)  # the list itself: DecodeGraphs writes what changed
-        return inputs
+        if not rows:
+            return inputs, None
+        assert prev is not None and prev.device_tokens is not None, "no step before"
+        return inputs, TokenPatch(rows, sources, prev.device_tokens)
 
     def _launch_lookahead(
         self, out: ScheduledStep, inputs: GraphInputs, step: GraphStep, graphs: DecodeGraphs
@@ -431,8 +492,9 @@ class ModelRunner:
         step's argmax on the device) where the scheduler will likely ask for it next: no
         sequence is known to finish (length limits), no waiting request may be admitted, and
         every next position already has its cache block."""
-        if not self.config.decode_lookahead or out.admission_possible:
-            return None
+        if (not self.config.decode_lookahead or self.config.async_scheduling
+                or out.admission_possible):
+            return None  # (async scheduling launches the next step itself)
         bs = self.block_size
         positions: list[int] = []
         slots: list[int] = []
@@ -441,8 +503,8 @@ class ModelRunner:
             seq = chunk.seq
             p = chunk.start + 1
             table = seq.block_table
-            if (
-                seq.num_output_tokens + 1 >= seq.sampling.max_tokens
+            if (  # this step's token is output number p + 1 - prompt, the lookahead's next
+                p + 2 - seq.num_prompt_tokens > seq.sampling.max_tokens
                 or p + 1 >= self.max_model_len
                 or p // bs >= len(table)
             ):
@@ -453,16 +515,22 @@ class ModelRunner:
         ahead = graphs.launch([], positions, slots, tables, ids_from=step.tokens)
         return Lookahead(inputs.seq_ids, positions, slots, ahead)
 
-    def _eager(self, out: ScheduledStep) -> torch.Tensor | None:
+    def _eager(self, out: ScheduledStep, prev: LaunchedStep | None) -> torch.Tensor | None:
         """Any step, run eagerly; logits [N, V] of the sampling rows (None when no chunk
-        samples, or on a rank of a layer split without the vocabulary head)."""
+        samples, or on a rank of a layer split without the vocabulary head). Tokens of the
+        step before (`input_from`) are waited for."""
         ids: list[int] = []
         positions: list[int] = []
         specs: list[ChunkSpec] = []
         last_rows: list[int] = []
         for chunk in out.chunks:
             end = chunk.start + chunk.num_tokens
-            ids.extend(chunk.seq.token_ids[chunk.start : end])
+            if chunk.input_from is not None:
+                assert prev is not None, "a token of the step before, and no step before"
+                ids.append(prev.tokens()[chunk.input_from])
+                ids.extend(chunk.seq.token_ids[chunk.start + 1 : end])
+            else:
+                ids.extend(chunk.seq.token_ids[chunk.start : end])
             positions.extend(range(chunk.start, end))
             specs.append(ChunkSpec(chunk.start, chunk.num_tokens, chunk.seq.block_table))
             if chunk.samples:
@@ -496,7 +564,9 @@ class ModelRunner:
             generators = [
                 None
                 if c.seq.sampling.greedy
-                else self._generator(c.seq.sampling.seed, c.seq.num_output_tokens)
+                # the output position this token takes
+                else self._generator(c.seq.sampling.seed,
+                                     c.start + c.num_tokens - c.seq.num_prompt_tokens)
                 for c in chunks
             ]
             tokens = sample(logits, params, generators)

@@ -21,7 +21,7 @@ class StepSequence(Protocol):
     @property
     def sampling(self) -> SamplingParams: ...
     @property
-    def num_output_tokens(self) -> int: ...
+    def num_prompt_tokens(self) -> int: ...
 
 
 class StepChunk(Protocol):
@@ -36,6 +36,11 @@ class StepChunk(Protocol):
     def num_tokens(self) -> int: ...
     @property
     def samples(self) -> bool: ...
+    @property
+    def input_from(self) -> int | None:
+        """The chunk's first token is the step before's input_from-th sampled token, not on
+        the host yet (engine.core.scheduler.Scheduler._advance); None: all are known."""
+        ...
 
 
 class ScheduledStep(Protocol):

@@ -51,8 +51,8 @@ def generate(backend: NativeBackend, stagger: int = 2) -> dict[str, list[int]]:
 
 def generate_with_abort(backend: NativeBackend) -> dict[str, list[int]]:
     """Three greedy requests decoding together, one finishing early on its max_tokens and
-    one aborted mid-way (as a stop string does): the batch changes under a pending
-    lookahead step."""
+    one aborted mid-way (as a stop string does): the batch changes under a step launched
+    ahead (a pending lookahead step, or the async scheduler's next step)."""
     out: dict[str, list[int]] = {}
     for i, p in enumerate(prompts()[:3]):
         sampling = SamplingParams(max_tokens=(5, 12, 12)[i], temperature=0.0, ignore_eos=True)
@@ -68,6 +68,15 @@ def generate_with_abort(backend: NativeBackend) -> dict[str, list[int]]:
     return out
 
 
+def assert_same_up_to_the_abort(got: dict[str, list[int]], want: dict[str, list[int]]) -> None:
+    """generate_with_abort's outputs against a run where each step waited for the one
+    before: the same, but for the aborted request, which may have a token fewer (the one a
+    step launched ahead computed, dropped with the abort)."""
+    assert got["r0"] == want["r0"] and got["r2"] == want["r2"], (got, want)
+    r1, want_r1 = got["r1"], want["r1"]
+    assert r1 == want_r1[: len(r1)] and len(want_r1) - 1 <= len(r1), (got, want)
+
+
 def config(path: Path, device: str, **overrides: object) -> EngineConfig:
     settings: dict[str, object] = dict(
         dtype="float32", device=device, max_model_len=128, max_num_seqs=8, block_size=4
@@ -76,9 +85,11 @@ def config(path: Path, device: str, **overrides: object) -> EngineConfig:
     return EngineConfig(model_path=str(path), **settings)  # type: ignore[arg-type]
 
 
-def check_static_buffers_on_cpu(path: str) -> None:
+def check_static_buffers_on_cpu(path: str, async_scheduling: bool) -> None:
     """Run in the subprocess: Triton attention, the fused layers, the GEMV kernel (one-row
-    decode steps) and the graphs' buffers, run eagerly on the CPU."""
+    decode steps) and the graphs' buffers, run eagerly on the CPU; with async scheduling
+    the graph steps take their input tokens from the step before on the device (patched
+    into their buffers), without it pure decode steps are launched ahead (lookahead)."""
     import engine.executor.runner as runner_module
     from engine.executor.cuda_graphs import DecodeGraphs
     from engine.executor.mixed_graphs import MixedGraphs
@@ -94,12 +105,13 @@ def check_static_buffers_on_cpu(path: str) -> None:
 
     triton_gemv.gemv = counted_gemv  # type: ignore[assignment]
 
-    want = generate(NativeBackend(config(Path(path), "cpu")))
-    want_abort = generate_with_abort(NativeBackend(config(Path(path), "cpu")))
+    want = generate(NativeBackend(config(Path(path), "cpu", async_scheduling=False)))
+    want_abort = generate_with_abort(
+        NativeBackend(config(Path(path), "cpu", async_scheduling=False)))
     runner_module.use_triton = lambda device, config: True  # the GPU path's layers
 
     def fast_backend() -> NativeBackend:
-        backend = NativeBackend(config(Path(path), "cpu"))
+        backend = NativeBackend(config(Path(path), "cpu", async_scheduling=async_scheduling))
         runner = backend.runner
         runner.graphs = DecodeGraphs(
             runner.model,
@@ -129,11 +141,17 @@ def check_static_buffers_on_cpu(path: str) -> None:
         return backend
 
     backend = fast_backend()
+    patched = count_patches(backend)
     got = generate(backend)
     kinds = {step["kind"] for step in backend.runner.profile}
     # "lookahead": decode steps launched before the scheduler asked for them; "mixed": steps
     # with prefill chunks, decode rows among them or not
-    assert kinds == {"graph", "lookahead", "mixed", "eager"}, kinds
+    if async_scheduling:
+        assert kinds == {"graph", "mixed", "eager"}, kinds
+        assert patched["decode"] > 0 and patched["mixed"] > 0, patched
+    else:
+        assert kinds == {"graph", "lookahead", "mixed", "eager"}, kinds
+        assert patched == {"decode": 0, "mixed": 0}, patched
     mixed = [s for s in backend.runner.profile if s["kind"] == "mixed"]
     assert any(s["seqs"] > 1 for s in mixed) and any(s["seqs"] == 1 for s in mixed)
     assert got == want, (got, want)
@@ -151,15 +169,40 @@ def check_static_buffers_on_cpu(path: str) -> None:
 
     graphs.launch = counted_launch  # type: ignore[method-assign]
     got = generate_with_abort(backend)
-    assert got == want_abort, (got, want_abort)
+    assert_same_up_to_the_abort(got, want_abort)
     assert len(got["r1"]) < 12 and len(got["r0"]) == 5  # the abort and the early finish
     served = sum(step["kind"] == "lookahead" for step in backend.runner.profile)
-    assert 0 < served < sum(launched_ahead), "lookaheads served, and one discarded"
+    if not async_scheduling:
+        assert 0 < served < sum(launched_ahead), "lookaheads served, and one discarded"
 
 
-def test_static_buffers_match_torch_path_on_cpu(checkpoint) -> None:  # type: ignore[no-untyped-def]
+def count_patches(backend: NativeBackend) -> dict[str, int]:
+    """Counts of the decode-graph and mixed steps launched with input tokens patched in
+    from the step before, kept up to date as the backend runs."""
+    counts = {"decode": 0, "mixed": 0}
+    runner = backend.runner
+    assert runner.graphs is not None and runner.mixed is not None
+    decode_launch, mixed_launch = runner.graphs.launch, runner.mixed.launch
+
+    def decode(*args: object, **kwargs: object) -> object:
+        counts["decode"] += kwargs.get("patch") is not None
+        return decode_launch(*args, **kwargs)  # type: ignore[arg-type]
+
+    def mixed(chunks, layout, prev_tokens=None):  # type: ignore[no-untyped-def]
+        counts["mixed"] += any(c.input_from is not None for c in chunks)
+        return mixed_launch(chunks, layout, prev_tokens)
+
+    runner.graphs.launch = decode  # type: ignore[method-assign]
+    runner.mixed.launch = mixed  # type: ignore[method-assign]
+    return counts
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_static_buffers_match_torch_path_on_cpu(checkpoint, async_scheduling: bool) -> None:  # type: ignore[no-untyped-def]
     path = checkpoint("mistral")  # sliding window shorter than the prompts
-    run_in_interpreter(__file__, f"t.check_static_buffers_on_cpu({str(path)!r})", timeout=280)
+    run_in_interpreter(
+        __file__, f"t.check_static_buffers_on_cpu({str(path)!r}, {async_scheduling})",
+        timeout=280)
 
 
 @pytest.mark.gpu
@@ -168,11 +211,19 @@ def test_static_buffers_match_torch_path_on_cpu(checkpoint) -> None:  # type: ig
 def test_graphs_match_eager_on_gpu(variant: str, checkpoint) -> None:  # type: ignore[no-untyped-def]
     path = checkpoint(variant)
     want = generate(NativeBackend(config(path, "cuda", enforce_eager=True)))
-    backend = NativeBackend(config(path, "cuda"))
-    assert backend.runner.graphs is not None
-    backend.runner.profile = []
-    got = generate(backend)
-    assert {s["kind"] for s in backend.runner.profile} == {"graph", "lookahead", "mixed"}
-    assert got == want
+    for async_scheduling in (True, False):
+        backend = NativeBackend(config(path, "cuda", async_scheduling=async_scheduling))
+        assert backend.runner.graphs is not None
+        patched = count_patches(backend)
+        backend.runner.profile = []
+        got = generate(backend)
+        kinds = {s["kind"] for s in backend.runner.profile}
+        if async_scheduling:
+            assert kinds == {"graph", "mixed"} and patched["decode"] and patched["mixed"]
+        else:
+            assert kinds == {"graph", "lookahead", "mixed"}
+        assert got == want, async_scheduling
     want = generate_with_abort(NativeBackend(config(path, "cuda", enforce_eager=True)))
-    assert generate_with_abort(NativeBackend(config(path, "cuda"))) == want
+    for async_scheduling in (True, False):
+        backend = NativeBackend(config(path, "cuda", async_scheduling=async_scheduling))
+        assert_same_up_to_the_abort(generate_with_abort(backend), want)
