@@ -1291,6 +1291,7 @@ def high_series(ctx: Context, producer: Any, files: list[Path], tag: str) -> dic
             break
         time.sleep(0.05)
     latencies, waits, submit_s, short = [], [], [], 0
+    after_engine: list[float] = []  # engine future resolved -> outcome stored
     unfinished = 0
     last_finish = 0.0
     for job_id, t_sub, sub_s in jobs:
@@ -1304,10 +1305,14 @@ def high_series(ctx: Context, producer: Any, files: list[Path], tag: str) -> dic
         st = ffloat(rec.fields, "started_at")
         if st is not None:
             waits.append(st - t_sub)
+            engine_s = (rec.result or {}).get("total_s")
+            if isinstance(engine_s, int | float):
+                after_engine.append(fin - st - engine_s)
         short += int((rec.result or {}).get("completion_tokens", 0)) != s.max_tokens
         last_finish = max(last_finish, fin)
     return {"jobs": len(jobs), "unfinished": unfinished, "short_outputs": short,
             "latency_s": dist(latencies), "queue_wait_s": dist(waits),
+            "after_engine_s": dist(after_engine),
             "submit_call_s": dist(submit_s), "latencies": [round(x, 4) for x in latencies],
             "window": [jobs[0][1], last_finish or time.time()]}
 

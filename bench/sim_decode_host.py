@@ -212,9 +212,9 @@ def main() -> None:
         scheduler.add(Sequence(f"r{i}", prompt, sampling, 1, scheduler.next_arrival()))
     while True:  # the prompts, with made-up tokens: only decode steps are timed
         out = scheduler.schedule()
+        scheduler.postprocess(out, [TOKEN] * len(out.sampling_chunks))
         if all(c.num_tokens == 1 for c in out.chunks):
             break
-        scheduler.postprocess(out, [TOKEN] * len(out.sampling_chunks))
 
     def step() -> None:
         out = scheduler.schedule()

@@ -184,7 +184,8 @@ class _HeldJob:
     def _on_done(self, future: Future[Any]) -> None:
         # In the engine's receiver thread (or the task thread, for a future that resolved at
         # once): no Redis here, only a hand-over.
-        if not self.runtime.finishers.submit(lambda: self.settle(future)):
+        urgent = self.priority == keys.QUEUE_HIGH
+        if not self.runtime.finishers.submit(lambda: self.settle(future), urgent):
             self.let_go()  # the worker is stopping: the job is left to its lease
 
     def settle(self, future: Future[Any]) -> None:

@@ -210,7 +210,9 @@ def test_static_buffers_match_torch_path_on_cpu(checkpoint, async_scheduling: bo
 @pytest.mark.parametrize("variant", ["llama", "mistral"])
 def test_graphs_match_eager_on_gpu(variant: str, checkpoint) -> None:  # type: ignore[no-untyped-def]
     path = checkpoint(variant)
-    want = generate(NativeBackend(config(path, "cuda", enforce_eager=True)))
+    # the references wait for each step, eagerly
+    eager = config(path, "cuda", enforce_eager=True, async_scheduling=False)
+    want = generate(NativeBackend(eager))
     for async_scheduling in (True, False):
         backend = NativeBackend(config(path, "cuda", async_scheduling=async_scheduling))
         assert backend.runner.graphs is not None
@@ -223,7 +225,7 @@ def test_graphs_match_eager_on_gpu(variant: str, checkpoint) -> None:  # type: i
         else:
             assert kinds == {"graph", "lookahead", "mixed"}
         assert got == want, async_scheduling
-    want = generate_with_abort(NativeBackend(config(path, "cuda", enforce_eager=True)))
+    want = generate_with_abort(NativeBackend(eager))
     for async_scheduling in (True, False):
         backend = NativeBackend(config(path, "cuda", async_scheduling=async_scheduling))
         assert_same_up_to_the_abort(generate_with_abort(backend), want)

@@ -205,3 +205,19 @@ def test_finishers_run_work_and_refuse_it_once_stopped():
     finishers.stop(PATIENCE_S)
     assert not finishers.submit(work(99))
     assert 99 not in ran
+
+
+def test_urgent_finisher_work_runs_before_work_handed_over_earlier():
+    """A high job's outcome is stored before the low ones already waiting for a finisher."""
+    finishers = Finishers(threads=1)
+    release = threading.Event()
+    ran: list[str] = []
+    assert finishers.submit(release.wait)  # holds the only finisher
+    for i in range(5):
+        assert finishers.submit(lambda i=i: ran.append(f"low{i}"))
+    assert finishers.submit(lambda: ran.append("high0"), urgent=True)
+    assert finishers.submit(lambda: ran.append("high1"), urgent=True)
+    release.set()
+    assert finishers.wait_idle(PATIENCE_S)
+    assert ran == ["high0", "high1", "low0", "low1", "low2", "low3", "low4"]
+    finishers.stop(PATIENCE_S)
