@@ -379,7 +379,11 @@ class ModelRunner:
             launched = self._launch(out, prev)
             if self.profile is not None:
                 launched.tokens()  # timed to the end of the step (see _record)
-                self._record(*launched.timing)  # type: ignore[misc]
+                assert launched.timing is not None
+                end = launched.timing[-1]
+                if end is not None:
+                    end.synchronize()
+                self._record(*launched.timing)
             return launched
 
     def _launch(self, out: ScheduledStep, prev: LaunchedStep | None) -> LaunchedStep:

@@ -48,21 +48,22 @@ class FaultyBackend(NativeBackend):
         self.times: int | None = None
         self.error: Callable[[str], Exception] = lambda rid: RuntimeError(f"poisoned {rid}")
         self.raised = 0
-        execute = self.runner.execute
+        launch = self.runner.launch
 
-        def guarded(out: SchedulerOutput) -> list[int]:
+        def guarded(out: SchedulerOutput, prev: Any = None) -> Any:
             for chunk in out.chunks:
                 seq = chunk.seq
                 if (
                     seq.seq_id in self.marked
-                    and seq.num_output_tokens >= self.from_token
+                    # tokens produced: those sampled by steps still running do not count
+                    and seq.num_output_tokens - seq.num_pending >= self.from_token
                     and (self.times is None or self.raised < self.times)
                 ):
                     self.raised += 1
                     raise self.error(seq.seq_id)
-            return execute(out)
+            return launch(out, prev)
 
-        self.runner.execute = guarded  # type: ignore[method-assign]
+        self.runner.launch = guarded  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="module")
