@@ -2,8 +2,11 @@
 
 Set TIDEQ_STEP_TRACE to a directory and every engine core writes one JSON line a step to
 `steps-<pid>.jsonl` there: when the step started (wall clock, comparable with a job's
-submitted_at / started_at / finished_at in Redis), how long it took (schedule, the device and
-postprocess together) and what it held. Lines are kept in memory and written a thousand at a
+submitted_at / started_at / finished_at in Redis), how long the call that made it took and
+what it held. A call schedules the step, launches it and, with async scheduling, then waits
+for and postprocesses the step before it (without, its own): the steps' period, not one
+step's `ms`, is the device's pace. bench/step_trace_summary.py reads a trace against a
+W-priority run. Lines are kept in memory and written a thousand at a
 time, so tracing costs the step loop a list append; off (the default), one attribute test.
 
 Fields: `t` start (s since the epoch), `ms` duration, `tokens` computed, `decode` one-token

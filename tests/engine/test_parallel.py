@@ -379,10 +379,12 @@ def test_group_collectives_on_one_rank() -> None:
         ParallelGroup(0, 2, object()).split(5, "heads")
 
 
-def _fast_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str) -> None:
+def _fast_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str,
+                    async_scheduling: bool) -> None:
     """A tensor-parallel rank on the GPU path's code: Triton attention, the fused layers and
     the GEMV kernel (in Triton's interpreter, TRITON_INTERPRET=1 inherited), decode steps
-    through the graphs' static buffers (run, not captured) with the decode lookahead."""
+    through the graphs' static buffers (run, not captured), their input tokens patched in
+    from the step before (async scheduling) or launched ahead (decode lookahead)."""
     import engine.executor.runner as runner_module
     from engine.executor.cuda_graphs import DecodeGraphs
 
@@ -390,47 +392,65 @@ def _fast_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         runner_module.use_triton = lambda device, config: True  # the GPU path's layers
-        backend = NativeBackend(engine_config(path, {}, "tensor", world), ParallelGroup(
-            rank, world, dist.group.WORLD
-        ))  # fmt: skip
+        config = engine_config(path, {"async_scheduling": async_scheduling}, "tensor", world)
+        backend = NativeBackend(config, ParallelGroup(rank, world, dist.group.WORLD))
         runner = backend.runner
-        runner.graphs = DecodeGraphs(
+        runner.graphs = graphs = DecodeGraphs(
             runner.model, runner.kv_caches, 4, runner.max_blocks, runner.block_size,
             runner.scratch_block, runner.device, replay=False,
         )  # fmt: skip
+        patched = [0]
+        launch = graphs.launch
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            patched[0] += kwargs.get("patch") is not None
+            return launch(*args, **kwargs)
+
+        graphs.launch = counting  # type: ignore[method-assign]
         runner.profile = []
         tokens = generate(backend, greedy_requests(PROMPTS[:3]), stagger=2)
         kinds = sorted({step["kind"] for step in runner.profile})
-        Path(f"{out}.{rank}").write_text(json.dumps({"tokens": tokens, "kinds": kinds}))
+        Path(f"{out}.{rank}").write_text(json.dumps({"tokens": tokens, "kinds": kinds,
+                                                     "patched": patched[0]}))
     except BaseException:
         dist.destroy_process_group()
         raise
     leave_group()
 
 
-def check_fast_path(path: str, tmp: str) -> None:
+def check_fast_path(path: str, tmp: str, async_scheduling: bool) -> None:
     """Run in the interpreter's subprocess: two ranks on the fast path give one rank's
-    plain PyTorch tokens, with graph, lookahead and eager steps all taken."""
+    plain PyTorch tokens, with graph and eager steps taken, and either steps patched with
+    the step before's tokens (async scheduling) or lookahead steps."""
     out = f"{tmp}/fast"
-    mp.spawn(_fast_rank_main, args=(WORLD, f"{tmp}/rendezvous", path, out), nprocs=WORLD)
-    want = generate(NativeBackend(engine_config(path, {})), greedy_requests(PROMPTS[:3]), 2)
+    mp.spawn(_fast_rank_main, args=(WORLD, f"{tmp}/rendezvous", path, out, async_scheduling),
+             nprocs=WORLD)
+    want = generate(NativeBackend(engine_config(path, {"async_scheduling": False})),
+                    greedy_requests(PROMPTS[:3]), 2)
     for rank in range(WORLD):
         got = json.loads(Path(f"{out}.{rank}").read_text())
         assert got["tokens"] == want, (rank, got["tokens"], want)
-        assert got["kinds"] == ["eager", "graph", "lookahead"], got["kinds"]
+        if async_scheduling:
+            assert got["kinds"] == ["eager", "graph"] and got["patched"] > 0, got
+        else:
+            assert got["kinds"] == ["eager", "graph", "lookahead"] and not got["patched"], got
 
 
-def test_tensor_parallel_fused_kernels_and_lookahead(
-    checkpoint: Callable[[str], Path], tmp_path: Path
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_tensor_parallel_fused_kernels_and_steps_launched_ahead(
+    checkpoint: Callable[[str], Path], tmp_path: Path, async_scheduling: bool
 ) -> None:
     """The Triton kernels on sliced weights (a rank's heads, its slice of the MLP, the GEMV
-    with the norm or the activation fused in, its partial sums reduced after) and the decode
-    lookahead on every rank, on the CPU through Triton's interpreter."""
+    with the norm or the activation fused in, its partial sums reduced after), and steps
+    launched before the host has the tokens of the one before (async scheduling, or the
+    decode lookahead) on every rank, on the CPU through Triton's interpreter."""
     pytest.importorskip("triton")
     from triton_interpreter import run_in_interpreter
 
     path = checkpoint("llama")
-    run_in_interpreter(__file__, f"t.check_fast_path({str(path)!r}, {str(tmp_path)!r})", 280)
+    run_in_interpreter(
+        __file__,
+        f"t.check_fast_path({str(path)!r}, {str(tmp_path)!r}, {async_scheduling})", 280)
 
 
 def test_a_closed_backend_drops_its_graphs_and_still_serves(
