@@ -610,4 +610,6 @@ def test_nccl_tensor_parallel_with_graphs_matches_one_gpu(
             assert got["tokens"] == results[0][case.name]["tokens"], (case.name, rank)
             if case.name != "sample":
                 assert got["tokens"] == want, (case.name, rank)
-                assert {"graph", "lookahead"} <= set(got["kinds"]), (case.name, got["kinds"])
+                # decode steps through the captured graphs (launched ahead by the async
+                # scheduler, their input tokens patched in on every rank)
+                assert "graph" in set(got["kinds"]), (case.name, got["kinds"])
