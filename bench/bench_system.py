@@ -1314,6 +1314,10 @@ def high_series(ctx: Context, producer: Any, files: list[Path], tag: str) -> dic
             "latency_s": dist(latencies), "queue_wait_s": dist(waits),
             "after_engine_s": dist(after_engine),
             "submit_call_s": dist(submit_s), "latencies": [round(x, 4) for x in latencies],
+            # per job, in submission order (jobs that did not finish left out): what p99 is
+            # made of, next to the engine's step trace
+            "queue_waits": [round(x, 4) for x in waits],
+            "after_engine": [round(x, 4) for x in after_engine],
             "window": [jobs[0][1], last_finish or time.time()]}
 
 
