@@ -98,6 +98,21 @@ def send_inputs(staging: HostStaging, turn: int, buffer: torch.Tensor, used: int
     ids.index_copy_(0, buffer[used : used + m], picked)
 
 
+def write_table_row(rows: np.ndarray, written: list[tuple[list[int] | None, int]], i: int,
+                    table: list[int]) -> None:
+    """Bring row i of a host buffer's block tables up to `table`, writing only what changed.
+    A running sequence's table is one list that only grows (a preempted or new sequence gets a
+    new list, and holding the old one in `written` keeps its identity from being reused), so
+    a row that held the same list needs only its new blocks."""
+    held, count = written[i]
+    if held is not table:
+        rows[i, : len(table)] = table
+        written[i] = (table, len(table))
+    elif len(table) > count:
+        rows[i, count : len(table)] = table[count:]
+        written[i] = (table, len(table))
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [s for s in SMALL_SIZES if s < max_num_seqs]
     sizes += list(range(SIZE_STEP, max_num_seqs, SIZE_STEP))
@@ -310,13 +325,7 @@ class DecodeGraphs:
         tab = h[self.o_tab : self.o_tab + bs * self.max_blocks].reshape(bs, self.max_blocks)
         written = self._written[turn]
         for i, table in enumerate(tables):
-            held, count = written[i]
-            if held is not table:
-                tab[i, : len(table)] = table
-                written[i] = (table, len(table))
-            elif len(table) > count:
-                tab[i, count : len(table)] = table[count:]
-                written[i] = (table, len(table))
+            write_table_row(tab, written, i, table)
         tab[n:, 0] = self.scratch_block
         for i in range(n, bs):
             written[i] = (None, 0)

@@ -36,7 +36,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine.executor.cuda_graphs import GraphStep, HostStaging, TokenPatch, argmax, send_inputs
+from engine.executor.cuda_graphs import (
+    GraphStep,
+    HostStaging,
+    TokenPatch,
+    argmax,
+    send_inputs,
+    write_table_row,
+)
 from engine.executor.step import StepChunk
 from engine.layers.attention import AttentionMetadata, PrefillTiles
 from engine.models import CausalLM
@@ -314,14 +321,7 @@ class MixedGraphs:
                 d_slots.append(table[block] * bs + start - block * bs)
                 if block >= width:
                     width = block + 1
-                # A running sequence's table is one list that only grows (DecodeGraphs._fill).
-                held, count = written[nd]
-                if held is not table:
-                    tables[nd, : len(table)] = table
-                    written[nd] = (table, len(table))
-                elif len(table) > count:
-                    tables[nd, count : len(table)] = table[count:]
-                    written[nd] = (table, len(table))
+                write_table_row(tables, written, nd, table)
             else:
                 blocks = -(-end // bs)
                 chunk_table = np.asarray(table[:blocks], dtype=np.int64)
