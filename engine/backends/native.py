@@ -114,7 +114,9 @@ class NativeBackend(GenerationBackend):
             # Every rank of a group captures the same sizes, so their schedulers agree.
             step_token_sizes=self.runner.mixed_step_sizes,
         )
-        self._last_step_ids: set[str] | None = None
+        # The steps the last `step` call scheduled or postprocessed (None: it failed before
+        # scheduling), whose requests a failure is blamed on.
+        self._last_steps: list[SchedulerOutput] | None = None
         # The step launched last and not yet postprocessed (async scheduling): its output and
         # its tokens on their way.
         self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
@@ -152,24 +154,20 @@ class NativeBackend(GenerationBackend):
         at fault and re-admits the others; it aborts every request first, which resets the
         scheduler's state of a step that never reached postprocess (and the step in flight
         is dropped here)."""
-        self._last_step_ids = None
+        self._last_steps = None
         started = time.time() if self.trace is not None else 0.0
         inflight, self._inflight = self._inflight, None
         out = self.scheduler.schedule()
-        ids = {c.seq.seq_id for c in out.chunks}
-        if inflight is not None:
-            ids.update(c.seq.seq_id for c in inflight[0].chunks)
-        self._last_step_ids = ids
+        self._last_steps = [out] if inflight is None else [inflight[0], out]
         launched = None
         if not out.is_empty:
             launched = self.runner.launch(out, inflight[1] if inflight is not None else None)
-            if not self.config.async_scheduling:
-                inflight, launched = (out, launched), None
-        outputs: list[StepOutput] = []
-        if inflight is not None:
-            outputs = self.scheduler.postprocess(inflight[0], inflight[1].tokens())
+        outputs = self._postprocess(inflight)
         if launched is not None:
-            self._inflight = (out, launched)
+            if self.config.async_scheduling:
+                self._inflight = (out, launched)
+            else:
+                outputs = self._postprocess((out, launched))
         if self.trace is not None and not out.is_empty:
             self.trace.record(started, time.time(), out, self.scheduler)
         return outputs
@@ -177,9 +175,13 @@ class NativeBackend(GenerationBackend):
     def drain(self) -> list[StepOutput]:
         """Finish the step still in flight, launching none: what it produced."""
         inflight, self._inflight = self._inflight, None
-        if inflight is None:
+        return self._postprocess(inflight)
+
+    def _postprocess(self, step: tuple[SchedulerOutput, LaunchedStep] | None) -> list[StepOutput]:
+        """A launched step's results, once its tokens are on the host (none for None)."""
+        if step is None:
             return []
-        return self.scheduler.postprocess(inflight[0], inflight[1].tokens())
+        return self.scheduler.postprocess(step[0], step[1].tokens())
 
     def close(self) -> None:
         """Release the device resources that outlive a step (the captured decode graphs).
@@ -192,7 +194,10 @@ class NativeBackend(GenerationBackend):
         self.runner.close()
 
     def last_step_request_ids(self) -> set[str] | None:
-        return self._last_step_ids
+        # Built only when asked (a failed step): the step launched and the one in flight.
+        if self._last_steps is None:
+            return None
+        return {c.seq.seq_id for out in self._last_steps for c in out.chunks}
 
     def has_unfinished(self) -> bool:
         # A step in flight holds live sequences only while the scheduler does (they finish

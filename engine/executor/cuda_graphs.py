@@ -52,21 +52,14 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 class GraphStep:
     """A captured step (decode or mixed) queued on the device. `logits` [n, V] and `tokens`
     [n] (each row's argmax) are views of the graph's output buffers, valid until the next
-    launch of the same graphs; the tokens also travel to pinned host memory, read by
-    `greedy_tokens`."""
+    launch of the same graphs; the tokens also travel to pinned host memory (`host_tokens`,
+    there once `ready` has passed; engine.executor.runner.LaunchedStep reads them)."""
 
     n: int
     logits: torch.Tensor
     tokens: torch.Tensor
     host_tokens: torch.Tensor
     ready: torch.cuda.Event | None
-
-    def greedy_tokens(self) -> list[int]:
-        """Each row's argmax, once the step has finished (blocks until then)."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        tokens: list[int] = self.host_tokens.tolist()
-        return tokens
 
 
 @dataclass

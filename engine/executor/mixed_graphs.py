@@ -277,10 +277,10 @@ class MixedGraphs:
         self.graphs.clear()
 
     def _fill(self, turn: int, layout: MixedLayout, chunks: Sequence[StepChunk],
-              patch_rows: list[int] | None = None) -> int:
+              patch: TokenPatch | None = None) -> int:
         """Write a step's inputs into host buffer `turn` in `layout`; return its sampling
         rows. The decode rows whose input the step before sampled (`input_from`) get id 0
-        here and their rows appended to `patch_rows` (a TokenPatch's, in chunk order)."""
+        here, and their rows and sources are added to `patch`."""
         h = self.staging.inputs_np[turn]
         o = layout.offsets
         bs, nb = self.block_size, layout.blocks
@@ -315,8 +315,9 @@ class MixedGraphs:
                     d_ids.append(seq.token_ids[start])
                 else:
                     d_ids.append(0)
-                    assert patch_rows is not None, "a token of the step before, and no patch"
-                    patch_rows.append(row)
+                    assert patch is not None, "a token of the step before, and no step before"
+                    patch.rows.append(row)
+                    patch.sources.append(chunk.input_from)
                 d_lens.append(end)
                 d_slots.append(table[block] * bs + start - block * bs)
                 if block >= width:
@@ -373,13 +374,8 @@ class MixedGraphs:
         chunks take their first token from it (`input_from`)."""
         staging = self.staging
         turn = staging.next_turn()
-        rows: list[int] = []
-        n = self._fill(turn, layout, chunks, rows)
-        patch = None
-        if rows:
-            assert prev_tokens is not None, "a token of the step before, and no step before"
-            sources = [c.input_from for c in chunks if c.input_from is not None]
-            patch = TokenPatch(rows, sources, prev_tokens)  # type: ignore[arg-type]
+        patch = TokenPatch([], [], prev_tokens) if prev_tokens is not None else None
+        n = self._fill(turn, layout, chunks, patch)
         o = layout.offsets
         send_inputs(staging, turn, self.buffer, layout.total,
                     self.buffer[o["ids"] : o["ids"] + layout.tokens], patch)

@@ -434,7 +434,7 @@ class ModelRunner:
         """A pure decode step through the captured graphs, served by the pending lookahead
         when it is this step. Returns the launched step and its kind."""
         inputs, patch = self._graph_inputs(out, prev)
-        if pending is not None and patch is None and pending.serves(inputs):
+        if pending is not None and pending.serves(inputs):
             step, kind = pending.step, "lookahead"
         else:
             step = graphs.launch(inputs.ids, inputs.positions, inputs.slots, inputs.tables,
