@@ -122,6 +122,7 @@ class NativeBackend(GenerationBackend):
         self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
         # Rank 0 traces the group's steps (every rank makes the same ones).
         self.trace = StepTrace.from_env() if self.group.rank == 0 else None
+        self._waited = 0.0  # traced: seconds this step call waited for the device
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, priority: int
@@ -155,13 +156,16 @@ class NativeBackend(GenerationBackend):
         scheduler's state of a step that never reached postprocess (and the step in flight
         is dropped here)."""
         self._last_steps = None
-        started = time.time() if self.trace is not None else 0.0
+        tracing = self.trace is not None
+        started = time.time() if tracing else 0.0
+        self._waited = 0.0
         inflight, self._inflight = self._inflight, None
         out = self.scheduler.schedule()
         self._last_steps = [out] if inflight is None else [inflight[0], out]
         launched = None
         if not out.is_empty:
             launched = self.runner.launch(out, inflight[1] if inflight is not None else None)
+        launched_at = time.time() if tracing else 0.0
         outputs = self._postprocess(inflight)
         if launched is not None:
             if self.config.async_scheduling:
@@ -169,7 +173,8 @@ class NativeBackend(GenerationBackend):
             else:
                 outputs = self._postprocess((out, launched))
         if self.trace is not None and not out.is_empty:
-            self.trace.record(started, time.time(), out, self.scheduler)
+            self.trace.record(started, launched_at, self._waited, time.time(), out,
+                              self.scheduler)
         return outputs
 
     def drain(self) -> list[StepOutput]:
@@ -181,7 +186,13 @@ class NativeBackend(GenerationBackend):
         """A launched step's results, once its tokens are on the host (none for None)."""
         if step is None:
             return []
-        return self.scheduler.postprocess(step[0], step[1].tokens())
+        if self.trace is None:
+            return self.scheduler.postprocess(step[0], step[1].tokens())
+        # Traced: how long the host sat waiting for the device (none: the host set the pace).
+        waiting = time.perf_counter()
+        tokens = step[1].tokens()
+        self._waited += time.perf_counter() - waiting
+        return self.scheduler.postprocess(step[0], tokens)
 
     def close(self) -> None:
         """Release the device resources that outlive a step (the captured decode graphs).

@@ -9,7 +9,9 @@ step's `ms`, is the device's pace. bench/step_trace_summary.py reads a trace aga
 W-priority run. Lines are kept in memory and written a thousand at a
 time, so tracing costs the step loop a list append; off (the default), one attribute test.
 
-Fields: `t` start (s since the epoch), `ms` duration, `tokens` computed, `decode` one-token
+Fields: `t` start (s since the epoch), `ms` duration, `launch_ms` of it spent scheduling and
+launching the step, `wait_ms` of it blocked on the device for the step before's tokens (near
+zero when the host, not the device, sets the pace), `tokens` computed, `decode` one-token
 chunks, `prefill` tokens of longer chunks, `high` chunks of priority-0 sequences, `running`
 and `waiting` sequences after the step.
 """
@@ -45,8 +47,8 @@ class StepTrace:
         directory.mkdir(parents=True, exist_ok=True)
         return cls(directory / f"steps-{os.getpid()}.jsonl")
 
-    def record(self, started: float, ended: float, out: SchedulerOutput,
-               scheduler: Scheduler) -> None:
+    def record(self, started: float, launched: float, waited: float, ended: float,
+               out: SchedulerOutput, scheduler: Scheduler) -> None:
         decode = prefill = high = 0
         for chunk in out.chunks:
             if chunk.num_tokens == 1:
@@ -56,6 +58,8 @@ class StepTrace:
             high += chunk.seq.priority == 0
         self._lines.append(json.dumps({
             "t": round(started, 6), "ms": round(1e3 * (ended - started), 3),
+            "launch_ms": round(1e3 * (launched - started), 3),
+            "wait_ms": round(1e3 * waited, 3),
             "tokens": decode + prefill, "decode": decode, "prefill": prefill, "high": high,
             "running": len(scheduler.running), "waiting": len(scheduler.waiting),
         }))

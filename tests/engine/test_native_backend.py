@@ -175,5 +175,8 @@ def test_step_trace_records_every_step(llama: Path, tmp_path: Path,
     assert sum(r["decode"] for r in lines) == 2 * 4
     assert sum(r["high"] for r in lines) == 1 + 4
     assert all(r["tokens"] <= 16 and r["ms"] >= 0 for r in lines)
+    # the call's time split: scheduling and launching, then waiting for the step before
+    assert all(0 <= r["launch_ms"] <= r["ms"] and 0 <= r["wait_ms"] <= r["ms"] for r in lines)
+    assert all(r["launch_ms"] + r["wait_ms"] <= r["ms"] + 2e-3 for r in lines)
     assert lines[0]["running"] == 2 and lines[-1]["waiting"] == 0
     assert [r["t"] for r in lines] == sorted(r["t"] for r in lines)
