@@ -15,7 +15,7 @@ from typing import Any
 from engine.request import FinishReason, SamplingParams
 
 
-@dataclass
+@dataclass(slots=True)
 class StepOutput:
     """What one step produced for one request."""
 

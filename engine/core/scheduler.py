@@ -47,7 +47,7 @@ from engine.core.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from engine.request import FinishReason, KVCacheTooSmallError
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledChunk:
     """Tokens [start, start + num_tokens) of `seq` are computed this step."""
 
@@ -93,6 +93,8 @@ class _LowLane:
     def __init__(self, seqs: int | None, tokens: int | None) -> None:
         self._seqs = seqs
         self._tokens = tokens
+        # Whether there is any limit (else low work is scheduled as high work is).
+        self.limited = seqs is not None or tokens is not None
 
     @property
     def open(self) -> bool:
@@ -230,25 +232,37 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         lane = self._low_lane()
+        manager = self.block_manager
+        size = manager.block_size
+        # This loop runs for every sequence of the batch every step, and at a batch of 256 the
+        # host's work sets the pace of a decode step: plain attribute reads, no calls where
+        # the usual case (a decode token inside a block the sequence holds) needs none.
         queue = sorted(self.running, key=SORT_KEY)
         kept: list[Sequence] = []
-        while queue:
-            seq = queue.pop(0)
-            if seq.finishing or budget == 0 or (seq.priority > 0 and not lane.open):
+        i, end = 0, len(queue)  # queue[end:] was preempted (newest lowest first)
+        while i < end:
+            seq = queue[i]
+            i += 1
+            low = lane.limited and seq.priority > 0  # held to the fast lane
+            if seq.finishing or budget == 0 or (low and not lane.open):
                 kept.append(seq)  # sits this step out, keeping its blocks and slot
                 continue
-            num = min(seq.num_uncomputed_tokens, budget)
-            if seq.priority > 0:
-                num = min(num, lane.tokens)
+            num = len(seq.token_ids) - seq.num_computed_tokens
+            if num > budget:
+                num = budget
+            if low and num > lane.tokens:
+                num = lane.tokens
             target = seq.num_computed_tokens + num
-            while not self.block_manager.can_grow(seq, target) and queue:
-                self._preempt(queue.pop(), out)
-            if not self.block_manager.can_grow(seq, target):
-                self._preempt(seq, out)
-                continue
+            if target > len(seq.block_table) * size:
+                while not manager.can_grow(seq, target) and i < end:
+                    end -= 1
+                    self._preempt(queue[end], out)
+                if not manager.can_grow(seq, target):
+                    self._preempt(seq, out)
+                    continue
             self._schedule(seq, num, out)
             budget -= num
-            if seq.priority > 0:
+            if low:
                 lane.take(num)
             kept.append(seq)
         self.running = kept
@@ -269,20 +283,22 @@ class Scheduler:
         device (`input_from`). A sequence whose sampled token will be its last (max_tokens or
         max_model_len, whatever the token) is not scheduled again."""
         sampled = 0
+        max_model_len = self.max_model_len
         for chunk in out.chunks:
             seq = chunk.seq
-            if seq.num_pending and chunk.start >= seq.num_tokens - seq.num_pending:
+            tokens = seq.token_ids
+            if seq.num_pending and chunk.start >= len(tokens) - seq.num_pending:
                 chunk.input_from = seq.sample_index  # the step before's last token of seq
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
             if not chunk.samples:
                 continue
-            seq.token_ids.append(PLACEHOLDER)
+            tokens.append(PLACEHOLDER)
             seq.num_pending += 1
             seq.sample_index = sampled
             sampled += 1
-            length = seq.num_tokens
+            length = len(tokens)
             seq.finishing = (length - seq.num_prompt_tokens >= seq.sampling.max_tokens
-                             or length >= self.max_model_len)
+                             or length >= max_model_len)
 
     def _fit_step_size(self, out: SchedulerOutput, total: int) -> None:
         """Trim the step's last low prefill chunk so that the step holds exactly the largest
@@ -449,8 +465,9 @@ class Scheduler:
         start = seq.num_computed_tokens
         target = start + num_tokens
         manager = self.block_manager
-        manager.grow(seq, target)
-        samples = target == seq.num_tokens
+        if target > len(seq.block_table) * manager.block_size:
+            manager.grow(seq, target)
+        samples = target == len(seq.token_ids)
         if (
             samples
             and target % manager.block_size == 0
@@ -484,10 +501,17 @@ class Scheduler:
         tokens = iter(sampled)
         results: list[StepOutput] = []
         manager = self.block_manager
+        # A block completes once every block_size tokens: register_computed is called only
+        # then (or always, for a prefix cache's bookkeeping of a chunk's many blocks).
+        size = manager.block_size if manager.enable_caching else 0
+        finished = SequenceStatus.FINISHED
+        eos = self.eos_token_ids
+        max_model_len = self.max_model_len
+        generated = 0
         for chunk in out.chunks:
             seq = chunk.seq
             token = next(tokens) if chunk.samples else None
-            if seq.status is SequenceStatus.FINISHED:
+            if seq.status is finished:
                 continue  # aborted, or finished by the step before while this one ran
             if token is None:
                 manager.register_computed(seq)
@@ -497,26 +521,24 @@ class Scheduler:
             at = chunk.start + chunk.num_tokens  # the placeholder's index
             seq.token_ids[at] = token
             seq.num_pending -= 1
-            manager.register_computed(seq)  # its blocks hold known tokens only now
-            self.num_generated_tokens += 1
-            reason = self._finish_reason(seq, token, at + 1)
+            if size and seq.num_computed_tokens // size > len(seq.block_content_ids):
+                manager.register_computed(seq)  # its blocks hold known tokens only now
+            generated += 1
+            # why the sequence ends with this token, its (at + 1)-th (None: it goes on)
+            reason: FinishReason | None = None
+            if token in eos and not seq.sampling.ignore_eos:
+                reason = "stop"
+            elif (at + 1 - seq.num_prompt_tokens >= seq.sampling.max_tokens
+                  or at + 1 >= max_model_len):
+                reason = "length"
             if reason is not None:
                 del seq.token_ids[at + 1 :]  # a placeholder of the step after, if any
                 self._finish(seq, reason)
             results.append(
                 StepOutput(seq.seq_id, [token], reason is not None, reason, chunk.first_time)
             )
+        self.num_generated_tokens += generated
         return results
-
-    def _finish_reason(self, seq: Sequence, token: int, length: int) -> FinishReason | None:
-        """Why `seq` finishes with `token`, its `length`-th token (None: it goes on)."""
-        if not seq.sampling.ignore_eos and token in self.eos_token_ids:
-            return "stop"
-        if length - seq.num_prompt_tokens >= seq.sampling.max_tokens:
-            return "length"
-        if length >= self.max_model_len:
-            return "length"
-        return None
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is SequenceStatus.RUNNING:

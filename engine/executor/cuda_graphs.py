@@ -318,7 +318,9 @@ class DecodeGraphs:
         tab = h[self.o_tab : self.o_tab + bs * self.max_blocks].reshape(bs, self.max_blocks)
         written = self._written[turn]
         for i, table in enumerate(tables):
-            write_table_row(tab, written, i, table)
+            held, count = written[i]
+            if held is not table or len(table) > count:  # (most rows: neither, no call)
+                write_table_row(tab, written, i, table)
         tab[n:, 0] = self.scratch_block
         for i in range(n, bs):
             written[i] = (None, 0)

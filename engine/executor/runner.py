@@ -392,28 +392,38 @@ class ModelRunner:
         chunks = out.chunks
         graphs = self.graphs
         pending, self.lookahead = self.lookahead, None
+        # What the paths below ask of the step, in one pass (at a batch of 256 the host's
+        # work sets a decode step's pace): its tokens, its sampling chunks' indices, and
+        # whether all of those are greedy.
+        total = 0
+        sampling: list[int] = []
+        greedy = True
+        for i, chunk in enumerate(chunks):
+            total += chunk.num_tokens
+            if chunk.samples:
+                sampling.append(i)
+                greedy = greedy and chunk.seq.sampling.greedy
         if (
             graphs is not None
-            and all(c.num_tokens == 1 for c in chunks)
+            and total == len(chunks)  # every chunk one token: a pure decode step
             and graphs.batch_size_for(len(chunks)) is not None
         ):
-            launched, kind = self._decode_graph(out, graphs, pending, prev)
+            launched, kind = self._decode_graph(out, graphs, pending, prev, sampling, greedy)
             # a lookahead step's device time overlapped the host: its start is unknown
             launched.timing = (kind, out, t0, time.perf_counter(),
                                start if kind == "graph" else None, self._profile_event())
             return launched
         mixed = self.mixed
-        layout = (mixed.layout_for(sum(c.num_tokens for c in chunks), len(chunks))
-                  if mixed is not None else None)
+        layout = mixed.layout_for(total, len(chunks)) if mixed is not None else None
         if mixed is not None and layout is not None:
             prev_tokens = prev.device_tokens if prev is not None else None
             step = mixed.launch(chunks, layout, prev_tokens)
-            launched = self._graph_result(step, out, list(range(len(out.sampling_chunks))))
+            launched = self._graph_result(step, out, list(range(len(sampling))), greedy)
             launched.timing = ("mixed", out, t0, time.perf_counter(), start,
                                self._profile_event())
             return launched
         logits = self._eager(out, prev)
-        if not out.sampling_chunks:
+        if not sampling:
             launched = LaunchedStep.done([], None)
             launched.timing = ("eager", out, t0, time.perf_counter(), None, None)
             return launched
@@ -429,28 +439,29 @@ class ModelRunner:
 
     def _decode_graph(
         self, out: ScheduledStep, graphs: DecodeGraphs, pending: Lookahead | None,
-        prev: LaunchedStep | None,
+        prev: LaunchedStep | None, sampling: list[int], greedy: bool,
     ) -> tuple[LaunchedStep, str]:
         """A pure decode step through the captured graphs, served by the pending lookahead
-        when it is this step. Returns the launched step and its kind."""
-        inputs, patch = self._graph_inputs(out, prev)
+        when it is this step. `sampling`: the indices of its sampling chunks; `greedy`:
+        whether all of those are. Returns the launched step and its kind."""
+        # The lookahead (only without async scheduling) matches steps by their sequences.
+        lookahead = self.config.decode_lookahead and not self.config.async_scheduling
+        inputs, patch = self._graph_inputs(out, prev, seq_ids=lookahead)
         if pending is not None and pending.serves(inputs):
             step, kind = pending.step, "lookahead"
         else:
             step = graphs.launch(inputs.ids, inputs.positions, inputs.slots, inputs.tables,
                                  patch=patch)
             kind = "graph"
-        chunks = out.chunks
-        sampling = [i for i, c in enumerate(chunks) if c.samples]
-        if len(sampling) == len(chunks) and all(c.seq.sampling.greedy for c in chunks):
+        if lookahead and greedy and len(sampling) == len(out.chunks):
             self.lookahead = self._launch_lookahead(out, inputs, step, graphs)
-        return self._graph_result(step, out, sampling), kind
+        return self._graph_result(step, out, sampling, greedy), kind
 
     def _graph_result(self, step: GraphStep, out: ScheduledStep,
-                      sampling: list[int]) -> LaunchedStep:
+                      sampling: list[int], greedy: bool) -> LaunchedStep:
         """The sampled tokens of a launched graph step whose rows `sampling` are the sampling
-        chunks': each row's argmax where all of them are greedy, else drawn here."""
-        if all(c.seq.sampling.greedy for c in out.sampling_chunks):
+        chunks': each row's argmax where all of them are `greedy`, else drawn here."""
+        if greedy:
             if len(sampling) == step.n:  # every row samples: the graph's own outputs
                 return LaunchedStep(step.tokens, step.host_tokens, step.ready,
                                     select=None)
@@ -463,27 +474,31 @@ class ModelRunner:
         return LaunchedStep.copying(self._sample(logits, out))
 
     def _graph_inputs(
-        self, out: ScheduledStep, prev: LaunchedStep | None
+        self, out: ScheduledStep, prev: LaunchedStep | None, seq_ids: bool = True
     ) -> tuple[GraphInputs, TokenPatch | None]:
         """A decode step's inputs and, where chunks take their token from the step before
-        (still on the device), the patch that supplies them."""
+        (still on the device), the patch that supplies them. `seq_ids`: list the sequences
+        too (what a lookahead is matched by)."""
         bs = self.block_size
         inputs = GraphInputs([], [], [], [], [])
+        ids, positions, slots, tables = inputs.ids, inputs.positions, inputs.slots, inputs.tables
         rows: list[int] = []
         sources: list[int] = []
         for i, chunk in enumerate(out.chunks):
             p = chunk.start
-            table = chunk.seq.block_table
-            inputs.seq_ids.append(chunk.seq.seq_id)
+            seq = chunk.seq
+            table = seq.block_table
             if chunk.input_from is None:
-                inputs.ids.append(chunk.seq.token_ids[p])
+                ids.append(seq.token_ids[p])
             else:
-                inputs.ids.append(0)
+                ids.append(0)
                 rows.append(i)
                 sources.append(chunk.input_from)
-            inputs.positions.append(p)
-            inputs.slots.append(table[p // bs] * bs + p % bs)
-            inputs.tables.append(table)  # the list itself: DecodeGraphs writes what changed
+            positions.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            tables.append(table)  # the list itself: DecodeGraphs writes what changed
+        if seq_ids:
+            inputs.seq_ids = [chunk.seq.seq_id for chunk in out.chunks]
         if not rows:
             return inputs, None
         assert prev is not None and prev.device_tokens is not None, "no step before"
