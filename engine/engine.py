@@ -39,6 +39,7 @@ from engine.request import (
     PromptTooLongError,
     Request,
 )
+from engine.tokenization import ThreadTokenizers
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,9 @@ class Engine:
         self.backend: GenerationBackend | None = getattr(self._core, "backend", None)
         self.tokenizer = self._core.tokenizer
         self.max_model_len = self._core.max_model_len
-        # Fast tokenizers are not safe to call from many threads at once.
-        self._tokenizer_lock = threading.Lock()
+        # Fast tokenizers are not safe to call from many threads at once: each thread that
+        # tokenises or detokenises has its own copy (engine/tokenization.py says why no lock).
+        self._tokenizers = ThreadTokenizers(self.tokenizer)
         # Guards _live: task threads add and cancel, the receiver advances and finishes.
         self._lock = threading.Lock()
         self._live: dict[str, _Live] = {}
@@ -186,14 +188,14 @@ class Engine:
         if request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
         else:
-            with self._tokenizer_lock:
-                if request.messages is not None:
-                    text = self.tokenizer.apply_chat_template(
-                        request.messages, tokenize=False, add_generation_prompt=True
-                    )
-                    ids = self.tokenizer.encode(text, add_special_tokens=False)
-                else:
-                    ids = self.tokenizer.encode(request.prompt)
+            tokenizer = self._tokenizers.get()
+            if request.messages is not None:
+                text = tokenizer.apply_chat_template(
+                    request.messages, tokenize=False, add_generation_prompt=True
+                )
+                ids = tokenizer.encode(text, add_special_tokens=False)
+            else:
+                ids = tokenizer.encode(request.prompt)
         if not ids:
             raise EngineError(f"request {request.request_id}: the prompt is empty")
         limit = self.max_model_len - 1
@@ -348,8 +350,7 @@ class Engine:
         )
 
     def _decode(self, token_ids: list[int]) -> str:
-        with self._tokenizer_lock:
-            return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+        return str(self._tokenizers.get().decode(token_ids, skip_special_tokens=True))
 
     def _fail(self, rid: str, error: EngineError) -> None:
         """Resolve one request with `error` (the core no longer holds it)."""
