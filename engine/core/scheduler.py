@@ -19,8 +19,10 @@ Every step the scheduler builds one flat batch of token chunks:
 While a high sequence runs or waits, low work may be held to a fast lane's limits
 (`low_seqs_while_high` sequences and `low_tokens_while_high` tokens a step): the other low
 sequences keep their cache blocks and slots but sit the step out, so the step stays short and
-a high job's tokens come at close to an idle engine's pace. Without high work, low runs at
-full width again.
+a high job's tokens come at close to an idle engine's pace. A high sequence that finds every
+running slot taken then preempts the newest low sequence sitting the step out (the lane's few
+would free a slot only at the end of a low job). Without high work, low runs at full width
+again.
 
 On a GPU a step with prefill chunks replays a graph captured at a fixed token count
 (engine.executor.mixed_graphs) and is padded up to it, padding that costs as much as real
@@ -331,8 +333,11 @@ class Scheduler:
         if not self.waiting:
             return False
         head = self.waiting[0]
-        if head.num_pending or len(self.running) >= self._slots_for(head):
+        if head.num_pending:
             return False
+        if len(self.running) >= self._slots_for(head):
+            # a high head may still take a slot from low work the lane holds back
+            return head.priority == 0 and lane.limited
         return head.priority == 0 or lane.open
 
     def _slots_for(self, seq: Sequence) -> int:
@@ -363,7 +368,8 @@ class Scheduler:
         reserve: int | None = None
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if len(self.running) >= self._slots_for(seq):
+            if (len(self.running) >= self._slots_for(seq)
+                    and not self._free_slot_for(seq, out, lane)):
                 break  # waiting is sorted, so nothing behind it may take a slot either
             if seq.priority > 0 and not lane.open:
                 break  # and behind a low sequence there is only low work
@@ -401,6 +407,27 @@ class Scheduler:
             if pending is not None:
                 pending.update(manager.uncomputed_block_hashes(seq))
         return budget
+
+    def _free_slot_for(self, seq: Sequence, out: SchedulerOutput, lane: _LowLane) -> bool:
+        """Free a running slot for a waiting high sequence while the fast lane holds low work
+        back: the low sequences beyond the lane keep their slots without computing, and only
+        the few in the lane finish, so a high sequence waiting for one of their slots would
+        wait for a low job to run its course at the lane's pace (with no slots reserved for
+        high work, a whole batch of low jobs). The newest lowest-priority running sequence
+        that sits this step out is preempted, as one is for cache blocks. Returns whether a
+        slot was freed."""
+        if seq.priority != 0 or not lane.limited:
+            return False
+        computing = {chunk.seq for chunk in out.chunks}
+        # (not one whose last token is on its way: its slot is free after the next postprocess)
+        idle = [s for s in self.running
+                if s.priority > seq.priority and s not in computing and not s.finishing]
+        if not idle:
+            return False
+        victim = max(idle, key=SORT_KEY)
+        self.running.remove(victim)
+        self._preempt(victim, out)
+        return True
 
     def _awaits_pending(self, seq: Sequence, num_cached_blocks: int, pending: set[int]) -> bool:
         """Whether `seq` should wait for blocks that running sequences are computing now or

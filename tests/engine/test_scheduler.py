@@ -431,3 +431,40 @@ def test_without_high_work_the_lane_limits_nothing() -> None:
     out = sched.schedule()
     assert [(c.seq.seq_id, c.num_tokens) for c in out.chunks] == [
         ("low0", 10), ("low1", 10), ("low2", 10)]
+
+
+def test_a_high_sequence_takes_the_slot_of_low_work_the_lane_holds_back() -> None:
+    # Every slot taken by low work and none reserved for high: with the lane holding all but
+    # one low sequence back, a waiting high sequence would wait for that one to finish. It
+    # preempts the newest low sequence that sits the step out instead.
+    sched = make_scheduler(max_num_seqs=4, low_seqs_while_high=1)
+    decoding(sched, [f"low{i}" for i in range(4)])
+    add(sched, "high", 3, priority=0, max_tokens=30)
+    out = step(sched)
+    assert scheduled(out) == {"low0": 1, "high": 3}
+    assert [s.seq_id for s in out.preempted] == ["low3"]
+    assert [s.seq_id for s in sched.waiting] == ["low3"]  # back first in line for a slot
+    assert sorted(s.seq_id for s in sched.running) == ["high", "low0", "low1", "low2"]
+
+
+def test_without_the_lane_a_high_sequence_waits_for_a_slot() -> None:
+    # Without the lane every low sequence computes and frees its slot at its own end: no
+    # preemption for a slot.
+    sched = make_scheduler(max_num_seqs=4)
+    decoding(sched, [f"low{i}" for i in range(4)])
+    add(sched, "high", 3, priority=0, max_tokens=30)
+    out = step(sched)
+    assert "high" not in scheduled(out) and not out.preempted
+    assert [s.seq_id for s in sched.waiting] == ["high"]
+
+
+def test_a_low_sequence_on_its_last_token_is_not_preempted_for_a_slot() -> None:
+    sched = make_scheduler(max_num_seqs=2, low_seqs_while_high=1)
+    add(sched, "low0", 1, max_tokens=30)
+    add(sched, "low1", 1, max_tokens=2)
+    step(sched)  # both prefilled, one token each
+    sched.schedule()  # low1's second and last token is on its way: it is finishing
+    add(sched, "high", 3, priority=0, max_tokens=30)
+    out = sched.schedule()
+    # low0 takes the lane; low1 sits out but frees its slot at the next postprocess
+    assert "high" not in scheduled(out) and not out.preempted
