@@ -92,9 +92,10 @@ class EngineSettings(_Strict):
     reserved_high_fraction: float = Field(default=0.25, ge=0, lt=1)
     # With gpu_allocation_strategy "priority": while a high job runs or waits, low jobs
     # compute in at most this share of the running slots each step (the others keep their
-    # place and sit the step out); 1: no limit. Off by default: on an H200 (1b, batch 256),
-    # 0.25 with 512 tokens brought a high job to 1.9x its idle latency (p50; p99 2.4x, against
-    # 4.7x and 6.5x with `even`) and kept low at 0.60 of `even` (README, Benchmarks).
+    # place and sit the step out; a high job that finds every slot taken preempts one of
+    # them); 1: no limit. Off by default: on an H200 (1b, batch 256), 0.25 with 512 tokens
+    # brought a high job to 1.9x its idle latency (p50; p99 2.1x, against 4.6x and 6.3x with
+    # `even`) and kept low at 0.62 of `even` (README, Benchmarks).
     low_fraction_while_high: float = Field(default=1.0, gt=0, le=1)
     # With "priority": tokens low jobs may compute in one step while high work is present;
     # 0: no limit.
