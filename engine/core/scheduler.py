@@ -528,8 +528,8 @@ class Scheduler:
         tokens = iter(sampled)
         results: list[StepOutput] = []
         manager = self.block_manager
-        # A block completes once every block_size tokens: register_computed is called only
-        # then (or always, for a prefix cache's bookkeeping of a chunk's many blocks).
+        # register_computed has work only where a block is newly complete (for a sequence in
+        # decode, once every block_size tokens), so a sampled token calls it only then.
         size = manager.block_size if manager.enable_caching else 0
         finished = SequenceStatus.FINISHED
         eos = self.eos_token_ids
