@@ -14,7 +14,8 @@ ENGINE = REPO_ROOT / "engine"
 # `engine` itself (engine/__init__.py) stands only for itself.
 TIERS: list[tuple[str, list[str]]] = [
     # The front (tokenising, futures) and its link to the core, in a thread or rank processes.
-    ("front", ["engine", "engine.engine", "engine.core_link", "engine.core_process"]),
+    ("front", ["engine", "engine.engine", "engine.tokenization", "engine.core_link",
+               "engine.core_process"]),
     # The generation backends: native (scheduler + model runner), transformers, echo.
     ("backends", ["engine.backends"]),
     # The core loop and the contract it drives a backend through; scheduling and the KV
