@@ -148,6 +148,8 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
     # One pooled connection per task thread and finisher, plus the lease keeper's and a few
     # spare: a thread that finds them all busy waits for one rather than failing its job.
     threads = max(threads or 0, config.num_workers)
+    # Each task thread tokenises with a copy of its own: made now, while the worker starts.
+    engine.prepare_tokenizers(threads)
     store = JobStore.from_url(config.redis.url, config.redis.result_ttl_s,
                               outage_s=config.redis.outage_s,
                               max_connections=threads + FINISHER_THREADS + _SPARE_CONNECTIONS)

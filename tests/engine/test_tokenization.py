@@ -75,6 +75,16 @@ def test_each_thread_gets_its_own_copy_made_once() -> None:
     assert tokenizers.get() is mine and mine is not shared
 
 
+def test_copies_made_ahead_are_taken_before_any_is_made_on_demand() -> None:
+    tokenizers = ThreadTokenizers(BorrowCheckedTokenizer())
+    tokenizers.prepare(3).join(10)
+    assert tokenizers.copies == 3
+    assert encode_from_threads(tokenizers.get, threads=3) == []
+    assert tokenizers.copies == 3  # the three threads took the spares
+    assert encode_from_threads(tokenizers.get, threads=2) == []
+    assert tokenizers.copies == 5  # none left: two made on demand
+
+
 def test_a_prompt_being_tokenised_holds_up_no_other_request() -> None:
     """While one thread is still tokenising a prompt, another request is tokenised, run,
     detokenised by the receiver thread and resolved."""
