@@ -533,7 +533,6 @@ class Scheduler:
         size = manager.block_size if manager.enable_caching else 0
         finished = SequenceStatus.FINISHED
         eos = self.eos_token_ids
-        max_model_len = self.max_model_len
         generated = 0
         for chunk in out.chunks:
             seq = chunk.seq
@@ -551,12 +550,12 @@ class Scheduler:
             if size and seq.num_computed_tokens // size > len(seq.block_content_ids):
                 manager.register_computed(seq)  # its blocks hold known tokens only now
             generated += 1
-            # why the sequence ends with this token, its (at + 1)-th (None: it goes on)
+            # Why the sequence ends with this token (None: it goes on). Its length limit was
+            # known when the token was scheduled (_advance: `finishing`, and nothing after it).
             reason: FinishReason | None = None
             if token in eos and not seq.sampling.ignore_eos:
                 reason = "stop"
-            elif (at + 1 - seq.num_prompt_tokens >= seq.sampling.max_tokens
-                  or at + 1 >= max_model_len):
+            elif seq.finishing and at + 1 == len(seq.token_ids):
                 reason = "length"
             if reason is not None:
                 del seq.token_ids[at + 1 :]  # a placeholder of the step after, if any

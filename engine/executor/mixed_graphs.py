@@ -322,7 +322,9 @@ class MixedGraphs:
                 d_slots.append(table[block] * bs + start - block * bs)
                 if block >= width:
                     width = block + 1
-                write_table_row(tables, written, nd, table)
+                held, count = written[nd]
+                if held is not table or len(table) > count:  # (most rows: neither, no call)
+                    write_table_row(tables, written, nd, table)
             else:
                 blocks = -(-end // bs)
                 chunk_table = np.asarray(table[:blocks], dtype=np.int64)
