@@ -2,9 +2,11 @@
 64 a token on `8b`), timed the way the engine runs it: captured in a CUDA graph, on [tokens,
 hidden] bf16 tensors, over the GPUs of one host.
 
-Compares NCCL (`dist.all_reduce`) with PyTorch's symmetric-memory one-shot all-reduce (each rank
-reads every peer's buffer over NVLink after one barrier, no multicast), and checks that both
-give the same sums.
+Compares NCCL (`dist.all_reduce`), PyTorch's symmetric-memory one-shot all-reduce (each rank
+reads every peer's buffer over NVLink after one barrier, no multicast) and the engine's push
+all-reduce (engine.kernels.all_reduce: each rank writes into its peers' buffers, the data its
+own signal), the last also with the residual add and norm fused in against NCCL then the norm
+kernel; and checks that they give the same sums.
 
     source .devbundle/enter.sh && python3 bench/bench_allreduce.py --gpus 2 --out $OUT
 """
@@ -22,6 +24,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script: make `engine` importable
+    sys.path.insert(0, str(REPO_ROOT))
 
 CALLS_PER_GRAPH = 64  # one decode token of `8b`: 32 layers x 2 blocks
 REPLAYS = 200
@@ -77,11 +83,42 @@ def _rank(rank: int, world: int, rendezvous: str, hidden: int, tokens: list[int]
                     row["two_shot_us"] = _time_graph(two_shot, x.clone(), device)
             except Exception as err:  # noqa: BLE001 - reported in the table
                 row["symm_error"] = f"{type(err).__name__}: {err}"[:300]
+        try:
+            _time_push(row, x, want, rank, world, device)
+        except Exception as err:  # noqa: BLE001 - reported in the table
+            row["push_error"] = f"{type(err).__name__}: {err}"[:300]
         results[str(n)] = row
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _time_push(row: dict[str, float | str], x: torch.Tensor, want: torch.Tensor, rank: int,
+               world: int, device: torch.device) -> None:
+    """The engine's push all-reduce (engine.kernels.all_reduce), alone and with the residual
+    add and norm after it, against the one-shot sum followed by the norm kernel."""
+    from engine.distributed import ParallelGroup
+    from engine.kernels import elementwise
+    from engine.kernels.all_reduce import with_push_all_reduce
+
+    group = with_push_all_reduce(ParallelGroup(rank, world, dist.group.WORLD), device,
+                                 x.dtype)
+    fast = group.symmetric
+    if fast is None or not fast.fits(x):
+        row["push_error"] = "not taken"
+        return
+    got = fast.all_reduce(x)
+    torch.cuda.synchronize()
+    row["push_max_abs_err"] = float((got.float() - want.float()).abs().max())
+    row["push_us"] = _time_graph(lambda t: fast.all_reduce(t), x.clone(), device)
+    residual = torch.randn_like(x)
+    weight = torch.randn(x.shape[1], dtype=x.dtype, device=device)
+    row["push_add_norm_us"] = _time_graph(
+        lambda t: fast.all_reduce_add_norm(t, residual, weight, 1e-5), x.clone(), device)
+    row["nccl_then_norm_us"] = _time_graph(
+        lambda t: (dist.all_reduce(t), elementwise.rms_norm(t, weight, 1e-5, residual)),
+        x.clone(), device)
 
 
 def _time_graph(op, x: torch.Tensor, device: torch.device) -> float:

@@ -51,9 +51,10 @@ class EngineConfig:
         graphs captured at padded token counts up to max_num_batched_tokens, instead of
         launching ~10 kernels per layer from Python (engine/executor/mixed_graphs.py); off
         runs them eagerly (comparisons, debugging).
-    custom_all_reduce: with tensor sharding on GPUs, small sums (decode steps) go through a
-        one-shot all-reduce over PyTorch's symmetric memory instead of NCCL
-        (engine/distributed.py); off keeps every sum on NCCL (comparisons, debugging).
+    custom_all_reduce: with tensor sharding on GPUs, small sums (decode steps) are pushed
+        into the peers' buffers over PyTorch's symmetric memory, with the residual add and
+        norm after the attention block in the same kernel, instead of going to NCCL
+        (engine/kernels/all_reduce.py); off keeps every sum on NCCL (comparisons, debugging).
     """
 
     model_path: str

@@ -8,16 +8,12 @@ so the collectives here line up without any coordination of their own.
 
 from __future__ import annotations
 
-import importlib
 import logging
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-
-if TYPE_CHECKING:
-    from torch.distributed.distributed_c10d import GroupName
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +25,9 @@ class ParallelGroup:
     rank: int = 0
     world_size: int = 1
     process_group: Any = None
-    # The one-shot path for small sums on GPUs (with_symmetric_all_reduce); None: NCCL only.
-    symmetric: SymmetricAllReduce | None = field(default=None, compare=False, repr=False)
+    # The push path for small sums on GPUs (engine.kernels.all_reduce.with_push_all_reduce);
+    # None: NCCL only.
+    symmetric: FastSum | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -39,13 +36,26 @@ class ParallelGroup:
             raise ValueError("a group of several ranks needs a torch.distributed process group")
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over the group, in place (capturable in a CUDA graph under NCCL)."""
+        """The sum of x over the group: x itself, summed in place, under NCCL; a new tensor on
+        the push path. Capturable in a CUDA graph either way."""
         if self.world_size == 1:
             return x
         if self.symmetric is not None and self.symmetric.fits(x):
             return self.symmetric.all_reduce(x)
         dist.all_reduce(x, group=self.process_group)
         return x
+
+    def fuses_add_norm(self, x: torch.Tensor) -> bool:
+        """Whether all_reduce_add_norm sums x, adds and normalises in one kernel."""
+        return self.symmetric is not None and self.symmetric.fits(x)
+
+    def all_reduce_add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(sum + residual) * weight, sum + residual), the sum of x over the group, in
+        one kernel; only where fuses_add_norm(x)."""
+        assert self.symmetric is not None
+        return self.symmetric.all_reduce_add_norm(x, residual, weight, eps)
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's x along dim.
@@ -118,74 +128,17 @@ class ParallelGroup:
         return x
 
 
-class SymmetricAllReduce:
-    """A one-shot all-reduce through PyTorch's symmetric memory, for the small sums of
-    tensor-parallel decode steps.
+class FastSum(Protocol):
+    """A faster path for a group's small sums, which every rank takes for the same tensors
+    (engine.kernels.all_reduce.PushAllReduce)."""
 
-    Why: a decode step of a sharded model makes two all-reduces per layer (64 a token on an
-    8B Llama) of a few KB each, and at that size NCCL's ring costs ~21 us each inside a CUDA
-    graph on a pair of H200s, against ~8.5 us for a one-shot sum, copies in and out included
-    (bench/bench_allreduce.py): a third of the step's time at batch 1. Each rank copies its
-    partial sum into a buffer that every rank of the group maps, and after one barrier on the
-    buffer's signal pad reads the peers' buffers over NVLink and adds them. No multicast is
-    used (NVLink multicast stays off).
+    def fits(self, x: torch.Tensor) -> bool: ...
 
-    The buffer is shared by every call: the calls of one rank run in order on its stream, and
-    the barrier inside each keeps a peer from overwriting a buffer still being read.
-    """
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
 
-    def __init__(self, group_name: str, device: torch.device, dtype: torch.dtype,
-                 max_bytes: int) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
-
-        self.group_name = group_name
-        self.dtype = dtype
-        self.max_numel = max_bytes // dtype.itemsize
-        self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
-        symm_mem.rendezvous(self.buffer, cast("GroupName", group_name))
-
-    def fits(self, x: torch.Tensor) -> bool:
-        # 16-byte multiples: the kernel moves 16 bytes per load.
-        return (x.dtype == self.dtype and x.is_cuda and x.is_contiguous()
-                and x.numel() <= self.max_numel and x.numel() * x.element_size() % 16 == 0)
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        staged = self.buffer[: x.numel()].view_as(x)
-        staged.copy_(x)
-        torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, x)
-        return x
-
-
-# The largest sum taken by the one-shot path: measured faster than NCCL up to 256 tokens of an
-# 8B model's hidden states (2 MB) on H200s; prefill steps above it go to NCCL, which is
-# bandwidth-bound there anyway.
-SYMMETRIC_ALL_REDUCE_MAX_BYTES = 2 << 20
-
-
-def with_symmetric_all_reduce(group: ParallelGroup, device: torch.device,
-                              dtype: torch.dtype) -> ParallelGroup:
-    """`group` with the one-shot path for small sums where every rank can take it: GPUs under
-    NCCL, a dtype the kernel sums (bfloat16, float32), PyTorch's symmetric memory present.
-    The ranks agree first, so either all of them take it or none does. Collective: every rank
-    of the group must call it at the same point."""
-    if group.world_size == 1 or device.type != "cuda":
-        return group
-    if dist.get_backend(group.process_group) != "nccl":
-        return group
-    able = dtype in (torch.bfloat16, torch.float32)
-    try:
-        importlib.import_module("torch.distributed._symmetric_memory")
-        able = able and hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out")
-    except (ImportError, AttributeError, RuntimeError):
-        able = False
-    if not group.min(int(able), device):
-        log.info("all-reduce: NCCL for every sum (one-shot path not available on every rank)")
-        return group
-    symmetric = SymmetricAllReduce(group.process_group.group_name, device, dtype,
-                                   SYMMETRIC_ALL_REDUCE_MAX_BYTES)
-    log.info("all-reduce: one-shot over symmetric memory up to %d KB, NCCL above",
-             SYMMETRIC_ALL_REDUCE_MAX_BYTES >> 10)
-    return replace(group, symmetric=symmetric)
+    def all_reduce_add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _all_gather_single(out: torch.Tensor, x: torch.Tensor, group: Any) -> None:

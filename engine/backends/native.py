@@ -25,7 +25,7 @@ from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.core.sequence import Sequence
 from engine.core.step_trace import StepTrace
 from engine.devices import resolve_device
-from engine.distributed import ParallelGroup, with_symmetric_all_reduce
+from engine.distributed import ParallelGroup
 from engine.executor.runner import LaunchedStep, ModelRunner
 from engine.models import ARCHITECTURES
 from engine.request import EngineError, PromptTooLongError, SamplingParams
@@ -84,8 +84,12 @@ class NativeBackend(GenerationBackend):
             )
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype)
-        if config.custom_all_reduce and config.shard_strategy == "tensor":
-            self.group = with_symmetric_all_reduce(self.group, self.device, dtype)
+        tensor_on_gpus = config.shard_strategy == "tensor" and self.device.type == "cuda"
+        if config.custom_all_reduce and tensor_on_gpus and self.group.world_size > 1:
+            # Imported here: Triton is loaded only where a GPU group may use it.
+            from engine.kernels.all_reduce import with_push_all_reduce
+
+            self.group = with_push_all_reduce(self.group, self.device, dtype)
         hf_config = AutoConfig.from_pretrained(config.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
         self.eos_token_ids = eos_token_ids(config.model_path, hf_config)

@@ -42,6 +42,11 @@ from engine.kernels import pdl
 MAX_ROWS = 4
 MAX_ROWS_16BIT = 1
 MAX_ELEMENTS = 1 << 24
+# With SiLU(gate) * up computed on the way in (down), the kernel also saves the activation's
+# own kernel, and wins on larger matrices: `8b`'s down split over two GPUs (29M elements) takes
+# 19.3 us against 21.7 for the activation then cuBLAS; `8b`'s whole down (59M) loses, 34.8
+# against 33.4 (H200, bench/bench_gemv.py --sweep).
+MAX_ELEMENTS_SILU_MUL = 1 << 25
 # The input transforms (values of the kernel's PROLOGUE; constexpr so kernels can read them).
 NONE = tl.constexpr(0)
 RMS_NORM = tl.constexpr(1)
@@ -58,11 +63,13 @@ class GemvConfig:
     num_stages: int = 1
 
 
-def suits(m: int, weight: torch.Tensor) -> bool:
-    """Whether an input of m rows against this [N, K] weight should take the kernel."""
+def suits(m: int, weight: torch.Tensor, silu_mul: bool = False) -> bool:
+    """Whether an input of m rows against this [N, K] weight should take the kernel (with
+    SiLU(gate) * up computed on the way in when silu_mul)."""
     if weight.dtype == torch.int8:
         return 0 < m <= MAX_ROWS
-    return 0 < m <= MAX_ROWS_16BIT and weight.numel() <= MAX_ELEMENTS
+    limit = MAX_ELEMENTS_SILU_MUL if silu_mul else MAX_ELEMENTS
+    return 0 < m <= MAX_ROWS_16BIT and weight.numel() <= limit
 
 
 def fuses_input(weight: torch.Tensor) -> bool:
@@ -78,8 +85,10 @@ def default_config(m: int, n: int, k: int, int8: bool, prologue: int = 0) -> Gem
     """Block sizes for an [m, k] x [n, k]^T product, chosen on an H200 with
     `bench/bench_gemv.py --sweep` on the 1b layer shapes as the model calls them:
 
-    - four output rows per program, 1024 columns a step, four warps: the best on o (plain)
-      and on down (SiLU in front);
+    - plain (o): four output rows per program, 512 columns a step, two warps (`8b` o 10.9
+      against 11.9 us for 1024 columns and four warps, `8b` over two GPUs 6.7 against 7.4);
+    - SiLU in front (down): eight rows a step of 512, four warps (`8b` over two GPUs 19.3
+      against 20.1);
     - with the norm in front (qkv), eight rows a step of 512, eight warps: every program
       reads the whole input row, so more rows per program halve that traffic;
     - int8 weights: four rows, 1024 columns, four warps (the earlier int8-only kernel's
@@ -92,8 +101,10 @@ def default_config(m: int, n: int, k: int, int8: bool, prologue: int = 0) -> Gem
         block_n, block_k, warps = 4, 1024, 4
     elif prologue == RMS_NORM.value:
         block_n, block_k, warps = 8, 512, 8
+    elif prologue == SILU_MUL.value:
+        block_n, block_k, warps = 8, 512, 4
     else:
-        block_n, block_k, warps = 4, 1024, 4
+        block_n, block_k, warps = 4, 512, 2
     return GemvConfig(block_n, min(block_k // rows, triton.next_power_of_2(k)), num_warps=warps)
 
 

@@ -121,13 +121,17 @@ class LinearBase(nn.Module):
         self.weight.narrow(0, first, q.shape[0]).copy_(q)
         self.weight_scale.narrow(0, first, q.shape[0]).copy_(scale)
 
-    def takes_gemv(self, x: torch.Tensor) -> bool:
-        """Whether x ([T, in]) runs through the GEMV kernel (see gemv_forward)."""
-        return self.triton and x.dim() == 2 and _gemv_kernels().suits(x.shape[0], self.weight)
+    def takes_gemv(self, x: torch.Tensor, silu_mul: bool = False) -> bool:
+        """Whether x ([T, in]; [T, 2 * in], gate | up, with silu_mul) runs through the GEMV
+        kernel (see gemv_forward)."""
+        return (
+            self.triton and x.dim() == 2
+            and _gemv_kernels().suits(x.shape[0], self.weight, silu_mul)
+        )  # fmt: skip
 
-    def takes_fused_gemv(self, x: torch.Tensor) -> bool:
+    def takes_fused_gemv(self, x: torch.Tensor, silu_mul: bool = False) -> bool:
         """Whether x runs through the GEMV kernel with the layer before fused in."""
-        return self.takes_gemv(x) and _gemv_kernels().fuses_input(self.weight)
+        return self.takes_gemv(x, silu_mul) and _gemv_kernels().fuses_input(self.weight)
 
     def gemv_forward(
         self,
@@ -290,9 +294,22 @@ class RowParallelLinear(LinearBase):
         kernel where it takes the input (decode), else by the activation layer.
 
         gate_up: [T, 2 * in / world] -> [T, out]"""
-        if self.takes_fused_gemv(gate_up):
+        if self.takes_fused_gemv(gate_up, silu_mul=True):
             return self._reduce(self.gemv_forward(gate_up, with_bias=False, silu_mul=True)[0])
         return self(act(gate_up))
+
+    def add_norm_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(y + residual), y + residual) for y = this layer applied to x: where the
+        group's push all-reduce takes the partial sum, the sum, the residual add and the norm
+        are one kernel (engine.kernels.all_reduce), else the norm's own after the sum.
+
+        x: [T, in / world], residual: [T, out] -> ([T, out], [T, out])"""
+        partial = self.matmul(x)
+        if self.bias is None and norm.triton and self.group.fuses_add_norm(partial):
+            return self.group.all_reduce_add_norm(partial, residual, norm.weight, norm.eps)
+        return norm.add_forward(self._reduce(partial), residual)
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         # partial: [T, out], this rank's share -> the sum over the group, plus the bias once

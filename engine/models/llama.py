@@ -140,7 +140,7 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         # x: [T, D] -> [T, D]
-        return self.attend(self.qkv_proj(x), rope, cache, meta)
+        return self.o_proj(self.attend(self.qkv_proj(x), rope, cache, meta))
 
     def attend(
         self,
@@ -149,9 +149,9 @@ class LlamaAttention(nn.Module):
         cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Everything after the QKV projection: rotary, attention, output projection.
+        """Everything between the QKV and the output projections: rotary, attention.
 
-        qkv: [T, (H + 2 * Hkv) * Dh] -> [T, D]"""
+        qkv: [T, (H + 2 * Hkv) * Dh] -> [T, H * Dh] (this rank's heads)"""
         t = qkv.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -163,7 +163,7 @@ class LlamaAttention(nn.Module):
         o = self.attention(
             q, k_new, v_new, cache[0], cache[1], meta, self.scale, self.sliding_window
         )
-        return self.o_proj(o.reshape(t, q_size))
+        return o.reshape(t, q_size)
 
 
 class LlamaMLP(nn.Module):
@@ -210,8 +210,10 @@ class LlamaDecoderLayer(nn.Module):
         # the first layer). Returns this layer's (output, residual); the stream is their sum,
         # added in the next norm.
         qkv, residual = self.self_attn.qkv_proj.norm_forward(x, residual, self.input_layernorm)
-        h = self.self_attn.attend(qkv, rope, cache, meta)
-        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        o = self.self_attn.attend(qkv, rope, cache, meta)
+        h, residual = self.self_attn.o_proj.add_norm_forward(
+            o, residual, self.post_attention_layernorm
+        )
         return self.mlp(h), residual
 
 

@@ -97,13 +97,25 @@ def test_kernels_match_torch_on_cpu_interpreter() -> None:
 
 
 def test_dispatch_rule() -> None:
-    from engine.kernels.gemv import MAX_ELEMENTS, MAX_ROWS, fuses_input, suits
+    from engine.kernels.gemv import (
+        MAX_ELEMENTS,
+        MAX_ELEMENTS_SILU_MUL,
+        MAX_ROWS,
+        fuses_input,
+        suits,
+    )
+
+    def bf16_of(numel: int) -> torch.Tensor:
+        return torch.empty(1, dtype=torch.bfloat16).expand(numel // 1024, 1024)
 
     bf16 = torch.empty(1, dtype=torch.bfloat16).expand(2048, 2048)
-    big = torch.empty(1, dtype=torch.bfloat16).expand(MAX_ELEMENTS // 1024 + 1, 1024)
+    big = bf16_of(MAX_ELEMENTS + 1024)
     int8 = torch.empty(1, dtype=torch.int8).expand(16384, 2048)
     assert suits(1, bf16) and not suits(2, bf16) and not suits(0, bf16)
     assert not suits(1, big)  # cuBLAS streams large matrices as fast
+    # ... but the activation fused in front saves a kernel, up to a larger size
+    assert suits(1, big, silu_mul=True) and suits(1, bf16_of(MAX_ELEMENTS_SILU_MUL), True)
+    assert not suits(1, bf16_of(MAX_ELEMENTS_SILU_MUL + 1024), silu_mul=True)
     assert suits(MAX_ROWS, int8) and not suits(MAX_ROWS + 1, int8)
     assert fuses_input(bf16) and not fuses_input(int8)  # int8: norm and activation apart
 

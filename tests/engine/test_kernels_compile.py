@@ -41,7 +41,7 @@ def compile_ptx(fn: Any, constexprs: dict[str, Any], pointers: dict[str, str]) -
 
 
 def kernels() -> list[tuple[str, Any, dict[str, Any], dict[str, str]]]:
-    from engine.kernels import argmax, attention, elementwise, gemv
+    from engine.kernels import all_reduce, argmax, attention, elementwise, gemv
 
     gemv_kernel = gemv._gemv_kernel
     common = dict(HAS_SCALE=False, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024)
@@ -66,10 +66,14 @@ def kernels() -> list[tuple[str, Any, dict[str, Any], dict[str, str]]]:
          {"val_ptr": "*fp32", "idx_ptr": "*i64"}),
         ("argmax pick", argmax._pick_kernel, dict(BLOCK_P=64),
          {"val_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*i64"}),
+        ("push all-reduce + norm", all_reduce._push_all_reduce_kernel,
+         dict(RANK=1, WORLD=2, SLOTS_=all_reduce.SLOTS, SENTINEL=all_reduce.SENTINELS[2],
+              BITS=triton.language.int16, BLOCK=4096, NORM=True),
+         {"buffers_ptr": "*i64", "state_ptr": "*i32"}),
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("index", range(9), ids=[k[0] for k in kernels()])
+@pytest.mark.parametrize("index", range(len(kernels())), ids=[k[0] for k in kernels()])
 def test_kernel_compiles_for_hopper_with_and_without_pdl(
     index: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -28,7 +28,7 @@ from transformers import AutoConfig
 from engine.backends.native import NativeBackend
 from engine.config import EngineConfig
 from engine.core.backend import GenerationBackend
-from engine.distributed import ParallelGroup, with_symmetric_all_reduce
+from engine.distributed import ParallelGroup
 from engine.executor.loader import build_model, load_weights, materialise, quantize_int8
 from engine.layers.attention import TorchPagedAttention
 from engine.request import SamplingParams
@@ -513,7 +513,7 @@ def _gpu_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str) 
 
     def body() -> None:
         group = ParallelGroup(rank, world, dist.group.WORLD)
-        check_symmetric_all_reduce(group, torch.device("cuda", rank))
+        check_push_all_reduce(group, torch.device("cuda", rank))
         results: dict[str, Any] = {}
         for case in gpu_cases():
             if case.rng_by_rank:
@@ -525,7 +525,7 @@ def _gpu_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str) 
             assert runner.device == torch.device("cuda", rank), runner.device
             assert runner.kv_cache.device == runner.device
             assert runner.graphs is not None, "every rank captures its decode graphs"
-            assert runner.group.symmetric is not None, "decode sums take the one-shot path"
+            assert runner.group.symmetric is not None, "decode sums take the push path"
             runner.profile = []
             tokens = generate(backend, case.requests, case.stagger)
             kinds = sorted({step["kind"] for step in runner.profile})
@@ -540,33 +540,48 @@ def _gpu_rank_main(rank: int, world: int, rendezvous: str, path: str, out: str) 
     faulthandler.cancel_dump_traceback_later()
 
 
-def check_symmetric_all_reduce(group: ParallelGroup, device: torch.device) -> None:
-    """The one-shot sums equal NCCL's, eagerly and replayed in a CUDA graph; a sum too large
-    for its buffer goes to NCCL."""
-    fast = with_symmetric_all_reduce(group, device, torch.bfloat16)
+def check_push_all_reduce(group: ParallelGroup, device: torch.device) -> None:
+    """The push sums equal NCCL's bit for bit, eagerly and replayed in a CUDA graph (several
+    calls a replay, so the buffers' slots turn over inside the graph); with the norm they
+    equal the sum followed by the norm kernel; a sum too large for the buffers goes to NCCL."""
+    from engine.kernels import elementwise
+    from engine.kernels.all_reduce import with_push_all_reduce
+
+    fast = with_push_all_reduce(group, device, torch.bfloat16)
     assert fast.symmetric is not None
-    too_large = fast.symmetric.max_numel // 64 + 1
-    for rows, cols in ((1, 64), (3, 4096), (too_large, 64)):
+    cols = 4096
+    too_large = fast.symmetric.capacity // cols + 1  # type: ignore[attr-defined]
+    weight = torch.randn(cols, dtype=torch.bfloat16, device=device)
+    for rows in (1, 3, 64, too_large):
         gen = torch.Generator(device=device).manual_seed(group.rank * 100 + rows)
         x = torch.randn(rows, cols, dtype=torch.bfloat16, device=device, generator=gen)
+        x[0, :5] = -0.0
+        residual = torch.randn(rows, cols, dtype=torch.bfloat16, device=device)
         want = x.clone()
         dist.all_reduce(want, group=group.process_group)
         assert fast.symmetric.fits(x) == (rows != too_large)
-        got = fast.all_reduce(x.clone())
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-        staged = x.clone()
+        torch.testing.assert_close(fast.all_reduce(x.clone()), want, rtol=0, atol=0)
+        if rows == too_large:
+            continue
+        got_norm, got_sum = fast.all_reduce_add_norm(x, residual, weight, 1e-5)
+        want_norm, want_sum = elementwise.rms_norm(want, weight, 1e-5, residual)
+        torch.testing.assert_close(got_sum, want_sum, rtol=0, atol=0)
+        torch.testing.assert_close(got_norm, want_norm, rtol=0, atol=0)
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            fast.all_reduce(staged.clone())  # warm-up outside the capture
+            fast.all_reduce(x)  # warm-up outside the capture
         torch.cuda.current_stream(device).wait_stream(side)
         with torch.cuda.graph(graph):
-            fast.all_reduce(staged)
-        staged.copy_(x)
-        graph.replay()
-        torch.cuda.synchronize(device)
-        torch.testing.assert_close(staged, want, rtol=0, atol=0)
+            outs = [fast.all_reduce(x) for _ in range(5)]
+        for _ in range(3):
+            for out in outs:
+                out.zero_()
+            graph.replay()
+            torch.cuda.synchronize(device)
+            for out in outs:
+                torch.testing.assert_close(out, want, rtol=0, atol=0)
         del graph
 
 
