@@ -2,7 +2,7 @@
 greedy tokens) on `8b`, each rank's backend stepped directly in its own process (no front, no
 pipe between the ranks), with the runner's per-step timings and, on rank 0, a kernel profile.
 
-Run for 1 rank and for 2 (one-shot sums, and NCCL only), it separates the device's work
+Run for 1 rank and for 2 (push sums, and NCCL only), it separates the device's work
 (kernels, collectives) from the host's (scheduling, launching, the pipe the engine core uses
 to replay rank 0's calls, which this script leaves out).
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROMPT_TOKENS = 128
 OUTPUT_TOKENS = 256
-TOP_KERNELS = 12
+TOP_KERNELS = 24
 
 
 def _rank(rank: int, world: int, rendezvous: str, path: str, custom: bool, out: str) -> None:

@@ -85,10 +85,13 @@ def default_config(m: int, n: int, k: int, int8: bool, prologue: int = 0) -> Gem
     """Block sizes for an [m, k] x [n, k]^T product, chosen on an H200 with
     `bench/bench_gemv.py --sweep` on the 1b layer shapes as the model calls them:
 
-    - plain (o): four output rows per program, 512 columns a step, two warps (`8b` o 10.9
-      against 11.9 us for 1024 columns and four warps, `8b` over two GPUs 6.7 against 7.4);
-    - SiLU in front (down): eight rows a step of 512, four warps (`8b` over two GPUs 19.3
-      against 20.1);
+    - plain (o) and SiLU in front (down), on 2048 output features (1b): four rows per
+      program, 1024 columns a step, four warps;
+    - the same on 4096 or more (8b, whole or split over two GPUs): with twice the programs,
+      smaller ones fill the GPU better: plain, four rows a step of 512, two warps (8b o
+      10.9 us against 11.9 for the 1b choice; split over two GPUs 6.7 against 7.4, while 1b's
+      o takes 5.0 against 4.3); SiLU in front, eight rows a step of 512, four warps (8b down
+      split over two GPUs 19.3 against 20.1);
     - with the norm in front (qkv), eight rows a step of 512, eight warps: every program
       reads the whole input row, so more rows per program halve that traffic;
     - int8 weights: four rows, 1024 columns, four warps (the earlier int8-only kernel's
@@ -101,6 +104,8 @@ def default_config(m: int, n: int, k: int, int8: bool, prologue: int = 0) -> Gem
         block_n, block_k, warps = 4, 1024, 4
     elif prologue == RMS_NORM.value:
         block_n, block_k, warps = 8, 512, 8
+    elif n < 4096:
+        block_n, block_k, warps = 4, 1024, 4
     elif prologue == SILU_MUL.value:
         block_n, block_k, warps = 8, 512, 4
     else:
