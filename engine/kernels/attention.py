@@ -26,6 +26,8 @@ run in Triton's interpreter on the CPU (TRITON_INTERPRET=1), which is how CI che
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -330,13 +332,24 @@ def prefill_programs(num_tokens: int) -> int:
     return -(-num_tokens // PREFILL_BLOCK_M) + PREFILL_SPARE_PROGRAMS
 
 
-def decode_splits(num_decode: int, num_kv_heads: int) -> int:
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The decode kernel's tile and launch choices (bench/bench_attention.py sweeps them)."""
+
+    block_n: int = DECODE_BLOCK_N
+    num_warps: int = 4
+    num_stages: int = 3
+    split_target: int = SPLIT_TARGET
+    min_split: int = MIN_SPLIT_TOKENS
+
+
+def decode_splits(num_decode: int, num_kv_heads: int, split_target: int = SPLIT_TARGET) -> int:
     """The parts a decode launch may split each context into: few (sequence, head) programs
     leave most of the GPU idle on a long context, so each context may take up to this many
     (a static choice per batch size, so captured graphs keep it); the kernel uses as many as
     the context's length needs."""
     splits = 1
-    while splits < MAX_SPLITS and num_decode * num_kv_heads * splits * 2 <= SPLIT_TARGET:
+    while splits < MAX_SPLITS and num_decode * num_kv_heads * splits * 2 <= split_target:
         splits *= 2
     return splits
 
@@ -357,6 +370,7 @@ def decode_attention(
     counters: torch.Tensor,
     scale: float,
     sliding_window: int,
+    config: DecodeConfig | None = None,
 ) -> None:
     """The one-token chunks' rows of out: [T, H, D], in one launch.
 
@@ -366,10 +380,11 @@ def decode_attention(
     counters, all zero, at least Nd * Hkv of them when decode_splits(Nd, Hkv) > 1 (each launch
     leaves them zero again); sliding_window: 0 for full attention.
     """
+    cfg = config or DecodeConfig()
     num_decode = rows.shape[0]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // num_kv_heads
-    splits = decode_splits(num_decode, num_kv_heads)
+    splits = decode_splits(num_decode, num_kv_heads, cfg.split_target)
     part_o = part_lse = out  # unused without splits
     if splits > 1:
         part_o = torch.empty(
@@ -385,9 +400,9 @@ def decode_attention(
         out.stride(0), out.stride(1), block_tables.stride(0), num_kv_heads * head_dim,
         BLOCK_SIZE=k_cache.shape[1], GROUP=group, GROUP_P2=triton.next_power_of_2(group),
         BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=DECODE_BLOCK_N,
-        PRECISION=_precision(q), SPLITS=splits, MIN_SPLIT=MIN_SPLIT_TOKENS,
-        **pdl.launch_options(q.device),
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=cfg.block_n,
+        PRECISION=_precision(q), SPLITS=splits, MIN_SPLIT=cfg.min_split,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(q.device),
     )  # fmt: skip
 
 
