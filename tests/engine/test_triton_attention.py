@@ -28,6 +28,7 @@ STEPS: list[list[tuple[int, int]]] = [
     [(0, 5), (0, 17), (0, 70)],  # prefill only, no history
     [(9, 1), (0, 6), (20, 30), (3, 1), (45, 19), (66, 1)],  # mixed, prefills with history
     [(i % 13, 1) for i in range(40)],  # a decode batch large enough not to split contexts
+    [(130 + 37 * i % 150, 1) for i in range(36)],  # ... whose contexts take several tiles
     MANY_SHORT_PREFILLS,
     [(36, 1)],  # one part
     [(299, 1)],  # two parts of the eight allowed
@@ -63,7 +64,7 @@ def check_against_torch(device: str, dtype: torch.dtype, atol: float) -> None:
         (6, 2, 24, 7),  # group of 3, head_dim not a power of 2, sliding window
         (6, 2, 24, 600),  # a window wide enough to split
     ]:
-        num_blocks = 1024
+        num_blocks = 4096
         cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
         k_cache = torch.randn(cache_shape, generator=gen).to(dev, dtype)
         v_cache = torch.randn(cache_shape, generator=gen).to(dev, dtype)
