@@ -115,9 +115,10 @@ class EngineSettings(_Strict):
     # GPU: steps that prefill replay CUDA graphs captured at padded token counts (the
     # engine's mixed_step_graphs); off only to compare or debug.
     mixed_step_graphs: bool = True
-    # With model_shard_strategy tensor on GPUs: a decode step's small all-reduces go through a
-    # one-shot sum over symmetric memory (NVLink peer reads) instead of NCCL; off only to
-    # compare or debug.
+    # With model_shard_strategy tensor on GPUs: a decode step's small all-reduces are pushed
+    # into the peers' buffers over symmetric memory (NVLink peer writes; the residual add and
+    # norm after the attention block in the same kernel) instead of going to NCCL; off only
+    # to compare or debug.
     custom_all_reduce: bool = True
 
 
