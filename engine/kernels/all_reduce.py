@@ -65,7 +65,7 @@ def _push_all_reduce_kernel(
     norm_w_ptr,  # [n] norm weight (NORM)
     res_out_ptr,  # [rows, n] sum + residual (NORM)
     buffers_ptr,  # int64 [world]: every rank's buffer, as addresses in this process
-    state_ptr,  # int32 [2]: epoch, programs arrived in the current call
+    state_ptr,  # int32 [2]: epoch (the slot of the current call), programs arrived in it
     n,
     capacity,  # elements of one rank's segment of one slot
     eps,
@@ -83,8 +83,7 @@ def _push_all_reduce_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     dtype = x_ptr.dtype.element_ty
-    epoch = tl.load(state_ptr)
-    slot = epoch % SLOTS_
+    slot = tl.load(state_ptr)  # the epoch, kept in [0, SLOTS)
     x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0)
     x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0: the sentinel must mean "not yet"
     offset = (slot * WORLD * capacity + row * n + cols).to(tl.int64)
@@ -126,7 +125,7 @@ def _push_all_reduce_kernel(
     arrived = tl.atomic_add(state_ptr + 1, 1, sem="acq_rel")
     if arrived == tl.num_programs(0) - 1:
         tl.store(state_ptr + 1, 0)
-        tl.store(state_ptr, epoch + 1)
+        tl.store(state_ptr, (slot + 1) % SLOTS_)  # never overflows, however long it runs
 
 
 def new_buffer_state(device: torch.device) -> torch.Tensor:
