@@ -225,7 +225,9 @@ VARIANTS: dict[str, Variant] = {
     "layer2": Variant("layers split over 2 devices (shard_strategy='layer'; runs eagerly)",
                       shard_strategy="layer", ranks=2),
 }
-# The variant whose W-latency figure is W-tp's project, against the headline (1-GPU) figure.
+# The variant whose W-latency figure is W-tp's project, against the headline (1-GPU) figure;
+# other tensor-parallel variants timed in the same run get a W-tp record of their own (`gpus`
+# tells them apart).
 TP_VARIANT = "tp2"
 
 
@@ -685,14 +687,17 @@ def build_record(
     return rec
 
 
-def build_tp_record(pair: Pair, latency: dict[str, Any]) -> dict[str, Any] | None:
-    """W-tp (BENCHMARKS.md): the W-latency figure of the tensor-parallel variant against the
-    1-GPU one of the same run (the first single-rank variant timed, normally `fast`); its
-    floor is parameter bytes / (ranks x copy bandwidth), each device reading its share."""
-    if pair.workload != "latency" or TP_VARIANT not in pair.variants:
+def build_tp_record(
+    pair: Pair, latency: dict[str, Any], variant: str = TP_VARIANT
+) -> dict[str, Any] | None:
+    """W-tp (BENCHMARKS.md): the W-latency figure of a tensor-parallel variant (TP_VARIANT by
+    default) against the 1-GPU one of the same run (the first single-rank variant timed,
+    normally `fast`); its floor is parameter bytes / (ranks x copy bandwidth), each device
+    reading its share."""
+    if pair.workload != "latency" or variant not in pair.variants:
         return None
     main = pair.variants[0]
-    tp = pair.results.get(result_name(TP_VARIANT, main), {})
+    tp = pair.results.get(result_name(variant, main), {})
     one = next((v for v in pair.variants if VARIANTS[v].ranks == 1), None)
     one_res = pair.results.get(result_name(one, main), {}) if one is not None else {}
     project = tp.get("median")
@@ -702,8 +707,8 @@ def build_tp_record(pair: Pair, latency: dict[str, Any]) -> dict[str, Any] | Non
         "workload": "W-tp", "model": pair.model,
         **{k: latency[k] for k in ("card", "date", "commit", "backend", "reps", "python",
                                    "torch", "transformers", "cuda") if k in latency},
-        "gpus": pair.gpus[TP_VARIANT], "unit": latency["unit"],
-        "project": project, "project_variant": TP_VARIANT,
+        "gpus": pair.gpus[variant], "unit": latency["unit"],
+        "project": project, "project_variant": variant,
         "one_gpu": {"variant": one, "gpus": pair.gpus.get(one) if one else None,
                     "median": one_gpu},
         "peers": {}, "ratios": ratios,
@@ -712,7 +717,7 @@ def build_tp_record(pair: Pair, latency: dict[str, Any]) -> dict[str, Any] | Non
         ratios["vs_1gpu"] = project / one_gpu
     floor = latency.get("floor")
     if floor is not None:
-        ranks = VARIANTS[TP_VARIANT].parallel_reads
+        ranks = VARIANTS[variant].parallel_reads
         floor_s = floor["ms_per_token"] / 1e3 / ranks
         rec["floor"] = {**floor, "ranks": ranks, "ms_per_token": floor_s * 1e3,
                         "tokens_per_s": 1.0 / floor_s}
@@ -723,13 +728,20 @@ def build_tp_record(pair: Pair, latency: dict[str, Any]) -> dict[str, Any] | Non
     names = {"project": tp, "one_gpu": one_res}
     rec["settings"] = {**latency["settings"],
                        "variant_settings": {k: pair.variant_settings[v] for k, v in
-                                            (("project", TP_VARIANT), ("one_gpu", one)) if v}}
+                                            (("project", variant), ("one_gpu", one)) if v}}
     rec["errors"] = {k: v["error"] for k, v in names.items() if "error" in v}
     rec["skipped"] = {k: v["skipped"] for k, v in names.items() if "skipped" in v}
     if one is None:
         rec["skipped"]["one_gpu"] = "no single-device variant in --variants"
     rec["details"] = {k: v for k, v in names.items() if v}
     return rec
+
+
+def tensor_variants(pair: Pair) -> list[str]:
+    """The pair's tensor-parallel variants over several GPUs, TP_VARIANT first."""
+    found = [v for v in pair.variants
+             if VARIANTS[v].shard_strategy == "tensor" and VARIANTS[v].ranks > 1]
+    return sorted(found, key=lambda v: v != TP_VARIANT)
 
 
 # --- orchestration ---------------------------------------------------------------------------
@@ -896,10 +908,12 @@ def main(argv: list[str] | None = None) -> int:
                            specs[pair.workload])
         records[id(pair)] = [rec]
         write_result(args.out, rec)
-        tp = build_tp_record(pair, rec)
-        if tp is not None:
-            records[id(pair)].append(tp)
-            write_result(args.out, tp)
+        for variant in tensor_variants(pair):
+            tp = build_tp_record(pair, rec, variant)
+            if tp is not None:
+                records[id(pair)].append(tp)
+                # tp2's file keeps its name; another variant's carries the variant's.
+                write_result(args.out, tp, None if variant == TP_VARIANT else variant)
 
     def table() -> list[dict[str, Any]]:
         return [rec for p in pairs for rec in records.get(id(p), [])]
