@@ -129,3 +129,64 @@ def test_bad_inputs_are_refused() -> None:
             torch.zeros(1, 8, dtype=torch.float16), addresses, state, CAPACITY, 0, WORLD,
             norm_weight=torch.ones(8, dtype=torch.float16),
         )  # fmt: skip
+
+
+class RecordingSum:
+    """A stand-in for the push path (engine.distributed.FastSum) that records its calls and
+    answers as the real one would for a group whose other ranks sent zeros."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.dim() == 2
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append("sum")
+        return x.clone()
+
+    def all_reduce_add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls.append("sum+norm")
+        summed = x + residual
+        return summed * weight, summed
+
+
+def test_the_output_projection_takes_the_fused_sum_where_the_group_offers_it() -> None:
+    """RowParallelLinear.add_norm_forward: one fused call (sum, residual add, norm) where the
+    group's fast path takes the partial and the norm runs on the GPU path; the sum and then
+    the norm's own add_forward otherwise (a bias to add after the sum, or the CPU norm)."""
+    from engine.distributed import ParallelGroup
+    from engine.layers.linear import RowParallelLinear
+    from engine.layers.norm import RMSNorm
+
+    fast = RecordingSum()
+    group = ParallelGroup(0, 2, process_group=object(), symmetric=fast)
+    torch.manual_seed(0)
+    x, residual = torch.randn(3, 4), torch.randn(3, 8)
+    gpu_norm = RMSNorm(8, 1e-5, triton=True)
+    gpu_norm.weight.data = torch.randn(8)
+
+    o_proj = RowParallelLinear(8, 8, bias=False, group=group)
+    o_proj.weight.data = torch.randn(8, 4)
+    h, summed = o_proj.add_norm_forward(x, residual, gpu_norm)
+    assert fast.calls == ["sum+norm"]
+    torch.testing.assert_close(summed, x @ o_proj.weight.T + residual)
+    torch.testing.assert_close(h, summed * gpu_norm.weight)
+
+    cpu_norm = RMSNorm(8, 1e-5)
+    cpu_norm.weight.data = gpu_norm.weight.data.clone()
+    h, summed = o_proj.add_norm_forward(x, residual, cpu_norm)
+    assert fast.calls == ["sum+norm", "sum"]
+    torch.testing.assert_close(summed, x @ o_proj.weight.T + residual)
+    torch.testing.assert_close(h, cpu_norm(summed))
+
+    with_bias = RowParallelLinear(8, 8, bias=True, group=group)
+    assert with_bias.bias is not None
+    with_bias.weight.data, with_bias.bias.data = o_proj.weight.data, torch.randn(8)
+    gpu_norm.add_forward = cpu_norm.add_forward  # type: ignore[method-assign]  # no Triton here
+    fast.calls.clear()
+    _, summed = with_bias.add_norm_forward(x, residual, gpu_norm)
+    assert fast.calls == ["sum"]  # the bias is added once, after the sum
+    torch.testing.assert_close(summed, x @ o_proj.weight.T + with_bias.bias + residual)
