@@ -1,7 +1,8 @@
 """Micro-benchmark: the paged decode-attention kernel (engine.kernels.attention) at the batch
 sizes and contexts the workloads decode at, one GPU, in a CUDA graph over enough distinct KV
 caches that they come from device memory, not L2; the default configuration against a sweep
-of tile, warp, pipeline-stage and split choices.
+of tile, warp, pipeline-stage and split choices (the engine's choice,
+engine.kernels.attention.default_decode_config, is the "default" every row is read against).
 
 Shapes (name: sequences, query heads, key/value heads, head dim, contexts):
 
@@ -33,7 +34,11 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `engine` and `bench`
 import torch  # noqa: E402
 
 from bench.common import card_name, git_commit, log, today, versions, write_result  # noqa: E402
-from engine.kernels.attention import DecodeConfig, decode_attention  # noqa: E402
+from engine.kernels.attention import (  # noqa: E402
+    DecodeConfig,
+    decode_attention,
+    default_decode_config,
+)
 
 BLOCK_SIZE = 16
 SHAPES: dict[str, tuple[int, int, int, int, tuple[int, int]]] = {
@@ -48,8 +53,9 @@ CACHE_BYTES = 256 << 20
 MAX_CACHES = 16
 
 
-def configs() -> list[DecodeConfig]:
-    out = [DecodeConfig()]
+def configs(seqs: int, kv_heads: int) -> list[DecodeConfig]:
+    """The engine's choice for this batch first (the figure the sweep is read against)."""
+    out = [default_decode_config(seqs, kv_heads), DecodeConfig()]
     for block_n in (32, 64, 128):
         for warps in (2, 4, 8):
             for stages in (1, 2, 3):
@@ -87,7 +93,7 @@ def bench_shape(name: str, reps: int) -> dict[str, Any]:
     want = torch.empty_like(q)
     decode_attention(q, *caches[0], want, rows, tables, ctx, counters, scale, 0)
     results = []
-    for cfg in configs():
+    for cfg in configs(seqs, kv_heads):
         out = torch.empty_like(q)
         try:
             decode_attention(q, *caches[0], out, rows, tables, ctx, counters, scale, 0, cfg)

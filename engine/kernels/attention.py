@@ -26,6 +26,7 @@ run in Triton's interpreter on the CPU (TRITON_INTERPRET=1), which is how CI che
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -335,7 +336,8 @@ def prefill_programs(num_tokens: int) -> int:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """The decode kernel's tile and launch choices (bench/bench_attention.py sweeps them)."""
+    """The decode kernel's tile and launch choices (bench/bench_attention.py sweeps them; the
+    engine's own per batch come from default_decode_config)."""
 
     block_n: int = DECODE_BLOCK_N
     num_warps: int = 4
@@ -344,6 +346,7 @@ class DecodeConfig:
     min_split: int = MIN_SPLIT_TOKENS
 
 
+@functools.cache  # called per layer of every eager step: one lookup, not a new object
 def default_decode_config(num_decode: int, num_kv_heads: int) -> DecodeConfig:
     """The decode launch's choices, measured on an H200 (bench/bench_attention.py, CUDA
     graphs; two pipeline stages throughout):
