@@ -33,6 +33,8 @@ SHAPES: dict[str, tuple[int, list[int]]] = {
     # the fast lane's steps while high work runs (lane 64 / 192): decode rows of 64 low
     # sequences and a high one, alone or with a 128-token chunk of a low prompt
     "decode-65": (65, []),
+    # an idle worker's high request: the step the W-priority ratio is measured against
+    "decode-1": (1, []),
     "mixed-65+128": (65, [128]),
     "prefill-8x512": (0, [512] * 8),
 }
