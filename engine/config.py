@@ -34,6 +34,9 @@ class EngineConfig:
     low_seqs_while_high / low_tokens_while_high: while a `high` request runs or waits, the
         most `low` sequences that compute in one step, and the most tokens they compute (the
         others keep their cache and sit the step out); None: no limit (priority allocation).
+    lane_linger_steps: steps those limits still hold after the last `high` request has left,
+        so that a stream of high jobs does not meet a full-width step of low prompts between
+        two of them (each step ~2 ms in the lane: 64 steps are ~0.1 s of low work held back).
     max_prompt_tokens: the longest prompt accepted; default max_model_len - 1.
     enforce_eager: no CUDA graphs / compilation (debugging).
     decode_lookahead: while a greedy decode step runs, launch the next one (same sequences, one
@@ -70,6 +73,7 @@ class EngineConfig:
     reserved_high_slots: int = 0
     low_seqs_while_high: int | None = None
     low_tokens_while_high: int | None = None
+    lane_linger_steps: int = 64
     # Longest prompt accepted (None: max_model_len - 1); the deployment's limit.
     max_prompt_tokens: int | None = None
     enforce_eager: bool = False

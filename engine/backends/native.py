@@ -115,6 +115,7 @@ class NativeBackend(GenerationBackend):
             eos_token_ids=self.eos_token_ids,
             low_seqs_while_high=config.low_seqs_while_high,
             low_tokens_while_high=config.low_tokens_while_high,
+            lane_linger_steps=config.lane_linger_steps,
             # Every rank of a group captures the same sizes, so their schedulers agree.
             step_token_sizes=self.runner.mixed_step_sizes,
         )

@@ -26,6 +26,7 @@ def make_scheduler(
     low_seqs_while_high: int | None = None,
     low_tokens_while_high: int | None = None,
     step_token_sizes: list[int] | None = None,
+    lane_linger_steps: int = 0,
 ) -> Scheduler:
     return Scheduler(
         BlockManager(num_blocks, block_size),
@@ -37,6 +38,7 @@ def make_scheduler(
         low_seqs_while_high=low_seqs_while_high,
         low_tokens_while_high=low_tokens_while_high,
         step_token_sizes=step_token_sizes,
+        lane_linger_steps=lane_linger_steps,
     )
 
 
@@ -409,6 +411,31 @@ def test_while_high_work_runs_low_work_keeps_to_the_fast_lane() -> None:
     assert "high" not in sched.seqs  # finished after its 3 tokens
     # High work gone: every low sequence decodes again.
     assert sorted(scheduled_ids(step(sched))) == [f"low{i}" for i in range(5)]
+
+
+def test_the_lane_lingers_for_its_steps_after_high_work_leaves() -> None:
+    sched = make_scheduler(max_num_seqs=8, low_seqs_while_high=2, lane_linger_steps=3)
+    for i in range(5):
+        add(sched, f"low{i}", 3, max_tokens=40)
+    step(sched)
+    add(sched, "high", 3, priority=0, max_tokens=2)
+    while "high" in sched.seqs:
+        step(sched)
+    # Gone, and for three more steps low work keeps to the lane; then full width again.
+    for _ in range(3):
+        assert sorted(scheduled_ids(step(sched))) == ["low0", "low1"]
+    assert len(step(sched).chunks) == 5
+    # A high job arriving while the lane lingers restarts the count.
+    add(sched, "high2", 3, priority=0, max_tokens=2)
+    while "high2" in sched.seqs:
+        step(sched)
+    step(sched)
+    add(sched, "high3", 3, priority=0, max_tokens=2)
+    while "high3" in sched.seqs:
+        step(sched)
+    for _ in range(3):
+        assert len(step(sched).chunks) == 2
+    assert len(step(sched).chunks) == 5
 
 
 def test_a_waiting_high_sequence_holds_low_admission_to_the_lane() -> None:

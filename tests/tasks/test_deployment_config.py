@@ -179,7 +179,7 @@ def test_the_engine_section_is_the_engine_s_own_settings():
                "kv_cache_memory_fraction": 0.5, "enforce_eager": True,
                "decode_lookahead": False, "enable_prefix_caching": False,
                "custom_all_reduce": False, "mixed_step_graphs": False,
-               "async_scheduling": False}
+               "async_scheduling": False, "lane_linger_steps": 5}
     assert set(changed) == set(EngineSettings.model_fields) - DEPLOYMENT_ONLY_ENGINE_KEYS
     engine_config = engine_config_for(parse_config({"engine": changed}))
     for name, value in changed.items():
