@@ -15,6 +15,7 @@ nothing: the job stays running under a lease nobody renews, and the sweeper re-e
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -99,7 +100,10 @@ def run_jobs(runtime: Any, job_ids: list[str], batch_id: str,
     # per worker, looked up once per message).
     streams = publisher_for(runtime)
     _wait_for_room(runtime, len(job_ids), priority, delivery_tag)
+    trace = runtime.front_trace if priority == keys.QUEUE_HIGH else None
+    t_start = time.time()
     jobs, outcomes = _start(runtime, job_ids, batch_id, message_request, streams)
+    t_started = time.time()
     for i, job in enumerate(jobs):
         try:
             outcomes[job.job_id] = job.hand_over()
@@ -109,6 +113,8 @@ def run_jobs(runtime: Any, job_ids: list[str], batch_id: str,
             for left in jobs[i:]:
                 left.let_go()
             raise
+    if trace is not None:
+        trace.record(job_ids, t_start, t_started, time.time())
     return outcomes
 
 

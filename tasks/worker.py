@@ -25,6 +25,7 @@ from celery import Celery, bootsteps, signals
 from tasks.admission import AdmissionGate
 from tasks.config import ConfigError, DeploymentConfig, config_source
 from tasks.finishers import FINISHER_THREADS, Finishers
+from tasks.front_trace import FrontTrace
 from tasks.intake import FollowIntakes, QueueIntake, queue_intakes
 from tasks.leases import LeaseKeeper
 from tasks.store import JobStore
@@ -64,6 +65,8 @@ class WorkerRuntime:
     finishers: Finishers
     metrics: Any = None
     intakes: tuple[QueueIntake, ...] = ()
+    # $TIDEQ_FRONT_TRACE's trace of high messages (tasks/front_trace.py), or None.
+    front_trace: FrontTrace | None = None
 
 
 def pin_gpu_group(config: DeploymentConfig, gpus: str | None = None) -> str:
@@ -166,7 +169,7 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
     # The "ready" line is logged at worker_ready (connect_signals): logging is not set up yet.
     return WorkerRuntime(config, engine, store, worker_name, gpu_label,
                          os.path.basename(os.path.normpath(config.model.path)), leases,
-                         gate, Finishers(), metrics, intakes)
+                         gate, Finishers(), metrics, intakes, FrontTrace.from_env())
 
 
 def watch_engine(engine: Any, worker_name: str, interval_s: float = 1.0) -> threading.Thread:

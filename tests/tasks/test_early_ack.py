@@ -268,3 +268,27 @@ def test_a_job_not_finished_by_the_drain_s_deadline_is_left_to_its_lease(
         assert runtime.gate.in_flight == 0 and runtime.leases.held() == {}
         assert states(producer, batch) == ["running"]
         assert runtime.store.client.zscore(keys.LEASES_KEY, job_id) is not None
+
+
+def test_the_front_trace_times_each_high_message_and_no_low_one(tmp_path, redis_url, engine,
+                                                               make_runtime):
+    from tasks.front_trace import FrontTrace
+
+    runtime = make_runtime()
+    runtime.front_trace = FrontTrace(tmp_path / "front.jsonl")
+    with Producer(runtime.config) as producer:
+        low, high = submit(producer, tmp_path, 1), submit(producer, tmp_path, 2, "high")
+        (low_id,), high_ids = job_ids(producer, low), job_ids(producer, high)
+        assert run_jobs(runtime, [low_id], low) == {low_id: "running"}
+        assert run_jobs(runtime, high_ids, high, priority="high") == dict.fromkeys(
+            high_ids, "running")
+        (line,) = (tmp_path / "front.jsonl").read_text().splitlines()
+        traced = json.loads(line)
+        assert traced["jobs"] == high_ids
+        # The jobs' started_at is taken inside the start, and both were in the engine by the end.
+        started_at = float(producer.store.job(high_ids[0]).fields["started_at"])
+        assert traced["start"] <= started_at <= traced["started"] <= traced["submitted"]
+        assert sorted(engine.live()) == sorted([low_id, *high_ids])
+        for job_id in [low_id, *high_ids]:
+            engine.finish(job_id)
+        eventually(lambda: runtime.gate.in_flight == 0, "the jobs to be stored")
