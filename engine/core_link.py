@@ -141,7 +141,10 @@ class ProcessCore:
         # Our copies of the children's ends: closed, so that a child's death reads as EOF.
         for end in (core_end, *leader_ends, *follower_ends):
             end.close()
-        self._send_lock = threading.Lock()
+        # Messages for the core, written to its pipe by one sender thread (see send).
+        self._outbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="tideq-engine-send",
+                                        daemon=True)
         # close() (any thread) and the receiver thread, seeing the processes end, both tear the
         # link down; the second must not close the pipe's descriptor again (EBADF, or worse, a
         # descriptor number already reused).
@@ -154,6 +157,7 @@ class ProcessCore:
         except BaseException:
             self._kill()
             raise
+        self._sender.start()
         log.info("engine core started: %d process(es), pids %s", world,
                  [p.pid for p in self.procs])
 
@@ -177,13 +181,32 @@ class ProcessCore:
         return "; ".join(dead) or "its pipe closed"
 
     def send(self, message: Message) -> None:
+        """Queue the message for the sender thread, which writes whatever has queued up to the
+        pipe as one list. A calling thread never waits here: with the task threads each
+        writing its own messages under a lock, a `high` request's thread queued for that lock
+        behind low ones, each holder needing the GIL back after its write before it let go,
+        and a high job reached the core up to 25 ms after its thread handed it over (an H200
+        worker under a low flood, TIDEQ_FRONT_TRACE). A message queued as the core dies is
+        lost with it: the receiver then fails every live request."""
         if self._gone is not None:
             raise CoreGoneError(self._gone)
-        try:
-            with self._send_lock:
-                self._conn.send(message)
-        except (OSError, ValueError) as err:
-            raise CoreGoneError(f"the engine core is unreachable: {err}") from err
+        self._outbox.put(message)
+
+    def _send_loop(self) -> None:
+        while True:
+            batch = [self._outbox.get()]
+            while True:
+                try:
+                    batch.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._conn.send(batch)
+            except (OSError, ValueError) as err:  # the core is gone (the receiver tells why)
+                log.debug("engine core pipe closed: %s", err)
+                return
+            if any(message[0] == "stop" for message in batch):
+                return
 
     def receive(self, timeout: float) -> list[Event]:
         if self._gone is not None:
@@ -233,6 +256,7 @@ class ProcessCore:
             for proc in self.procs:
                 proc.join(5)
             self._conn.close()
+            self._outbox.put(("stop",))  # wakes the sender, which finds the pipe closed
 
 
 def open_core(config: EngineConfig, backend: GenerationBackend | None) -> CoreLink:

@@ -181,12 +181,13 @@ def _lead(backend: GenerationBackend, front: Connection, followers: list[Connect
     front.send(("ready", backend.max_model_len, core.stats()))
 
     def receive(timeout: float) -> list[Message]:
+        # The front writes lists of messages (engine/core_link.py, ProcessCore.send).
         messages: list[Message] = []
         if not front.poll(timeout):
             return messages
         while True:
             try:
-                messages.append(front.recv())
+                messages.extend(front.recv())
             except EOFError:  # the front is gone
                 return [("stop",)]
             if not front.poll(0):

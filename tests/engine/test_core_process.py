@@ -93,6 +93,31 @@ def test_a_killed_rank_fails_the_live_requests_and_ends_the_engine(checkpoint, p
         engine.shutdown()
 
 
+def test_handing_a_request_over_never_waits_for_the_core_to_read(checkpoint):
+    """A thread that submits while the core is busy (here: stopped outright, with more
+    requests than its pipe's buffer holds) returns at once; the core then takes them all."""
+    import threading
+
+    engine = Engine(config(checkpoint("llama")))
+    core_pid = engine._core.procs[0].pid  # type: ignore[attr-defined]
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    requests = [Request(f"r{i}", prompt_token_ids=[(i + j) % 90 + 5 for j in range(100)],
+                        sampling=params) for i in range(3000)]  # ~1 MB of messages
+    futures: list = []
+    try:
+        os.kill(core_pid, signal.SIGSTOP)
+        submitter = threading.Thread(target=lambda: futures.extend(map(engine.submit, requests)))
+        submitter.start()
+        submitter.join(60)
+        stalled = submitter.is_alive()
+        os.kill(core_pid, signal.SIGCONT)
+        assert not stalled, "submit waited for the stopped core to read its pipe"
+        assert all(len(f.result(120).token_ids) == 1 for f in futures)
+    finally:
+        os.kill(core_pid, signal.SIGCONT)
+        engine.shutdown()
+
+
 def test_a_missing_model_folder_says_what_is_expected(tmp_path):
     with pytest.raises(EngineError, match="missing is not a folder"):
         Engine(config(tmp_path / "missing"))

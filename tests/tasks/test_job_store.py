@@ -92,6 +92,23 @@ def test_renew_reports_cancelled_and_lost_jobs(store):
     assert sorted(lost) == sorted([b, c])  # b finished; c was never started by this worker
 
 
+def test_renew_covers_every_lease_of_a_full_worker_chunk_by_chunk(store, monkeypatch):
+    from tasks import store as store_module
+
+    n = 2 * store_module.RENEW_CHUNK + 3
+    ids = enqueue(store, "b", n)
+    for job in ids:
+        store.start(job, "b", "w", "0", f"t-{job}", lease_s=1)
+    store.finish(ids[-1], "b", "done", {"text": "x"})  # lost, in the last chunk
+    calls = []
+    script = store._renew
+    monkeypatch.setattr(store, "_renew", lambda **kw: calls.append(kw) or script(**kw))
+    cancelled, lost = store.renew({job: f"t-{job}" for job in ids}, LEASE_S)
+    assert len(calls) == 3 and cancelled == [] and lost == [ids[-1]]
+    deadline = store.clock() + LEASE_S - 5
+    assert all(store.client.zscore(keys.LEASES_KEY, job) > deadline for job in ids[:-1])
+
+
 def test_finish_renews_the_ttl_of_every_key_of_the_batch(store):
     (job,) = enqueue(store, "b", 1)
     for key in (keys.batch_key("b"), keys.batch_jobs_key("b"), keys.job_key(job)):
