@@ -34,28 +34,13 @@ from tasks.admission import AdmissionGate
 log = logging.getLogger(__name__)
 
 
-def resume_at(limit: int, refill: int | None = None) -> int:
+def resume_at(limit: int) -> int:
     """Jobs in flight at or below which a paused worker takes the queue's messages again: a
-    quarter of the pause bound below it (at least one job), or `refill` jobs below it where
-    that is less. The gap keeps one stored outcome from resuming a worker that the next message
-    fills again, and a worker at the default limit (twice its engine's batch) still has a
-    quarter of it queued inside its engine when it resumes `low`, enough to keep the batch full
-    until the next messages are started."""
-    gap = max(1, limit // 4)
-    if refill is not None:
-        gap = max(1, min(gap, refill))
-    return limit - gap
-
-
-def low_refill(threads: int, jobs_per_message: int) -> int:
-    """Jobs a worker that paused `low` takes back in one go at most: half its task threads'
-    worth of messages. On resuming, kombu fetches messages until its prefetch (one per thread)
-    is spent, and each holds its thread while its jobs are started: a refill of more messages
-    than threads took every slot and every thread for a few milliseconds, and a `high` message
-    arriving then waited in Redis for one (the GPU config's refill of 128 jobs is 16 messages
-    of 8 for 16 threads: W-priority's slowest high jobs waited 10-15 ms before a thread
-    started them, tasks/front_trace.py). Half leaves the other half free for `high`."""
-    return max(1, threads // 2) * jobs_per_message
+    quarter of the pause bound below it (at least one job). The gap keeps one stored outcome
+    from resuming a worker that the next message fills again, and a worker at the default limit
+    (twice its engine's batch) still has a quarter of it queued inside its engine when it
+    resumes `low`, enough to keep the batch full until the next messages are started."""
+    return limit - max(1, limit // 4)
 
 
 def high_pause_at(limit: int) -> int:
@@ -75,21 +60,20 @@ class IntakeSwitch:
     `mind_waiting`, no message waits). Pure logic: the caller serialises update() (the gate's
     lock does)."""
 
-    def __init__(self, pause_at: int, mind_waiting: bool, refill: int | None = None) -> None:
+    def __init__(self, pause_at: int, mind_waiting: bool) -> None:
         self.pause_at = pause_at
-        self.resume_at = resume_at(pause_at, refill)
+        self.resume_at = resume_at(pause_at)
         self.mind_waiting = mind_waiting
         self.paused = False
 
     @classmethod
-    def for_queue(cls, queue: str, limit: int, refill: int | None = None) -> IntakeSwitch:
+    def for_queue(cls, queue: str, limit: int) -> IntakeSwitch:
         """`low`: paused at the gate's limit, or while a message waits at the gate (a low
-        message taken now would wait too), resumed `refill` jobs below it at most (low_refill).
-        `high`: paused at high_pause_at(limit); the line at the gate is none of its business,
-        since a high message passes it at once."""
+        message taken now would wait too). `high`: paused at high_pause_at(limit); the line at
+        the gate is none of its business, since a high message passes it at once."""
         if queue == keys.QUEUE_HIGH:
             return cls(high_pause_at(limit), mind_waiting=False)
-        return cls(limit, mind_waiting=True, refill=refill)
+        return cls(limit, mind_waiting=True)
 
     def update(self, in_flight: int, waiting: int) -> bool:
         """Take the gate's new state; returns whether `paused` changed."""
@@ -113,13 +97,10 @@ class QueueIntake:
         gate: the worker's admission gate, watched from now on.
         worker_name: for the log lines.
         queue: the queue paused (`low` or `high`); its thresholds: IntakeSwitch.for_queue.
-        refill: `low`'s most jobs taken back in one go (low_refill); None: a quarter of the
-            limit.
     """
 
-    def __init__(self, gate: AdmissionGate, worker_name: str, queue: str,
-                 refill: int | None = None) -> None:
-        self.switch = IntakeSwitch.for_queue(queue, gate.limit, refill)
+    def __init__(self, gate: AdmissionGate, worker_name: str, queue: str) -> None:
+        self.switch = IntakeSwitch.for_queue(queue, gate.limit)
         self._gate = gate
         self._worker_name = worker_name
         self.queue = queue
@@ -185,12 +166,10 @@ class QueueIntake:
                           self.queue)
 
 
-def queue_intakes(gate: AdmissionGate, worker_name: str,
-                  low_refill_jobs: int | None = None) -> tuple[QueueIntake, ...]:
-    """A worker's intakes: one per queue, both watching its gate; `low` resumes at most
-    low_refill_jobs below the limit (low_refill)."""
+def queue_intakes(gate: AdmissionGate, worker_name: str) -> tuple[QueueIntake, ...]:
+    """A worker's intakes: one per queue, both watching its gate."""
     return (QueueIntake(gate, worker_name, keys.QUEUE_HIGH),
-            QueueIntake(gate, worker_name, keys.QUEUE_LOW, low_refill_jobs))
+            QueueIntake(gate, worker_name, keys.QUEUE_LOW))
 
 
 class FollowIntakes(bootsteps.StartStopStep):

@@ -26,7 +26,7 @@ from tasks.admission import AdmissionGate
 from tasks.config import ConfigError, DeploymentConfig, config_source
 from tasks.finishers import FINISHER_THREADS, Finishers
 from tasks.front_trace import FrontTrace
-from tasks.intake import FollowIntakes, QueueIntake, low_refill, queue_intakes
+from tasks.intake import FollowIntakes, QueueIntake, queue_intakes
 from tasks.leases import LeaseKeeper
 from tasks.store import JobStore
 from tasks.sweeper import Sweeper
@@ -160,7 +160,7 @@ def build_runtime(config: DeploymentConfig, worker_name: str,
     from tasks.metrics import WorkerMetrics
 
     gate = AdmissionGate(config.jobs_in_flight_limit)
-    intakes = queue_intakes(gate, worker_name, low_refill(threads, config.jobs_per_message))
+    intakes = queue_intakes(gate, worker_name)
     metrics = WorkerMetrics(engine, store.client, gpu=bool(config.num_gpus), gate=gate,
                             intakes=intakes)
     if config.metrics_port is not None:

@@ -11,32 +11,12 @@ from typing import Any
 import pytest
 
 from tasks.admission import AdmissionGate
-from tasks.intake import (
-    IntakeSwitch,
-    QueueIntake,
-    high_pause_at,
-    low_refill,
-    queue_intakes,
-    resume_at,
-)
+from tasks.intake import IntakeSwitch, QueueIntake, high_pause_at, queue_intakes, resume_at
 
 
 @pytest.mark.parametrize(("limit", "expected"), [(1, 0), (2, 1), (4, 3), (8, 6), (512, 384)])
 def test_a_paused_worker_resumes_a_quarter_below_its_limit(limit, expected):
     assert resume_at(limit) == expected
-
-
-def test_a_refill_takes_back_at_most_half_the_threads_worth_of_low_messages():
-    # The GPU config: 512 jobs, 16 threads, 8 jobs a message: 8 messages, not 16.
-    assert low_refill(16, 8) == 64
-    low = IntakeSwitch.for_queue("low", limit=512, refill=low_refill(16, 8))
-    assert (low.pause_at, low.resume_at) == (512, 448)
-    # A quarter of the limit stays the bound where it is the smaller.
-    assert IntakeSwitch.for_queue("low", limit=8, refill=low_refill(32, 1)).resume_at == 6
-    assert resume_at(4, refill=0) == 3 and low_refill(1, 4) == 4
-    # High is not refilled in bursts of low's: its bounds are unchanged.
-    high = IntakeSwitch.for_queue("high", limit=512, refill=64)
-    assert (high.pause_at, high.resume_at) == (1024, 768)
 
 
 def test_the_switch_pauses_at_the_limit_and_resumes_only_below_the_gap():
