@@ -17,7 +17,6 @@ messages are not traced: a flood of them would be most of the file and none of t
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -34,12 +33,10 @@ class FrontTrace:
 
     @classmethod
     def from_env(cls) -> FrontTrace | None:
-        where = os.environ.get(TRACE_ENV)
-        if not where:
-            return None
-        directory = Path(where)
-        directory.mkdir(parents=True, exist_ok=True)
-        return cls(directory / f"front-{os.getpid()}.jsonl")
+        from engine.core.step_trace import trace_path  # pure Python, no torch
+
+        path = trace_path(TRACE_ENV, "front")
+        return None if path is None else cls(path)
 
     def record(self, jobs: list[str], start: float, started: float, submitted: float) -> None:
         line = json.dumps({"jobs": jobs, "start": round(start, 6), "started": round(started, 6),

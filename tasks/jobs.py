@@ -100,10 +100,11 @@ def run_jobs(runtime: Any, job_ids: list[str], batch_id: str,
     # per worker, looked up once per message).
     streams = publisher_for(runtime)
     _wait_for_room(runtime, len(job_ids), priority, delivery_tag)
+    # Timed only where traced: high messages, with TIDEQ_FRONT_TRACE set.
     trace = runtime.front_trace if priority == keys.QUEUE_HIGH else None
-    t_start = time.time()
+    t_start = time.time() if trace is not None else 0.0
     jobs, outcomes = _start(runtime, job_ids, batch_id, message_request, streams)
-    t_started = time.time()
+    t_started = time.time() if trace is not None else 0.0
     for i, job in enumerate(jobs):
         try:
             outcomes[job.job_id] = job.hand_over()

@@ -30,6 +30,18 @@ TRACE_ENV = "TIDEQ_STEP_TRACE"
 FLUSH_EVERY = 1000
 
 
+def trace_path(env: str, stem: str) -> Path | None:
+    """DIR/<stem>-<pid>.jsonl for the directory $env names (created), or None when unset: where
+    a process writes a trace asked for by environment variable (this one, the worker's
+    tasks/front_trace.py)."""
+    where = os.environ.get(env)
+    if not where:
+        return None
+    directory = Path(where)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{stem}-{os.getpid()}.jsonl"
+
+
 class StepTrace:
     """Buffered step records, appended to `path` (see the module docstring)."""
 
@@ -40,12 +52,8 @@ class StepTrace:
     @classmethod
     def from_env(cls) -> StepTrace | None:
         """The trace $TIDEQ_STEP_TRACE asks for (None when unset); creates the directory."""
-        where = os.environ.get(TRACE_ENV)
-        if not where:
-            return None
-        directory = Path(where)
-        directory.mkdir(parents=True, exist_ok=True)
-        return cls(directory / f"steps-{os.getpid()}.jsonl")
+        path = trace_path(TRACE_ENV, "steps")
+        return None if path is None else cls(path)
 
     def record(self, started: float, launched: float, waited: float, ended: float,
                out: SchedulerOutput, scheduler: Scheduler) -> None:
