@@ -1336,6 +1336,17 @@ def low_in_window(producer: Any, batches: list[str], t0: float, t1: float) -> di
             "jobs_per_s": jobs / span if span > 0 else None}
 
 
+def strategy_list(text: str) -> tuple[str, ...]:
+    """--strategies: "priority,even" -> ("priority", "even"), each a known strategy, in the
+    order given."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: strategies are {', '.join(STRATEGIES)}, comma-separated")
+    return names
+
+
 def run_priority(ctx: Context) -> None:
     from producer import Producer
     from tasks.config import load_config
@@ -1343,7 +1354,7 @@ def run_priority(ctx: Context) -> None:
     s = ctx.sizes
     n = ctx.args.priority_gpus
     low_tps: dict[str, float] = {}
-    for strategy in STRATEGIES:
+    for strategy in ctx.args.strategies:
         key = f"priority-{strategy}"
         rec = ctx.record(key, "priority", n, "s", suffix=strategy, strategy=strategy)
         details = rec["details"]
@@ -1466,12 +1477,17 @@ def flood_phase(ctx: Context, producer: Any, key: str, flood: PromptFile,
 
 # --- the run ---------------------------------------------------------------------------------
 def settings(ctx: Context, config: Path, **extra: Any) -> dict[str, Any]:
+    from tasks.worker import GIL_SWITCH_ENV, GIL_SWITCH_INTERVAL_S
+
     out: dict[str, Any] = {
         "config_source": str(ctx.args.config), "config": yaml.safe_load(config.read_text()),
         "eos": "checkpoint copy without EOS ids (the JSONL format has no ignore_eos); every"
                " job is checked to return max_tokens tokens (short_outputs)",
         "greedy": True, "time_budget_s": ctx.args.time_budget, "seed": ctx.args.seed,
         "quick": ctx.args.quick,
+        # The workers' GIL switch interval: tasks.worker's default unless the environment
+        # overrides it for a comparison.
+        "gil_switch_ms": float(os.environ.get(GIL_SWITCH_ENV) or GIL_SWITCH_INTERVAL_S * 1000),
     }
     for k, v in extra.items():
         out[k] = v.stats() if isinstance(v, PromptFile) else (
@@ -1560,6 +1576,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus-list", default="1,2", help="W-scale: GPU counts (default 1,2)")
     p.add_argument("--priority-gpus", type=int, default=1,
                    help="W-priority: GPUs of the deployment (default 1)")
+    p.add_argument("--strategies", type=strategy_list, default=STRATEGIES,
+                   help="W-priority: gpu_allocation_strategy values to run, comma-separated"
+                   " (default priority,even; low_throughput_vs_even needs both)")
     p.add_argument("--high-only-workers", type=int, default=0,
                    help="W-priority, strategy priority: workers that serve only high")
     p.add_argument("--kill-worker", action="store_true",

@@ -46,6 +46,16 @@ _SPARE_CONNECTIONS = 4
 # Seconds the finisher threads get to end at shutdown, once the drain is over (or timed out):
 # work still in progress then is a store retrying through an outage, left to the lease.
 _FINISHERS_STOP_S = 5.0
+# How long CPython lets a thread that runs Python code keep the GIL while another waits for it.
+# This one process runs the Celery consumer, the task threads, the engine's front thread (which
+# unpickles every step's tokens and detokenises finished jobs), the sender and the finishers.
+# With CPython's 5 ms default, a thread woken by its socket (the consumer by a new high
+# message, a task thread by a Redis reply) waits up to 5 ms behind whichever of them holds the
+# GIL, and a high job wakes a thread several times on its way to the engine: under a low flood
+# that was most of the 3-15 ms a high job took from Redis to the engine. $TIDEQ_GIL_SWITCH_MS
+# overrides it (benchmarks compare).
+GIL_SWITCH_INTERVAL_S = 0.0005
+GIL_SWITCH_ENV = "TIDEQ_GIL_SWITCH_MS"
 
 
 @dataclass
@@ -122,10 +132,29 @@ def engine_config_for(config: DeploymentConfig) -> Any:
     )
 
 
+def set_gil_switch_interval(environ: dict[str, str] | None = None) -> float:
+    """Set this process's GIL switch interval (GIL_SWITCH_INTERVAL_S, or $TIDEQ_GIL_SWITCH_MS
+    in milliseconds); returns it in seconds."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(GIL_SWITCH_ENV, "").strip()
+    seconds = GIL_SWITCH_INTERVAL_S
+    if raw:
+        try:
+            seconds = float(raw) / 1000.0
+        except ValueError:
+            seconds = -1.0
+        if not 0.0 < seconds <= 1.0:
+            raise ConfigError(f"${GIL_SWITCH_ENV}: {raw!r} is not a number of milliseconds"
+                              " in (0, 1000]")
+    sys.setswitchinterval(seconds)
+    return seconds
+
+
 def build_runtime(config: DeploymentConfig, worker_name: str,
                   gpus: str | None = None, threads: int | None = None) -> WorkerRuntime:
     """Pin, build the checkpoint if the demo asks for it, load the engine, start the lease
     keeper. `threads`: the task threads actually started (-c overrides num_workers)."""
+    set_gil_switch_interval()
     gpu_label = pin_gpu_group(config, gpus)
     import torch
 
