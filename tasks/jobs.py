@@ -29,6 +29,7 @@ from tasks.messages import job_ids_in
 from tasks.redis_client import OUTAGE_ERRORS
 
 if TYPE_CHECKING:
+    from tasks.front_trace import FrontTrace
     from tasks.streams import StreamPublisher
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,20 @@ def run_jobs(runtime: Any, job_ids: list[str], batch_id: str,
     # per worker, looked up once per message).
     streams = publisher_for(runtime)
     _wait_for_room(runtime, len(job_ids), priority, delivery_tag)
-    # Timed only where traced: high messages, with TIDEQ_FRONT_TRACE set.
-    trace = runtime.front_trace if priority == keys.QUEUE_HIGH else None
+    if priority == keys.QUEUE_HIGH:
+        return _start_and_hand_over(runtime, job_ids, batch_id, message_request, streams,
+                                    runtime.front_trace)
+    # One low message starts at a time (WorkerRuntime.low_starts says why).
+    with runtime.low_starts:
+        return _start_and_hand_over(runtime, job_ids, batch_id, message_request, streams, None)
+
+
+def _start_and_hand_over(runtime: Any, job_ids: list[str], batch_id: str,
+                         message_request: dict[str, Any] | None,
+                         streams: StreamPublisher | None,
+                         trace: FrontTrace | None) -> dict[str, str]:
+    """Start the message's jobs and hand each to the engine; `trace` (high messages, with
+    TIDEQ_FRONT_TRACE set) times the two."""
     t_start = time.time() if trace is not None else 0.0
     jobs, outcomes = _start(runtime, job_ids, batch_id, message_request, streams)
     t_started = time.time() if trace is not None else 0.0

@@ -235,6 +235,57 @@ def test_a_low_message_waits_with_its_jobs_queued_and_a_high_one_does_not(
         assert states(producer, waiting) == ["done"]
 
 
+class StallingEngine(HeldEngine):
+    """A HeldEngine whose submit of one chosen job stalls until the test lets it go, as a
+    low message's start that takes long (tokenising, a slow round trip) would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stall_id = ""
+        self.stalled = threading.Event()
+        self.go_on = threading.Event()
+
+    def submit(self, request: Any, on_text: Any = None) -> Future[Completion]:
+        if request.request_id == self.stall_id:
+            self.stalled.set()
+            assert self.go_on.wait(PATIENCE_S)
+        return super().submit(request, on_text)
+
+
+def test_low_messages_start_one_at_a_time_and_a_high_one_passes_them(
+        tmp_path, redis_url, make_runtime):
+    engine = StallingEngine()
+    runtime = make_runtime()
+    runtime.engine = engine
+    with Producer(runtime.config) as producer:
+        first, second = (submit(producer, tmp_path, 1, "low") for _ in range(2))
+        high = submit(producer, tmp_path, 1, "high")
+        (first_id,), (second_id,), (high_id,) = (job_ids(producer, b) for b in
+                                                 (first, second, high))
+        engine.stall_id = first_id
+        outcomes: dict[str, str] = {}
+        starts = [threading.Thread(target=lambda b=b, j=j: outcomes.update(run_jobs(
+            runtime, [j], b))) for b, j in ((first, first_id), (second, second_id))]
+        starts[0].start()
+        assert engine.stalled.wait(PATIENCE_S)
+        starts[1].start()
+        # The second low message is past the gate (its job counted in flight) but does not
+        # start while the first one's start is under way.
+        eventually(lambda: runtime.gate.in_flight == 2, "the second low message at the gate")
+        assert run_jobs(runtime, [high_id], high, priority="high") == {high_id: "running"}
+        assert states(producer, second) == ["queued"]
+        assert second_id not in engine.live() and starts[1].is_alive()
+
+        engine.go_on.set()
+        for thread in starts:
+            thread.join(PATIENCE_S)
+        assert outcomes == {first_id: "running", second_id: "running"}
+        for job_id in (first_id, second_id, high_id):
+            engine.finish(job_id)
+        eventually(lambda: runtime.gate.in_flight == 0, "every job to leave the gate")
+        assert [states(producer, b) for b in (first, second, high)] == [["done"]] * 3
+
+
 def test_the_drain_finishes_the_jobs_in_flight_before_the_engine_stops(
         tmp_path, redis_url, engine, make_runtime):
     runtime = make_runtime()
