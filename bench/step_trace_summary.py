@@ -102,7 +102,12 @@ def summarize(record: dict[str, Any], steps: list[dict[str, Any]],
         if spanned:
             jobs.append({"job": i, "latency_s": latency, "steps": len(spanned),
                          "period_ms": 1e3 * latency / len(spanned),
-                         "mixed_steps": sum(1 for s in spanned if s["prefill"])})
+                         "mixed_steps": sum(1 for s in spanned if s["prefill"]),
+                         # what made a slow job's steps slow: more rows, more prefill, or
+                         # one long step
+                         "decode_rows_mean": statistics.fmean(s["decode"] for s in spanned),
+                         "prefill_tokens": sum(s["prefill"] for s in spanned),
+                         "slowest_step_ms": max(s["ms"] for s in spanned)})
     jobs.sort(key=lambda j: -j["latency_s"])
     edges = high_jobs_in_engine(flood, interval,
                                 [s for s in steps if t0 - interval <= s["t"] <= t1 + 1.0])

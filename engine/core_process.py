@@ -31,6 +31,7 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.core.backend import GenerationBackend, StepOutput
+from engine.core.collector import FullCollections
 from engine.request import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ def rank_main(config: EngineConfig, rank: int, world: int, port: int,
     # What exists now (the model's modules, the captured graphs, the tokenizer) lives as long
     # as the process.
     freeze_start_up_heap()
+    if hasattr(backend, "collector"):  # the native backend: steps that high work waits on
+        backend.collector = FullCollections.install()
     code = 0
     try:
         if rank == 0:

@@ -20,6 +20,7 @@ import torch
 from engine.checkpoint import eos_token_ids
 from engine.config import EngineConfig
 from engine.core.backend import GenerationBackend, StepOutput
+from engine.core.collector import FullCollections
 from engine.core.kv_cache import BlockManager
 from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.core.sequence import Sequence
@@ -128,6 +129,9 @@ class NativeBackend(GenerationBackend):
         # Rank 0 traces the group's steps (every rank makes the same ones).
         self.trace = StepTrace.from_env() if self.group.rank == 0 else None
         self._waited = 0.0  # traced: seconds this step call waited for the device
+        # Set by a rank process (engine/core_process.py): runs its full garbage collections
+        # after steps without high work. None: CPython's own schedule (a core in a thread).
+        self.collector: FullCollections | None = None
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, priority: int
@@ -180,6 +184,9 @@ class NativeBackend(GenerationBackend):
         if self.trace is not None and not out.is_empty:
             self.trace.record(started, launched_at, self._waited, time.time(), out,
                               self.scheduler)
+        if self.collector is not None and not out.is_empty:
+            # After the launch: the device has this step to run meanwhile.
+            self.collector.after_step(self.scheduler.high_work)
         return outputs
 
     def drain(self) -> list[StepOutput]:

@@ -170,6 +170,10 @@ class Scheduler:
         self.lane_linger_steps = lane_linger_steps
         # Steps the lane still holds for without high work (counted down by _low_lane).
         self._lane_lingers = 0
+        # Whether the last schedule() had high work in it, waiting, or left only lane_linger_steps
+        # steps ago (the fast lane's limits applied, when set): what a full garbage collection
+        # (engine/core/collector.py) waits out.
+        self.high_work = False
         self.waiting: list[Sequence] = []  # kept sorted by Sequence.sort_key
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
@@ -369,7 +373,9 @@ class Scheduler:
         elif self._lane_lingers > 0:
             self._lane_lingers -= 1
         else:
+            self.high_work = False
             return _LowLane(None, None)
+        self.high_work = True
         return _LowLane(self.low_seqs_while_high, self.low_tokens_while_high)
 
     def _admit(self, budget: int, out: SchedulerOutput, lane: _LowLane) -> int:

@@ -13,13 +13,16 @@ Fields: `t` start (s since the epoch), `ms` duration, `launch_ms` of it spent sc
 launching the step, `wait_ms` of it blocked on the device for the step before's tokens (near
 zero when the host, not the device, sets the pace), `tokens` computed, `decode` one-token
 chunks, `prefill` tokens of longer chunks, `high` chunks of priority-0 sequences, `running`
-and `waiting` sequences after the step.
+and `waiting` sequences after the step, `gc_ms` spent collecting garbage in this process since
+the step before's line (`gc_gen`: the oldest generation collected, -1 none).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +51,19 @@ class StepTrace:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lines: list[str] = []
+        # Garbage collections in this process since the last record: their pause and the
+        # oldest generation collected (-1: none).
+        self._gc_ms = 0.0
+        self._gc_gen = -1
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        self._gc_ms += 1e3 * (time.perf_counter() - self._gc_started)
+        self._gc_gen = max(self._gc_gen, info["generation"])
 
     @classmethod
     def from_env(cls) -> StepTrace | None:
@@ -70,7 +86,9 @@ class StepTrace:
             "wait_ms": round(1e3 * waited, 3),
             "tokens": decode + prefill, "decode": decode, "prefill": prefill, "high": high,
             "running": len(scheduler.running), "waiting": len(scheduler.waiting),
+            "gc_ms": round(self._gc_ms, 3), "gc_gen": self._gc_gen,
         }))
+        self._gc_ms, self._gc_gen = 0.0, -1
         if len(self._lines) >= FLUSH_EVERY:
             self.flush()
 

@@ -418,13 +418,18 @@ def test_the_lane_lingers_for_its_steps_after_high_work_leaves() -> None:
     for i in range(5):
         add(sched, f"low{i}", 3, max_tokens=40)
     step(sched)
+    assert not sched.high_work
     add(sched, "high", 3, priority=0, max_tokens=2)
     while "high" in sched.seqs:
         step(sched)
-    # Gone, and for three more steps low work keeps to the lane; then full width again.
+        assert sched.high_work
+    # Gone, and for three more steps low work keeps to the lane (high work still counts as
+    # present for a garbage collection to wait out); then full width again.
     for _ in range(3):
         assert sorted(scheduled_ids(step(sched))) == ["low0", "low1"]
+        assert sched.high_work
     assert len(step(sched).chunks) == 5
+    assert not sched.high_work
     # A high job arriving while the lane lingers restarts the count.
     add(sched, "high2", 3, priority=0, max_tokens=2)
     while "high2" in sched.seqs:
