@@ -77,6 +77,8 @@ WORKLOADS = ("system", "reliability", "scale", "priority")  # the order of --wor
 WORKLOAD_IDS = {"system": "W-system", "scale": "W-scale", "priority": "W-priority",
                 "reliability": "reliability"}
 MODELS = ("tiny", "1b", "8b", "config")
+# W-priority: prompts made before the flood for its top-up, in floods' worth.
+FLOOD_RESERVE = 3
 STRATEGIES = ("priority", "even")  # priority first: its file is the one the target is about
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "gpu-1x.yaml"
 
@@ -1370,6 +1372,9 @@ def run_priority(ctx: Context) -> None:
                                             "high_only_workers": high_only}, workers=n)
             warm = warm_files(ctx, key, n)
             flood = ctx.prompt_file(f"{key}-flood", s.flood_jobs * n)
+            # Made now: making prompts during the flood's lead took 8-15 s, in which the
+            # workers drained the queue below what the window needs.
+            reserve = ctx.prompt_file(f"{key}-flood-reserve", FLOOD_RESERVE * s.flood_jobs * n)
             idle_files = high_files(ctx, f"{key}-high-idle")
             flood_files = high_files(ctx, f"{key}-high-flood")
             rec["settings"] = settings(ctx, config, warm=warm[0], flood=flood, num_gpus=n,
@@ -1388,8 +1393,8 @@ def run_priority(ctx: Context) -> None:
                     log(f"  idle: high p50 {idle['latency_s'].get('p50') or 0:.3f}s, p99 "
                         f"{idle['latency_s'].get('p99') or 0:.3f}s")
                     ctx.check_budget("the flood", 20.0)
-                    details["flood"] = flood_phase(ctx, producer, key, flood, flood_batches,
-                                                   idle)
+                    details["flood"] = flood_phase(ctx, producer, key, flood, reserve,
+                                                   flood_batches, idle)
                     under = high_series(ctx, producer, flood_files, f"{key}-flood")
                     details["under_flood"] = under
                     t0, t1 = under["window"]
@@ -1442,10 +1447,11 @@ def run_priority(ctx: Context) -> None:
                 ctx.save(key)
 
 
-def flood_phase(ctx: Context, producer: Any, key: str, flood: PromptFile,
+def flood_phase(ctx: Context, producer: Any, key: str, flood: PromptFile, reserve: PromptFile,
                 batches: list[str], idle: dict[str, Any]) -> dict[str, Any]:
     """Submit the low flood, let it run flood_lead_s, then make sure what is queued is at
-    least twice what the workers will finish in the high window (topping up once)."""
+    least twice what the workers will finish in the high window (topping up once, from the
+    `reserve` prompts made beforehand)."""
     from tasks import keys
 
     s = ctx.sizes
@@ -1464,13 +1470,18 @@ def flood_phase(ctx: Context, producer: Any, key: str, flood: PromptFile,
     out = {"jobs": flood.jobs, "lead_s": time.monotonic() - t0, "low_jobs_per_s_lead": rate,
            "window_estimate_s": window, "queued_needed": need, "topped_up": 0}
     if st.count("queued") < need:
-        # What is missing and a margin of a tenth of the flood (prompts take seconds to make).
-        extra = ctx.prompt_file(f"{key}-flood-extra",
-                                int(need - st.count("queued")) + flood.jobs // 10 + 1)
+        # What is missing and a margin of a tenth of the flood, cut from the reserve (a copy
+        # of its first lines takes milliseconds).
+        wanted = int(need - st.count("queued")) + flood.jobs // 10 + 1
+        taken = min(wanted, reserve.jobs)
+        extra = reserve.path.with_name(f"{key}-flood-extra.jsonl")
+        with reserve.path.open(encoding="utf-8") as src, extra.open("w", encoding="utf-8") as f:
+            f.writelines(line for _, line in zip(range(taken), src, strict=False))
         batch = f"{first}-extra"
-        producer.submit(extra.path, priority=keys.QUEUE_LOW, batch_id=batch)
+        producer.submit(extra, priority=keys.QUEUE_LOW, batch_id=batch)
         batches.append(batch)
-        out["topped_up"] = extra.jobs
+        out["topped_up"] = taken
+        out["reserve_too_small"] = wanted > reserve.jobs
     out["queued_at_start"] = sum(producer.status(b).count("queued") for b in batches)
     return out
 
