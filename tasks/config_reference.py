@@ -29,7 +29,10 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from engine.core import collector as core_gc
+from engine.core import step_trace
 from tasks import config as config_module
+from tasks import front_trace, worker
 from tasks.config import DeploymentConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +54,28 @@ ENVIRONMENT = (
     (
         config_module.REDIS_URL_ENV,
         "When set, replaces `redis.url` of whichever configuration was loaded.",
+    ),
+    (
+        worker.GIL_SWITCH_ENV,
+        f"A worker's GIL switch interval in milliseconds (default"
+        f" {worker.GIL_SWITCH_INTERVAL_S * 1000:g}; CPython's own is 5): how long a thread"
+        " running Python code keeps the GIL while a thread woken by its socket waits.",
+    ),
+    (
+        core_gc.GC_ENV,
+        "`auto`: an engine rank process collects its oldest generation of garbage when"
+        " CPython's counts say, not after steps without high work (the default, `steps`;"
+        " engine/core/collector.py).",
+    ),
+    (
+        step_trace.TRACE_ENV,
+        "A directory: every engine core writes one JSON line a step to `steps-<pid>.jsonl`"
+        " there (bench/step_trace_summary.py reads it). Set only while looking.",
+    ),
+    (
+        front_trace.TRACE_ENV,
+        "A directory: every worker writes one JSON line per high message (started, handed to"
+        " the engine) to `front-<pid>.jsonl` there. Set only while looking.",
     ),
 )
 
