@@ -91,8 +91,8 @@ def check_argmax(device: str) -> None:
 def test_kernels_match_torch_on_cpu_interpreter() -> None:
     run_in_interpreter(
         __file__,
-        "t.check_gemv('cpu', torch.float32); t.check_gemv('cpu', torch.bfloat16);"
-        "t.check_argmax('cpu')",
+        "t.check_gemv('cpu', torch.float32); t.check_argmax('cpu')",
+        "t.check_gemv('cpu', torch.bfloat16)",
     )
 
 

@@ -450,7 +450,8 @@ def test_tensor_parallel_fused_kernels_and_steps_launched_ahead(
     path = checkpoint("llama")
     run_in_interpreter(
         __file__,
-        f"t.check_fast_path({str(path)!r}, {str(tmp_path)!r}, {async_scheduling})", 280)
+        f"t.check_fast_path({str(path)!r}, {str(tmp_path)!r}, {async_scheduling})",
+        timeout=280)
 
 
 def test_a_closed_backend_drops_its_graphs_and_still_serves(

@@ -49,21 +49,28 @@ def make_chunks(
     return chunks
 
 
-def check_against_torch(device: str, dtype: torch.dtype, atol: float) -> None:
-    """Every step of STEPS, every layout in the loop, compared with TorchPagedAttention; both
-    also with the step's keys and values already in the cache (k = v = None); the Triton one
-    launched twice, which must leave its split counters zero and give the same result."""
+# (query heads, key/value heads, head dim, sliding window)
+LAYOUTS: list[tuple[int, int, int, int | None]] = [
+    (8, 2, 32, None),  # GQA group of 4
+    (4, 4, 16, None),  # no grouping
+    (6, 2, 24, 7),  # group of 3, head_dim not a power of 2, sliding window
+    (6, 2, 24, 600),  # a window wide enough to split
+]
+
+
+def check_against_torch(device: str, dtype: torch.dtype, atol: float,
+                        layouts: list[int] | None = None) -> None:
+    """Every step of STEPS, for each of LAYOUTS (or those at the indices given), compared with
+    TorchPagedAttention; both also with the step's keys and values already in the cache
+    (k = v = None); the Triton one launched twice, which must leave its split counters zero
+    and give the same result."""
     from engine.layers.attention import TritonPagedAttention
 
     dev = torch.device(device)
-    gen = torch.Generator().manual_seed(0)
     block_size = 4
-    for num_heads, num_kv_heads, head_dim, window in [
-        (8, 2, 32, None),  # GQA group of 4
-        (4, 4, 16, None),  # no grouping
-        (6, 2, 24, 7),  # group of 3, head_dim not a power of 2, sliding window
-        (6, 2, 24, 600),  # a window wide enough to split
-    ]:
+    for index in range(len(LAYOUTS)) if layouts is None else layouts:
+        num_heads, num_kv_heads, head_dim, window = LAYOUTS[index]
+        gen = torch.Generator().manual_seed(index)
         num_blocks = 4096
         cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
         k_cache = torch.randn(cache_shape, generator=gen).to(dev, dtype)
@@ -101,7 +108,9 @@ def test_a_step_has_more_prefill_tiles_than_programs() -> None:
 
 
 def test_triton_matches_torch_on_cpu_interpreter() -> None:
-    run_in_interpreter(__file__, "t.check_against_torch('cpu', torch.float32, 1e-4)")
+    # The layouts in two processes, side by side.
+    run_in_interpreter(__file__, "t.check_against_torch('cpu', torch.float32, 1e-4, [0, 1])",
+                       "t.check_against_torch('cpu', torch.float32, 1e-4, [2, 3])")
 
 
 @pytest.mark.gpu
