@@ -160,7 +160,9 @@ class Sizes:
 # --quick: the same code paths in seconds on a CPU (the smoke test).
 QUICK = Sizes(jobs=16, max_tokens=8, warmup_jobs=4, max_warmups=1, reps=1, high_jobs=6,
               high_interval_s=0.05, high_prompt_tokens=32, flood_jobs=64, flood_lead_s=1.0,
-              reliability_jobs=32, reliability_tokens=8)
+              # 32 tokens a job: with 8 the warm worker could finish all 32 jobs between two
+              # of the kill's polls on a loaded machine, and --kill-worker then killed nothing.
+              reliability_jobs=32, reliability_tokens=32)
 
 
 # --- processes -------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def test_quick_cpu_run_writes_system_and_reliability(
     assert rel["ratios"]["done_fraction"] == 1.0 and rel["project"] > 0
     assert rel["stuck"]["queue_lengths"] == {"high": 0, "low": 0}
     kill = rel["details"]["kill"]
-    assert kill["new_worker_ready_s"] > 0
+    assert kill.get("new_worker_ready_s", 0) > 0, kill  # a worker was killed and replaced
     if kill["killed_jobs"]:  # jobs were running when the worker died: all ran again
         assert rel["recovery_s"] > 0 and kill["killed_not_rerun"] == []
         assert kill["killed_with_deliveries"] == kill["killed_jobs"]
