@@ -1490,7 +1490,7 @@ def flood_phase(ctx: Context, producer: Any, key: str, flood: PromptFile, reserv
 
 # --- the run ---------------------------------------------------------------------------------
 def settings(ctx: Context, config: Path, **extra: Any) -> dict[str, Any]:
-    from tasks.worker import GIL_SWITCH_ENV, GIL_SWITCH_INTERVAL_S
+    from tasks.worker import gil_switch_interval
 
     out: dict[str, Any] = {
         "config_source": str(ctx.args.config), "config": yaml.safe_load(config.read_text()),
@@ -1498,9 +1498,9 @@ def settings(ctx: Context, config: Path, **extra: Any) -> dict[str, Any]:
                " job is checked to return max_tokens tokens (short_outputs)",
         "greedy": True, "time_budget_s": ctx.args.time_budget, "seed": ctx.args.seed,
         "quick": ctx.args.quick,
-        # The workers' GIL switch interval: tasks.worker's default unless the environment
-        # overrides it for a comparison.
-        "gil_switch_ms": float(os.environ.get(GIL_SWITCH_ENV) or GIL_SWITCH_INTERVAL_S * 1000),
+        # The workers' GIL switch interval (they inherit this environment): the default
+        # unless $TIDEQ_GIL_SWITCH_MS overrides it for a comparison.
+        "gil_switch_ms": gil_switch_interval() * 1000,
     }
     for k, v in extra.items():
         out[k] = v.stats() if isinstance(v, PromptFile) else (

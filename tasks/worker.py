@@ -139,19 +139,25 @@ def engine_config_for(config: DeploymentConfig) -> Any:
     )
 
 
-def set_gil_switch_interval(environ: Mapping[str, str] | None = None) -> float:
-    """Set this process's GIL switch interval (GIL_SWITCH_INTERVAL_S, or $TIDEQ_GIL_SWITCH_MS
-    in milliseconds); returns it in seconds."""
+def gil_switch_interval(environ: Mapping[str, str] | None = None) -> float:
+    """The GIL switch interval a worker runs with, in seconds: GIL_SWITCH_INTERVAL_S, or
+    $TIDEQ_GIL_SWITCH_MS (milliseconds, in (0, 1000])."""
     raw = (os.environ if environ is None else environ).get(GIL_SWITCH_ENV, "").strip()
-    seconds = GIL_SWITCH_INTERVAL_S
-    if raw:
-        try:
-            seconds = float(raw) / 1000.0
-        except ValueError:
-            seconds = -1.0
-        if not 0.0 < seconds <= 1.0:
-            raise ConfigError(f"${GIL_SWITCH_ENV}: {raw!r} is not a number of milliseconds"
-                              " in (0, 1000]")
+    if not raw:
+        return GIL_SWITCH_INTERVAL_S
+    try:
+        seconds = float(raw) / 1000.0
+    except ValueError:
+        seconds = -1.0
+    if not 0.0 < seconds <= 1.0:
+        raise ConfigError(f"${GIL_SWITCH_ENV}: {raw!r} is not a number of milliseconds"
+                          " in (0, 1000]")
+    return seconds
+
+
+def set_gil_switch_interval(environ: Mapping[str, str] | None = None) -> float:
+    """Set this process's GIL switch interval (gil_switch_interval); returns it in seconds."""
+    seconds = gil_switch_interval(environ)
     sys.setswitchinterval(seconds)
     return seconds
 
