@@ -93,9 +93,10 @@ class EngineSettings(_Strict):
     # With gpu_allocation_strategy "priority": while a high job runs or waits, low jobs
     # compute in at most this share of the running slots each step (the others keep their
     # place and sit the step out; a high job that finds every slot taken preempts one of
-    # them); 1: no limit. Off by default: on an H200 (1b, batch 256), 0.25 with 512 tokens
-    # brought a high job to 1.9x its idle latency (p50; p99 2.1x, against 4.6x and 6.3x with
-    # `even`) and kept low at 0.62 of `even` (README, Benchmarks).
+    # them); 1: no limit. Off by default; the shipped GPU configs set 0.26: on an H200 (1b,
+    # batch 256) 0.26 with 512 tokens held a high job to 1.87x its idle latency (p50; p99
+    # 1.88-1.93x, against 5.2-5.3x with `even`) and kept low at 0.62 of `even` (README,
+    # Benchmarks). A wider lane gives low more and high less.
     low_fraction_while_high: float = Field(default=1.0, gt=0, le=1)
     # With "priority": tokens low jobs may compute in one step while high work is present;
     # 0: no limit.

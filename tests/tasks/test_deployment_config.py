@@ -26,6 +26,23 @@ def test_shipped_configs_load(name):
     load_config(REPO / "configs" / name)
 
 
+def test_the_shipped_gpu_configs_give_their_engines_the_measured_lane():
+    # The README's W-priority figures come from configs/gpu-1x.yaml run with `priority`: 66 of
+    # 256 slots and 512 tokens a step for low work while high work is present. `even` (the
+    # file as shipped, W-system) must not read the lane; gpu-4x-priority carries the same
+    # proportions at its batch of 128 on the workers that take low jobs.
+    one = load_config(REPO / "configs" / "gpu-1x.yaml")
+    as_shipped = engine_config_for(one)
+    assert (as_shipped.low_seqs_while_high, as_shipped.low_tokens_while_high) == (None, None)
+    priority = engine_config_for(one.model_copy(update={"gpu_allocation_strategy": "priority"}))
+    assert (priority.max_num_seqs, priority.low_seqs_while_high,
+            priority.low_tokens_while_high) == (256, 66, 512)
+    four = engine_config_for(load_config(REPO / "configs" / "gpu-4x-priority.yaml"))
+    assert (four.max_num_seqs, four.low_seqs_while_high, four.low_tokens_while_high) == (
+        128, 33, 256)
+    assert four.reserved_high_slots == 32
+
+
 def test_defaults_equal_the_default_yaml():
     # The CPU demo names gloo (no NCCL without GPUs); every other value is the default, the
     # model path resolved against the file's folder as every relative path in a config is.
