@@ -1340,6 +1340,17 @@ def low_in_window(producer: Any, batches: list[str], t0: float, t1: float) -> di
             "jobs_per_s": jobs / span if span > 0 else None}
 
 
+def high_only_workers_for(strategy: str, asked: int | None, config_data: dict[str, Any]) -> int:
+    """W-priority's high-only workers for one strategy: none with `even` (the config refuses
+    them there); with `priority`, --high-only-workers when given, else the config's own, so
+    that a deployment such as configs/gpu-4x-priority.yaml runs as shipped."""
+    if strategy != "priority":
+        return 0
+    if asked is not None:
+        return asked
+    return int(config_data.get("high_only_workers", 0))
+
+
 def strategy_list(text: str) -> tuple[str, ...]:
     """--strategies: "priority,even" -> ("priority", "even"), each a known strategy, in the
     order given."""
@@ -1369,7 +1380,8 @@ def run_priority(ctx: Context) -> None:
             if n > ctx.device_count:
                 raise NotOnThisMachine(f"{n} GPUs asked, {ctx.device_count} present")
             ctx.check_budget(f"W-priority ({strategy})")
-            high_only = ctx.args.high_only_workers if strategy == "priority" else 0
+            high_only = high_only_workers_for(strategy, ctx.args.high_only_workers,
+                                              ctx.config_data)
             config = ctx.write_config(key, {"gpu_allocation_strategy": strategy,
                                             "high_only_workers": high_only}, workers=n)
             warm = warm_files(ctx, key, n)
@@ -1592,8 +1604,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--strategies", type=strategy_list, default=STRATEGIES,
                    help="W-priority: gpu_allocation_strategy values to run, comma-separated"
                    " (default priority,even; low_throughput_vs_even needs both)")
-    p.add_argument("--high-only-workers", type=int, default=0,
-                   help="W-priority, strategy priority: workers that serve only high")
+    p.add_argument("--high-only-workers", type=int, default=None,
+                   help="W-priority, strategy priority: workers that serve only high"
+                        " (default: the config's high_only_workers, so a deployment runs as"
+                        " shipped)")
     p.add_argument("--kill-worker", action="store_true",
                    help="reliability: kill -9 the worker mid-run and start a new one")
     p.add_argument("--reliability-timeout", type=float, default=600.0)

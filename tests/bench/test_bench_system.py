@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.bench_system import group_members, percentile, summarize_jobs
+from bench.bench_system import (
+    group_members,
+    high_only_workers_for,
+    percentile,
+    summarize_jobs,
+)
 from tasks.store import JobRecord
 from tests.redis_proc import RedisProcess
 
@@ -195,3 +200,13 @@ def test_the_bench_s_lane_configs_are_the_shipped_one_with_a_lane(name: str) -> 
     keys = {"low_fraction_while_high", "low_tokens_while_high"}
     assert lane.engine.model_dump(exclude=keys) == shipped.engine.model_dump(exclude=keys)
     assert lane.model_dump(exclude={"engine"}) == shipped.model_dump(exclude={"engine"})
+
+
+def test_w_priority_runs_a_deployment_s_high_only_workers_as_shipped() -> None:
+    import yaml
+
+    shipped = yaml.safe_load((REPO_ROOT / "configs" / "gpu-4x-priority.yaml").read_text())
+    assert high_only_workers_for("priority", None, shipped) == shipped["high_only_workers"] == 1
+    assert high_only_workers_for("priority", 0, shipped) == 0  # asked for on the command line
+    assert high_only_workers_for("even", None, shipped) == 0  # `even` refuses them
+    assert high_only_workers_for("priority", None, {}) == 0
