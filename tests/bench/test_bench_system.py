@@ -206,7 +206,10 @@ def test_w_priority_runs_a_deployment_s_high_only_workers_as_shipped() -> None:
     import yaml
 
     shipped = yaml.safe_load((REPO_ROOT / "configs" / "gpu-4x-priority.yaml").read_text())
-    assert high_only_workers_for("priority", None, shipped) == shipped["high_only_workers"] == 1
-    assert high_only_workers_for("priority", 0, shipped) == 0  # asked for on the command line
-    assert high_only_workers_for("even", None, shipped) == 0  # `even` refuses them
+    isolated = {**shipped, "high_only_workers": 1}
+    assert high_only_workers_for("priority", None, isolated) == 1
+    assert high_only_workers_for("priority", None, shipped) == 0
+    assert high_only_workers_for("priority", 0, isolated) == 0  # asked for on the command line
+    assert high_only_workers_for("priority", 2, shipped) == 2
+    assert high_only_workers_for("even", None, isolated) == 0  # `even` refuses them
     assert high_only_workers_for("priority", None, {}) == 0

@@ -28,19 +28,21 @@ def test_shipped_configs_load(name):
 
 def test_the_shipped_gpu_configs_give_their_engines_the_measured_lane():
     # The README's W-priority figures come from configs/gpu-1x.yaml run with `priority`: 66 of
-    # 256 slots and 512 tokens a step for low work while high work is present. `even` (the
-    # file as shipped, W-system) must not read the lane; gpu-4x-priority carries the same
-    # proportions at its batch of 128 on the workers that take low jobs.
+    # 256 slots and 512 tokens a step for low work while high work is present, 64 slots
+    # reserved. `even` (the file as shipped, W-system) must not read the lane; each worker of
+    # gpu-4x-priority is that same measured deployment.
     one = load_config(REPO / "configs" / "gpu-1x.yaml")
     as_shipped = engine_config_for(one)
     assert (as_shipped.low_seqs_while_high, as_shipped.low_tokens_while_high) == (None, None)
-    priority = engine_config_for(one.model_copy(update={"gpu_allocation_strategy": "priority"}))
-    assert (priority.max_num_seqs, priority.low_seqs_while_high,
-            priority.low_tokens_while_high) == (256, 66, 512)
-    four = engine_config_for(load_config(REPO / "configs" / "gpu-4x-priority.yaml"))
-    assert (four.max_num_seqs, four.low_seqs_while_high, four.low_tokens_while_high) == (
-        128, 33, 256)
-    assert four.reserved_high_slots == 32
+    measured = one.model_copy(update={"gpu_allocation_strategy": "priority"})
+    priority = engine_config_for(measured)
+    assert (priority.max_num_seqs, priority.reserved_high_slots, priority.low_seqs_while_high,
+            priority.low_tokens_while_high) == (256, 64, 66, 512)
+    four_config = load_config(REPO / "configs" / "gpu-4x-priority.yaml")
+    assert engine_config_for(four_config) == priority
+    assert four_config.model_dump(exclude={"num_gpus", "metrics_port"}) == measured.model_dump(
+        exclude={"num_gpus", "metrics_port"})
+    assert four_config.num_worker_groups == 4
 
 
 def test_defaults_equal_the_default_yaml():
