@@ -220,6 +220,8 @@ VARIANTS: dict[str, Variant] = {
                    shard_strategy="tensor", ranks=2),
     "tp4": Variant("fast, tensor parallel over 4 devices (shard_strategy='tensor')",
                    shard_strategy="tensor", ranks=4),
+    "tp8": Variant("fast, tensor parallel over 8 devices (shard_strategy='tensor')",
+                   shard_strategy="tensor", ranks=8),
     "tp2nccl": Variant("tp2 with every all-reduce on NCCL (custom_all_reduce=False)",
                        shard_strategy="tensor", ranks=2, custom_all_reduce=False),
     "layer2": Variant("layers split over 2 devices (shard_strategy='layer'; runs eagerly)",

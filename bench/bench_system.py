@@ -8,7 +8,10 @@
                  deployment config, the same prompts turned into the same requests): ratio
                  `vs_engine_alone`.
     W-scale      the same workload x N through the launcher (`python -m tasks.launch --config
-                 CFG --num_gpus N`), one file per N: ratio `vs_n_times_1gpu`.
+                 CFG --num_gpus N`), one file per N: ratio `vs_n_times_1gpu`. With
+                 --gpus-per-worker 1,2 also workers of two tensor-sharded GPUs at each N
+                 that two divides (`8gpu-tp2`): ratio `vs_single_gpu_workers`, against
+                 the one-GPU workers on the same N in the same run.
     W-priority   a `low` flood of at least twice what the workers finish in the measuring
                  window, then 50 `high` jobs (128-token prompt, 128 output tokens) one every
                  200 ms, each its own `Producer.submit`; the same 50 jobs on the idle workers
@@ -690,15 +693,22 @@ def start_worker(ctx: Context, config: Path, name: str) -> tuple[Managed, float]
 
 
 def start_launcher(ctx: Context, config: Path, n: int, name: str) -> tuple[Managed, float]:
-    """python -m tasks.launch --config CFG --num_gpus N: one pinned worker per GPU."""
+    """python -m tasks.launch --config CFG --num_gpus N: one pinned worker per GPU group."""
     proc = ctx.start(name, [sys.executable, "-m", "tasks.launch", "--config", str(config),
                             "--num_gpus", str(n)], ctx.child_env())
-    return proc, wait_ready(ctx, proc, n)
+    return proc, wait_ready(ctx, proc, worker_groups(config, n))
 
 
-def metrics_ports(config: Path, workers: int) -> list[int]:
+def worker_groups(config: Path, gpus: int) -> int:
+    """Workers the launcher starts on `gpus` GPUs with this config: one per gpus_per_worker."""
+    per_worker = int(yaml.safe_load(config.read_text()).get("gpus_per_worker") or 1)
+    return max(gpus // per_worker, 1)
+
+
+def metrics_ports(config: Path, gpus: int) -> list[int]:
+    """The workers' Prometheus ports (metrics_port + group index), one per worker group."""
     port = yaml.safe_load(config.read_text()).get("metrics_port")
-    return [] if port is None else [int(port) + g for g in range(workers)]
+    return [] if port is None else [int(port) + g for g in range(worker_groups(config, gpus))]
 
 
 def cli_submit(ctx: Context, config: Path, pf: PromptFile, batch_id: str,
@@ -953,7 +963,7 @@ def run_system(ctx: Context) -> None:
         log("W-system: one worker (celery -A tasks worker -Q high,low)")
         worker, ready_s = start_worker(ctx, config, "system-worker")
         details["worker_start_s"] = ready_s
-        run_worker_batches(ctx, rec, "system", config, worker, warm, reps, workers=1)
+        run_worker_batches(ctx, rec, "system", config, worker, warm, reps, gpus=1)
         ctx.shared_worker = (config, worker)
     except PhaseSkipped as err:
         rec["skipped"]["project"] = str(err)
@@ -989,14 +999,14 @@ def warm_up(ctx: Context, producer: Any, config: Path, files: list[PromptFile], 
 
 def run_worker_batches(ctx: Context, rec: dict[str, Any], key: str, config: Path,
                        proc: Managed, warm: list[PromptFile], reps: list[PromptFile],
-                       workers: int) -> None:
+                       gpus: int) -> None:
     """Warm-up batches, then the timed batches, each through `producer submit`; the figures
     go into rec (saved after every batch)."""
     from producer import Producer
     from tasks.config import load_config
 
     details = rec["details"]
-    sampler = Sampler(metrics_ports(config, workers), ctx.client).start()
+    sampler = Sampler(metrics_ports(config, gpus), ctx.client).start()
     try:
         with Producer(load_config(config)) as producer:
             details["warmups"], last = warm_up(ctx, producer, config, warm, key, sampler)
@@ -1202,33 +1212,53 @@ def reliability_checks(ctx: Context, records: list[Any], counts: dict[str, int],
 
 
 # --- W-scale ---------------------------------------------------------------------------------
+def scale_points(gpus_list: list[int], per_worker_list: list[int]) -> list[tuple[int, int]]:
+    """W-scale's (GPUs, GPUs per worker) runs, in order: every N with one GPU a worker first,
+    then the sharded groups (--gpus-per-worker) wherever N holds a whole number of them."""
+    return [(n, g) for g in sorted(set(per_worker_list)) for n in sorted(set(gpus_list))
+            if n % g == 0]
+
+
+def scale_key(n: int, per_worker: int) -> tuple[str, str]:
+    """W-scale's record key and file suffix: `scale4` / `4gpu` as always for one GPU a worker,
+    `scale8-tp2` / `8gpu-tp2` for workers of two GPUs each (tensor-sharded)."""
+    if per_worker == 1:
+        return f"scale{n}", f"{n}gpu"
+    return f"scale{n}-tp{per_worker}", f"{n}gpu-tp{per_worker}"
+
+
 def run_scale(ctx: Context) -> None:
-    figures: dict[int, float] = {}
+    figures: dict[tuple[int, int], float] = {}
     one_gpu_source = "launcher, N=1, this run"
-    for n in ctx.args.gpus_list:
-        key = f"scale{n}"
-        rec = ctx.record(key, "scale", n, "tokens/s", suffix=f"{n}gpu")
+    for n, per_worker in scale_points(ctx.args.gpus_list, ctx.args.gpus_per_worker):
+        key, suffix = scale_key(n, per_worker)
+        rec = ctx.record(key, "scale", n, "tokens/s", suffix=suffix,
+                         gpus_per_worker=per_worker, workers=n // per_worker)
         try:
             if not ctx.on_gpu:
                 raise NotOnThisMachine("W-scale needs GPUs (a CPU deployment runs one worker)")
             if n > ctx.device_count:
                 raise NotOnThisMachine(f"{n} GPUs asked, {ctx.device_count} present")
             ctx.check_budget(f"W-scale N={n}")
-            warm, reps = system_prompts(ctx, f"scale{n}", scale=n)
-            config = ctx.write_config(key, workers=n)
+            warm, reps = system_prompts(ctx, key, scale=n)
+            # One GPU a worker, or sharded model groups with the model split over their GPUs.
+            overrides = {"gpus_per_worker": per_worker,
+                         "model_shard_strategy": "tensor" if per_worker > 1 else "none"}
+            config = ctx.write_config(key, overrides, workers=n)
             rec["settings"] = settings(ctx, config, warm=warm[0], reps=reps, num_gpus=n)
             ctx.flush()
-            log(f"W-scale N={n}: python -m tasks.launch --num_gpus {n}")
-            proc, ready_s = start_launcher(ctx, config, n, f"scale{n}-launcher")
+            log(f"W-scale N={n}, {per_worker} GPU(s) a worker: python -m tasks.launch"
+                f" --num_gpus {n}")
+            proc, ready_s = start_launcher(ctx, config, n, f"{key}-launcher")
             rec["details"]["workers_start_s"] = ready_s
             try:
-                run_worker_batches(ctx, rec, key, config, proc, warm, reps, workers=n)
+                run_worker_batches(ctx, rec, key, config, proc, warm, reps, gpus=n)
             finally:
                 proc.stop()
                 ctx.flush()
             rec["project"] = median_of(rec["details"]["runs"], "tokens_per_s")
             if rec["project"] is not None:
-                figures[n] = rec["project"]
+                figures[(n, per_worker)] = rec["project"]
         except NotOnThisMachine as err:
             del ctx.records[key]
             log(f"W-scale N={n}: not run ({err}); no file written")
@@ -1243,7 +1273,7 @@ def run_scale(ctx: Context) -> None:
             traceback.print_exc()
             rec["errors"]["project"] = f"{type(err).__name__}: {err}"[:3000]
         finally:
-            one = figures.get(1)
+            one = figures.get((1, 1))
             if one is None and "system" in ctx.records:
                 one = ctx.records["system"][0].get("project")
                 one_gpu_source = "W-system (one worker started by hand), this run"
@@ -1252,6 +1282,11 @@ def run_scale(ctx: Context) -> None:
                     rec["peers"]["one_gpu"] = one
                     rec["ratios"]["vs_n_times_1gpu"] = rec["project"] / (n * one)
                     rec["one_gpu_source"] = one_gpu_source
+                single = figures.get((n, 1))
+                if per_worker > 1 and single and rec["project"] is not None:
+                    # The same N GPUs as one-GPU workers, earlier in this run.
+                    rec["peers"]["single_gpu_workers"] = single
+                    rec["ratios"]["vs_single_gpu_workers"] = rec["project"] / single
                 ctx.save(key)
 
 
@@ -1599,6 +1634,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flush-redis", action="store_true",
                    help="on a machine without CUDA: flush the database even if not empty")
     p.add_argument("--gpus-list", default="1,2", help="W-scale: GPU counts (default 1,2)")
+    p.add_argument("--gpus-per-worker", default="1",
+                   help="W-scale: GPUs a worker, comma list (default 1); 2 adds, at every N"
+                        " it divides, workers of two tensor-sharded GPUs, compared with the"
+                        " one-GPU workers on the same N")
     p.add_argument("--priority-gpus", type=int, default=1,
                    help="W-priority: GPUs of the deployment (default 1)")
     p.add_argument("--strategies", type=strategy_list, default=STRATEGIES,
@@ -1645,6 +1684,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown workload(s) {bad}; choose from {list(WORKLOADS)} or all")
     args.workloads = list(dict.fromkeys(names))  # in the order given
     args.gpus_list = sorted({int(x) for x in args.gpus_list.split(",") if x.strip()})
+    args.gpus_per_worker = sorted({int(x) for x in args.gpus_per_worker.split(",") if x.strip()})
+    if not args.gpus_per_worker or min(args.gpus_per_worker) < 1:
+        p.error("--gpus-per-worker: a comma list of GPU counts >= 1")
     base = QUICK if args.quick else Sizes()
     overrides = {k: getattr(args, k) for k in ("jobs", "max_tokens", "prompt_min", "prompt_max",
                                                "warmup_jobs", "max_warmups", "reps",

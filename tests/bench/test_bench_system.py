@@ -18,8 +18,12 @@ import yaml
 from bench.bench_system import (
     group_members,
     high_only_workers_for,
+    metrics_ports,
     percentile,
+    scale_key,
+    scale_points,
     summarize_jobs,
+    worker_groups,
 )
 from tasks.store import JobRecord
 from tests.redis_proc import RedisProcess
@@ -203,8 +207,6 @@ def test_the_bench_s_lane_configs_are_the_shipped_one_with_a_lane(name: str) -> 
 
 
 def test_w_priority_runs_a_deployment_s_high_only_workers_as_shipped() -> None:
-    import yaml
-
     shipped = yaml.safe_load((REPO_ROOT / "configs" / "gpu-4x-priority.yaml").read_text())
     isolated = {**shipped, "high_only_workers": 1}
     assert high_only_workers_for("priority", None, isolated) == 1
@@ -213,3 +215,22 @@ def test_w_priority_runs_a_deployment_s_high_only_workers_as_shipped() -> None:
     assert high_only_workers_for("priority", 2, shipped) == 2
     assert high_only_workers_for("even", None, isolated) == 0  # `even` refuses them
     assert high_only_workers_for("priority", None, {}) == 0
+
+
+def test_w_scale_runs_sharded_groups_after_the_one_gpu_workers_they_are_read_against() -> None:
+    # Issue-13 shape: one-GPU workers on 1 and 8 GPUs, then four workers of two GPUs on 8.
+    assert scale_points([8, 1], [2, 1]) == [(1, 1), (8, 1), (8, 2)]
+    assert scale_points([1, 2, 3], [2]) == [(2, 2)]  # a group must fit whole
+    assert scale_key(4, 1) == ("scale4", "4gpu")  # the one-GPU files keep their names
+    assert scale_key(8, 2) == ("scale8-tp2", "8gpu-tp2")
+
+
+def test_the_launcher_s_workers_are_counted_in_gpu_groups(tmp_path: Path) -> None:
+    # The bench waits for, and samples the metrics of, one worker per group, not per GPU: a
+    # group of two GPUs counted as two workers would wait for workers that never start.
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"gpus_per_worker": 2, "metrics_port": 9300}))
+    assert worker_groups(config, 8) == 4
+    assert metrics_ports(config, 8) == [9300, 9301, 9302, 9303]
+    config.write_text(yaml.safe_dump({"metrics_port": 9300}))
+    assert worker_groups(config, 2) == 2 and metrics_ports(config, 2) == [9300, 9301]
