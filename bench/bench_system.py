@@ -1240,7 +1240,8 @@ def run_scale(ctx: Context) -> None:
             if n > ctx.device_count:
                 raise NotOnThisMachine(f"{n} GPUs asked, {ctx.device_count} present")
             ctx.check_budget(f"W-scale N={n}")
-            warm, reps = system_prompts(ctx, key, scale=n)
+            # The same files for every deployment on N GPUs: each starts with empty caches.
+            warm, reps = system_prompts(ctx, f"scale{n}", scale=n)
             # One GPU a worker, or sharded model groups with the model split over their GPUs.
             overrides = {"gpus_per_worker": per_worker,
                          "model_shard_strategy": "tensor" if per_worker > 1 else "none"}
