@@ -48,6 +48,10 @@ def test_sharded_variants_need_the_native_backend_and_two_gpus(
     assert bench_engine.variant_unavailable(args, "layer2") is None
     assert bench_engine.variant_gpus(args, "tp2") == 2
     assert bench_engine.variant_gpus(args, "thread") == 1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert bench_engine.variant_unavailable(args, "tp4") is None
+    assert bench_engine.variant_unavailable(args, "tp8") == "tp8 needs 8 GPUs, 4 visible"
+    assert bench_engine.variant_gpus(args, "tp8") == 8
 
 
 def test_each_variant_sets_its_engine_settings() -> None:
