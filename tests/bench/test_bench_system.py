@@ -218,7 +218,7 @@ def test_w_priority_runs_a_deployment_s_high_only_workers_as_shipped() -> None:
 
 
 def test_w_scale_runs_sharded_groups_after_the_one_gpu_workers_they_are_read_against() -> None:
-    # Issue-13 shape: one-GPU workers on 1 and 8 GPUs, then four workers of two GPUs on 8.
+    # The 8-GPU comparison: one-GPU workers on 1 and 8 GPUs, then four workers of two GPUs on 8.
     assert scale_points([8, 1], [2, 1]) == [(1, 1), (8, 1), (8, 2)]
     assert scale_points([1, 2, 3], [2]) == [(2, 2)]  # a group must fit whole
     assert scale_key(4, 1) == ("scale4", "4gpu")  # the one-GPU files keep their names
