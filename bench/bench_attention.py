@@ -110,28 +110,10 @@ def bench_shape(name: str, reps: int) -> dict[str, Any]:
         results.append({"config": asdict(cfg), "us": us})
     default_us = results[0]["us"]
     best = sorted(results, key=lambda r: r["us"])
-    # The same launches with the sequences ordered longest context first: the GPU starts
-    # programs in grid order, so the longest ones no longer land in the last wave.
-    order = torch.argsort(lens, descending=True).to(dev)
-    by_length = (rows[order], tables[order], ctx[order])
-    longest_first = []
-    for r in [results[0], *best[:3]]:
-        cfg = DecodeConfig(**r["config"])
-        out = torch.empty_like(q)
-        decode_attention(q, *caches[0], out, *by_length, counters, scale, 0, cfg)
-        torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
-        us = time_graph(lambda cfg=cfg, out=out: [
-            decode_attention(q, k, v, out, *by_length, counters, scale, 0, cfg)
-            for k, v in caches], reps) / copies * 1e6  # fmt: skip
-        longest_first.append({"config": r["config"], "us": us, "random_order_us": r["us"]})
-    log(f"{name}: longest first: " + "; ".join(
-        f"{r['us']:.2f} (random order {r['random_order_us']:.2f}) {r['config']}"
-        for r in longest_first))  # fmt: skip
     log(f"{name}: default {default_us:.2f} us; best " + "; ".join(
         f"{r['us']:.2f} {r['config']}" for r in best[:4]))  # fmt: skip
     return {"shape": name, "seqs": seqs, "heads": heads, "kv_heads": kv_heads, "head_dim": dim,
             "context": [lo, hi], "default_us": default_us, "best": best[:8],
-            "longest_first": longest_first,
             "all": results}
 
 
